@@ -1,0 +1,3 @@
+from dragonctl.cli import main
+
+main()

@@ -1,0 +1,344 @@
+"""The Python API the CLI wraps and tests call: validate, edit, invert, preview, init.
+
+Nothing here parses arguments or prints; results come back as records, failures as `DragonError`s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dragonctl.errors import DragonError, SpecError
+from dragonctl.inputs import EditInputs, load_inputs, paste_target
+from dragonctl.spec import MODES, LoadedSpec, load_spec
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class SpecReport:
+    path: Path
+    ok: bool
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    output: Path | None = None
+    seconds: float = 0.0
+    skipped: bool = False
+    inversions: int = 0
+
+    def as_json(self) -> dict:
+        return {"spec": str(self.path), "ok": self.ok, "errors": self.errors, "warnings": self.warnings,
+                "output": str(self.output) if self.output else None, "seconds": round(self.seconds, 3),
+                "skipped": self.skipped, "inversions": self.inversions}
+
+
+# --- finding specs -----------------------------------------------------------------------------
+
+
+def expand_specs(items: Iterable[str | Path]) -> list[Path]:
+    """Spec files from paths, directories (searched recursively for *.yaml) and globs, in order, once each."""
+    import glob
+
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.rglob("*.yaml"))
+        elif any(ch in str(item) for ch in "*?["):
+            found = sorted(Path(x) for x in glob.glob(str(item), recursive=True))
+        else:
+            found = [p]
+        for f in found:
+            if f.resolve() not in {o.resolve() for o in out}:
+                out.append(f)
+    return out
+
+
+def load(path: Path, model: str | None = None, seed: int | None = None) -> tuple[LoadedSpec, EditInputs]:
+    ls = load_spec(path, model=model, seed=seed)
+    return ls, load_inputs(ls)
+
+
+def validate(paths: Iterable[str | Path], model: str | None = None) -> list[SpecReport]:
+    reports = []
+    for p in expand_specs(paths):
+        try:
+            _, inp = load(p, model=model)
+            reports.append(SpecReport(p, True, warnings=inp.warnings))
+        except SpecError as e:
+            reports.append(SpecReport(p, False, errors=[str(x) for x in e.problems]))
+    return reports
+
+
+# --- output paths ------------------------------------------------------------------------------
+
+
+def output_path(ls: LoadedSpec, out_dir: Path | None, common_root: Path | None) -> Path:
+    """`--out DIR` mirrors the spec's path under the specs' common folder; else `output:`; else beside it."""
+    if out_dir is not None:
+        root = common_root or ls.path.parent
+        rel = ls.path.resolve().relative_to(root.resolve()) if common_root else Path(ls.path.name)
+        return out_dir / rel.with_suffix(".png")
+    if ls.spec.output:
+        return ls.resolve(ls.spec.output)
+    return ls.path.with_name(ls.path.stem + ".edited.png")
+
+
+def common_folder(paths: list[Path]) -> Path:
+    resolved = [p.resolve().parent for p in paths]
+    return Path(os.path.commonpath([str(p) for p in resolved])) if resolved else Path(".")
+
+
+def protected_paths(ls: LoadedSpec) -> set[Path]:
+    """Files an edit must never overwrite: its inputs and its own spec."""
+    s = ls.spec
+    paths = {ls.path, ls.resolve(s.image)}
+    for m in (s.mask, s.fill_region):
+        if m is not None and m.path:
+            paths.add(ls.resolve(m.path))
+    if s.reference is not None:
+        paths.add(ls.resolve(s.reference.image))
+        if s.reference.mask.path:
+            paths.add(ls.resolve(s.reference.mask.path))
+    return {p.resolve() for p in paths}
+
+
+# --- editing -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EditOptions:
+    out_dir: Path | None = None
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int | None = None
+    cache_dir: Path | None = None
+    no_cache: bool = False
+    local_files_only: bool = False
+    allow_pickle: bool = False
+    metadata: bool = True
+    save_preview: bool = False
+    skip_existing: bool = False
+
+
+class Session:
+    """Loads each model once and keeps one `Editor` per model across a batch."""
+
+    def __init__(self, opts: EditOptions) -> None:
+        self.opts = opts
+        self._editors: dict[str, object] = {}
+
+    def editor(self, model: str):
+        if model not in self._editors:
+            from dragonctl.cache import TrajectoryCache
+            from dragonctl.engine import Editor
+            from dragonctl.models import load_bundle
+
+            bundle = load_bundle(model, self.opts.device, self.opts.dtype, self.opts.local_files_only,
+                                 self.opts.allow_pickle)
+            cache = TrajectoryCache(self.opts.cache_dir, enabled=not self.opts.no_cache)
+            self._editors[model] = Editor(bundle, cache)
+        return self._editors[model]
+
+
+def edit(paths: Iterable[str | Path], opts: EditOptions | None = None, progress: Progress | None = None,
+         on_report: Callable[[SpecReport], None] | None = None) -> list[SpecReport]:
+    """Edit every spec; a failing spec is reported and the batch goes on."""
+    opts = opts or EditOptions()
+    specs = expand_specs(paths)
+    reports: list[SpecReport] = []
+    loaded: list[tuple[Path, LoadedSpec | None, EditInputs | None, Path | None, str | None]] = []
+    root = common_folder(specs) if opts.out_dir is not None else None
+    for p in specs:
+        try:
+            ls, inp = load(p, model=opts.model, seed=opts.seed)
+            loaded.append((p, ls, inp, output_path(ls, opts.out_dir, root), None))
+        except SpecError as e:
+            loaded.append((p, None, None, None, "\n".join(str(x) for x in e.problems)))
+    # Two specs writing one file would silently lose a result: refuse before anything runs.
+    seen: dict[Path, Path] = {}
+    for p, _ls, _inp, out, _err in loaded:
+        if out is None:
+            continue
+        key = out.resolve()
+        if key in seen:
+            raise DragonError(f"{p}: output {out} is also the output of {seen[key]}; give one of them another "
+                              "`output:` or use --out")
+        seen[key] = p
+    # Group by model, then by source image, so each source is inverted once and then read from cache.
+    order = sorted(range(len(loaded)), key=lambda k: (
+        loaded[k][1].spec.model if loaded[k][1] else "", str(loaded[k][1].resolve(loaded[k][1].spec.image))
+        if loaded[k][1] else ""))
+    session = Session(opts)
+    by_index: dict[int, SpecReport] = {}
+    for k in order:
+        p, ls, inp, out, err = loaded[k]
+        if err is not None or ls is None or inp is None or out is None:
+            rep = SpecReport(p, False, errors=(err or "invalid spec").splitlines())
+        else:
+            rep = _edit_one(session, ls, inp, out, opts, progress)
+        by_index[k] = rep
+        if on_report:
+            on_report(rep)
+    reports = [by_index[k] for k in range(len(loaded))]
+    return reports
+
+
+def _edit_one(session: Session, ls: LoadedSpec, inp: EditInputs, out: Path, opts: EditOptions,
+              progress: Progress | None) -> SpecReport:
+    from dragonctl import outputs
+
+    t0 = time.perf_counter()
+    rep = SpecReport(ls.path, False, warnings=list(inp.warnings), output=out)
+    if out.resolve() in protected_paths(ls):
+        rep.errors.append(f"{ls.path}: output: {out} is one of the spec's inputs; refusing to overwrite it")
+        return rep
+    if opts.skip_existing and out.exists():
+        rec = outputs.read_record(out)
+        if rec is not None and rec.get("spec") == ls.spec.model_dump(mode="json"):
+            rep.ok, rep.skipped = True, True
+            return rep
+    try:
+        editor = session.editor(ls.spec.model)
+        result = editor.edit(ls.spec, inp, progress)
+        record = None
+        if opts.metadata:
+            record = outputs.metadata_record(ls.spec, ls.path, editor.bundle.identity, result.timings,
+                                             {"stats": {"unet_forward": result.stats.unet_forward,
+                                                        "unet_backward": result.stats.unet_backward,
+                                                        "inversions": result.inversions}})
+        outputs.write_result(out, result.image, ls.spec if opts.metadata else None, record, editor.bundle.name)
+        if opts.save_preview:
+            _write_previews(ls, inp, result.image, out)
+        rep.ok = True
+        rep.inversions = result.inversions
+        rep.warnings += editor.cache.warnings
+        editor.cache.warnings.clear()
+    except DragonError as e:
+        rep.errors.append(f"{ls.path}: {e}")
+    except (FloatingPointError, RuntimeError, ValueError) as e:
+        rep.errors.append(f"{ls.path}: edit failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    except OSError as e:
+        rep.errors.append(f"{ls.path}: output: cannot write {out}: {e.strerror or e}")
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _write_previews(ls: LoadedSpec, inp: EditInputs, result: np.ndarray, out: Path) -> None:
+    from dragonctl import outputs
+
+    outputs.write_result(out.with_name(out.stem + ".overlay.png"), preview_image(ls, inp))
+    outputs.write_result(out.with_name(out.stem + ".compare.png"), outputs.side_by_side(inp.source, result))
+
+
+# --- invert, preview, init ---------------------------------------------------------------------
+
+
+def invert(paths: Iterable[str | Path], opts: EditOptions | None = None, progress: Progress | None = None
+           ) -> list[SpecReport]:
+    """Fill the cache with each spec's source inversion (and its placed reference's)."""
+    from dragonctl.modes import build_plan
+    from dragonctl.schedules import Schedule
+
+    opts = opts or EditOptions()
+    session = Session(opts)
+    reports = []
+    for p in expand_specs(paths):
+        t0 = time.perf_counter()
+        try:
+            ls, inp = load(p, model=opts.model)
+            ed = session.editor(ls.spec.model)
+            before = ed.inversions
+            frame = ed.frame_for(inp.source, ls.spec.resolution)
+            schedule = Schedule.from_config(ed.bundle.scheduler_config, ls.spec.steps)
+            ed.trajectory(frame.image_to_work(inp.source), inp.source_bytes, ls.spec.prompt, schedule, progress)
+            plan = build_plan(ls.spec, inp, frame, ed.bundle.latent_factor)
+            if plan.reference_work is not None and ls.spec.reference is not None:
+                ref_bytes = plan.reference_work.tobytes() + str(plan.reference_work.shape).encode()
+                ed.trajectory(plan.reference_work, ref_bytes, ls.spec.reference.prompt, schedule, progress)
+            reports.append(SpecReport(p, True, seconds=time.perf_counter() - t0, inversions=ed.inversions - before))
+        except SpecError as e:
+            reports.append(SpecReport(p, False, errors=[str(x) for x in e.problems]))
+        except DragonError as e:
+            reports.append(SpecReport(p, False, errors=[f"{p}: {e}"]))
+    return reports
+
+
+def preview_image(ls: LoadedSpec, inp: EditInputs) -> np.ndarray:
+    from dragonctl import outputs
+
+    s = ls.spec
+    img = outputs.overlay(inp.source, inp.mask if s.mode != "drag" else None, (230, 60, 60))
+    if s.mode == "drag" and inp.mask is not None and not inp.mask.all():
+        img = outputs.overlay(img, inp.mask, (60, 160, 230), 0.25)
+    if inp.fill_region is not None:
+        img = outputs.overlay(img, inp.fill_region, (240, 200, 40), 0.3)
+    if inp.target_mask is not None:
+        img = outputs.overlay(img, inp.target_mask, (60, 220, 90), 0.45)
+    if s.mode in ("move", "resize") and inp.mask is not None:
+        from dragonctl.geometry import bbox_center
+
+        cx, cy = bbox_center(inp.mask)
+        dx, dy = s.offset or (0.0, 0.0)
+        img = outputs.draw_arrows(img, [((cx, cy), (cx + dx, cy + dy))])
+    if s.mode == "drag":
+        img = outputs.draw_arrows(img, inp.points)
+    panels = [img]
+    if inp.reference is not None and inp.reference_mask is not None:
+        panels.append(outputs.overlay(inp.reference, inp.reference_mask, (230, 60, 60)))
+        if s.mode == "paste" and s.at is not None:
+            panels[0] = outputs.overlay(panels[0], paste_target(inp.reference_mask, s.effective_scale, tuple(s.at),
+                                                                inp.source.shape[:2]), (60, 220, 90))
+    return outputs.side_by_side(*panels)
+
+
+def preview(path: str | Path, out: Path | None = None) -> Path:
+    from dragonctl import outputs
+
+    ls, inp = load(Path(path))
+    out = out or ls.path.with_name(ls.path.stem + ".preview.png")
+    if out.resolve() in protected_paths(ls):
+        raise DragonError(f"{ls.path}: preview output {out} is one of the spec's inputs")
+    outputs.write_result(out, preview_image(ls, inp))
+    return out
+
+
+STARTERS = {
+    "move": "mask: {box: [X0, Y0, X1, Y1]}   # the object, in source pixels (or a PNG: mask: object.png)\n"
+            "offset: [40, 0]                # move it 40 px right (dx, dy)\n"
+            "# scale: 1.0                   # optional: resize while moving\n",
+    "resize": "mask: {box: [X0, Y0, X1, Y1]}   # the object\nscale: 1.3                      # about the object's centre\n",
+    "drag": "mask: {box: [X0, Y0, X1, Y1]}   # the editable region (omit: the whole image)\n"
+            "points:                        # handle → target pairs, source pixels\n  - [[HX, HY], [TX, TY]]\n",
+    "appearance": "mask: {box: [X0, Y0, X1, Y1]}   # the object to restyle\n"
+                  "reference:\n  image: reference.png\n  mask: {box: [X0, Y0, X1, Y1]}   # the object to take the look from\n"
+                  "  prompt: \"\"\n",
+    "paste": "reference:\n  image: reference.png\n  mask: {box: [X0, Y0, X1, Y1]}   # the object to paste\n  prompt: \"\"\n"
+             "at: [X, Y]                      # where its centre lands in the source\n# scale: 1.0\n",
+}
+
+
+def init_spec(mode: str, image: str, width: int | None = None, height: int | None = None) -> str:
+    if mode not in MODES:
+        raise DragonError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    body = STARTERS[mode]
+    if width and height:
+        body = (body.replace("X0", str(width // 4)).replace("Y0", str(height // 4)).replace("X1", str(width // 2))
+                .replace("Y1", str(height // 2)).replace("HX", str(width // 3)).replace("HY", str(height // 2))
+                .replace("TX", str(width // 2)).replace("TY", str(height // 2))
+                .replace("[X, Y]", f"[{width // 2}, {height // 2}]"))
+    return (f"# dragonctl edit spec ({mode}). Check it with `dragonctl validate` and `dragonctl preview`.\n"
+            "version: 1\n"
+            f"image: {image}              # relative to this file\n"
+            f"mode: {mode}\n"
+            "prompt: \"\"                    # describe the image (SD models); the shapes model ignores it\n"
+            f"{body}"
+            "# model: shapes                # default: Stable Diffusion 1.5; `shapes` runs offline\n"
+            "# seed: 42\n# steps: 50\n# output: result.png\n"
+            "# guidance: {method: dragondiffusion, energy_scale: 1.0, cfg_scale: 4.0}\n")

@@ -1,0 +1,130 @@
+"""Cross-branch self-attention in the UNet decoder: the generation branch reads the memory bank's K/V.
+
+The memory bank's K/V are never stored: at each edit step the bank rows (the source's inverted latent
+for this step, and for two-image modes the placed reference's) run in the same batch as the
+generation rows, so each decoder self-attention layer computes the bank's K/V and the generation rows
+use them right away. This reproduces the reference's inversion-time K/V exactly (same latent, same
+timestep, same prompt) without the gigabytes of host RAM it re-uploads every step.
+
+Batch layout during an injected forward: rows [0, n_bank) are bank rows (plain self-attention), the
+rest are generation rows whose K/V are replaced, concatenated or composited.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class BankState:
+    """What the processors do on the next forward; the sampler sets it before each UNet call."""
+
+    mode: str = "off"  # off | replace | concat | composite
+    n_bank: int = 0
+    latent_hw: tuple[int, int] = (0, 0)
+    # composite only: working-size masks; token masks are derived per layer resolution
+    base_keep: torch.Tensor | None = None  # tokens of the source bank row to keep (outside the object)
+    ref_keep: torch.Tensor | None = None  # tokens of the reference bank row to keep (the object)
+    _token_masks: dict = field(default_factory=dict)
+
+    def token_masks(self, n_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if n_tokens not in self._token_masks:
+            h, w = self.latent_hw
+            f = math.sqrt(h * w / n_tokens)
+            hh, ww = round(h / f), round(w / f)
+            masks = []
+            for m in (self.base_keep, self.ref_keep):
+                assert m is not None
+                r = F.interpolate(m[None, None].float(), size=(hh, ww), mode="area")[0, 0] >= 0.5
+                masks.append(r.flatten().to(device))
+            if not masks[1].any():  # a tiny object can vanish at coarse layers: keep its best cell
+                cov = F.interpolate(self.ref_keep[None, None].float(), size=(hh, ww), mode="area")[0, 0]  # type: ignore[index]
+                masks[1] = (cov.flatten() == cov.max()).to(device)
+            self._token_masks[n_tokens] = (masks[0], masks[1])
+        return self._token_masks[n_tokens]
+
+
+class MemoryBankAttnProcessor:
+    """Self-attention that can swap in the bank rows' K/V for the generation rows (SDPA inside)."""
+
+    def __init__(self, state: BankState) -> None:
+        self.state = state
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        out = self._attend(attn, q, k, v, attention_mask)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _attend(self, attn, q, k, v, mask) -> torch.Tensor:
+        s = self.state
+        nb = s.n_bank
+        if s.mode == "off" or nb == 0 or q.shape[0] <= nb:
+            return _sdpa(attn, q, k, v, mask)
+        n_gen = q.shape[0] - nb
+        if s.mode == "replace":
+            k_gen, v_gen = k[:1].expand(n_gen, -1, -1), v[:1].expand(n_gen, -1, -1)
+        elif s.mode == "concat":
+            k_gen = torch.cat([k[nb:], k[:1].expand(n_gen, -1, -1)], dim=1)
+            v_gen = torch.cat([v[nb:], v[:1].expand(n_gen, -1, -1)], dim=1)
+        elif s.mode == "composite":
+            base_keep, ref_keep = s.token_masks(k.shape[1], k.device)
+            k_c = torch.cat([k[0, base_keep], k[1, ref_keep]], dim=0)[None]
+            v_c = torch.cat([v[0, base_keep], v[1, ref_keep]], dim=0)[None]
+            k_gen, v_gen = k_c.expand(n_gen, -1, -1), v_c.expand(n_gen, -1, -1)
+        else:
+            raise ValueError(f"unknown bank mode {s.mode!r}")
+        bank = _sdpa(attn, q[:nb], k[:nb], v[:nb], None)
+        gen = _sdpa(attn, q[nb:], k_gen, v_gen, None)
+        return torch.cat([bank, gen], dim=0)
+
+
+def _sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    b = q.shape[0]
+    heads = attn.heads
+    d = q.shape[-1] // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, -1, heads * d)
+
+
+class BankControl:
+    """Installs the processors on a bundle's decoder self-attention layers and restores the old ones."""
+
+    def __init__(self, unet: torch.nn.Module, layer_names: list[str]) -> None:
+        self.unet = unet
+        self.layer_names = layer_names
+        self.state = BankState()
+        self._saved: dict | None = None
+
+    def __enter__(self) -> BankState:
+        procs = dict(self.unet.attn_processors)
+        self._saved = dict(procs)
+        proc = MemoryBankAttnProcessor(self.state)
+        for name in self.layer_names:
+            procs[name] = proc
+        self.unet.set_attn_processor(procs)
+        return self.state
+
+    def __exit__(self, *exc) -> None:
+        if self._saved is not None:
+            self.unet.set_attn_processor(self._saved)

@@ -1,0 +1,163 @@
+"""The inversion cache: content-addressed safetensors files, written atomically, checked on read.
+
+Key: a hash of the image's bytes, the model's identity, the working size, steps and prompt. Each
+entry is one `.safetensors` file holding the latent trajectory (fp32) and, in its header, the key
+fields and a checksum of the tensor bytes, so a truncated or corrupted entry is detected and
+recomputed. Reads never unpickle. Entries are evicted least-recently-used above a size cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = 1
+DEFAULT_CAP = 4 << 30  # bytes
+
+
+def default_dir() -> Path:
+    env = os.environ.get("DRAGONCTL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "dragonctl"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a dot-prefixed temporary in the same folder, then rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = 3600.0) -> int:
+    """Remove dot-prefixed temporaries left by killed runs (only old ones: another run may be writing)."""
+    n = 0
+    if not folder.is_dir():
+        return 0
+    now = time.time()
+    for p in folder.glob(".*.tmp"):
+        try:
+            if now - p.stat().st_mtime > older_than_s:
+                p.unlink()
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def trajectory_key(image_bytes: bytes, identity: dict, work_hw: tuple[int, int], steps: int, prompt: str) -> dict:
+    return {
+        "format": FORMAT,
+        "image_sha256": hashlib.sha256(image_bytes).hexdigest(),
+        "model": identity,
+        "work_hw": list(work_hw),
+        "steps": steps,
+        "prompt": prompt,
+    }
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+
+
+class TrajectoryCache:
+    def __init__(self, root: Path | None = None, cap_bytes: int = DEFAULT_CAP, enabled: bool = True) -> None:
+        self.root = (root or default_dir()).expanduser()
+        self.cap_bytes = cap_bytes
+        self.enabled = enabled
+        self.stats = CacheStats()
+        self.warnings: list[str] = []
+
+    def _path(self, key: dict) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return self.root / "trajectories" / f"{digest[:32]}.safetensors"
+
+    def get(self, key: dict) -> torch.Tensor | None:
+        if not self.enabled:
+            return None
+        path = self._path(key)
+        if not path.exists():
+            self.stats.misses += 1
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                latents = fh.get_tensor("latents")
+            ok = (json.loads(meta.get("key", "null")) == key and
+                  meta.get("sha256") == hashlib.sha256(latents.contiguous().numpy().tobytes()).hexdigest())
+        except Exception:  # safetensors raises several types on a damaged header or body
+            ok = False
+        if not ok:
+            self.stats.corrupt += 1
+            self.warnings.append(f"cache entry {path.name} was damaged; recomputing it")
+            path.unlink(missing_ok=True)
+            return None
+        self.stats.hits += 1
+        os.utime(path)  # recency for LRU eviction
+        return latents
+
+    def put(self, key: dict, latents: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        from safetensors.torch import save
+
+        latents = latents.detach().to("cpu", torch.float32).contiguous()
+        meta = {"key": json.dumps(key, sort_keys=True),
+                "sha256": hashlib.sha256(latents.numpy().tobytes()).hexdigest()}
+        path = self._path(key)
+        remove_stale_temporaries(path.parent)
+        atomic_write(path, save({"latents": latents}, metadata=meta))
+        self.evict()
+
+    def entries(self) -> list[Path]:
+        folder = self.root / "trajectories"
+        return sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.entries())
+
+    def evict(self) -> list[Path]:
+        entries = sorted(self.entries(), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in entries)
+        removed = []
+        while entries and total > self.cap_bytes:
+            p = entries.pop(0)
+            total -= p.stat().st_size
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        return removed
+
+    def clear(self, older_than_s: float | None = None) -> int:
+        now = time.time()
+        n = 0
+        for p in self.entries():
+            if older_than_s is None or now - p.stat().st_mtime > older_than_s:
+                p.unlink(missing_ok=True)
+                n += 1
+        return n

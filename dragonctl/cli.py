@@ -1,0 +1,278 @@
+"""The `dragonctl` command: a thin Typer shell over `dragonctl.api`.
+
+Exit codes: 0 all done; 1 some edits failed (invalid specs in an edit batch included; the rest still
+ran); 2 bad usage, or for `validate`, any invalid spec. Heavy imports (torch, diffusers) happen only
+inside the commands that need them, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+SPEC_EXAMPLE = """
+A spec is a YAML file; paths in it are relative to it:
+
+\b
+    version: 1
+    image: photo.png
+    mode: move                     # move | resize | drag | appearance | paste
+    prompt: "a photo of a cup"
+    mask: {box: [120, 80, 260, 240]}   # or mask.png, {polygon: [[x,y],...]}, {circle: [cx,cy,r]}
+    offset: [60, 0]                # move: dx, dy in source pixels
+    model: shapes                  # default: Stable Diffusion 1.5
+    seed: 42
+
+\b
+Drag:       points: [[[hx, hy], [tx, ty]], ...]   (mask = the editable region)
+Resize:     scale: 1.3             (about the object's centre)
+Appearance: reference: {image: ref.png, mask: ref_mask.png, prompt: ""}
+Paste:      reference: {...}, at: [x, y], scale: 0.8
+Tuning:     guidance: {method: diffeditor, energy_scale: 0.5, cfg_scale: 4}
+
+Start from `dragonctl init MODE IMAGE`, check with `dragonctl validate` and `dragonctl preview`.
+"""
+
+app = typer.Typer(
+    name="dragonctl",
+    help="Drag-style image edits (DragonDiffusion / DiffEditor) declared in YAML specs.\n" + SPEC_EXAMPLE,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="Inspect or clear the inversion cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+def _err(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _usage(msg: str) -> None:
+    _err(f"error: {msg}")
+    raise typer.Exit(2)
+
+
+def _progress(enabled: bool):
+    """A rich progress bar per phase on a terminal; nothing otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), transient=True)
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks or done == 1:
+            if phase in tasks:
+                bar.remove_task(tasks[phase])
+            tasks[phase] = bar.add_task(phase, total=total)
+        bar.update(tasks[phase], completed=done)
+
+    return bar, update
+
+
+@app.command()
+def edit(
+    specs: list[str] = typer.Argument(None, help="Spec files, folders (searched for *.yaml) or globs."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder; mirrors the specs' layout."),
+    model: str | None = typer.Option(None, help="Override every spec's model: shapes, a hub id, a folder, a .safetensors."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."),
+    seed: int | None = typer.Option(None, help="Override every spec's seed."),
+    cache_dir: Path | None = typer.Option(None, help="Inversion cache folder (default: $DRAGONCTL_CACHE or the user cache)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the inversion cache."),
+    local_files_only: bool = typer.Option(False, "--local-files-only", help="Never download model files."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code)."),
+    no_metadata: bool = typer.Option(False, "--no-metadata", help="Write no PNG metadata and no sidecar JSON."),
+    save_preview: bool = typer.Option(False, "--save-preview", help="Also write an overlay and a side-by-side."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip specs whose output exists with the same spec."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec on stdout."),
+) -> None:
+    """Run edits. Example: dragonctl edit samples/move.yaml --out results/"""
+    from dragonctl import api
+    from dragonctl.errors import DragonError
+
+    if not specs:
+        _usage("give at least one spec file, folder or glob")
+    paths = api.expand_specs(specs)
+    if not paths:
+        _usage(f"no spec files found in: {' '.join(specs)}")
+    opts = api.EditOptions(out_dir=out, model=model, device=device, dtype=dtype, seed=seed, cache_dir=cache_dir,
+                           no_cache=no_cache, local_files_only=local_files_only, allow_pickle=allow_pickle,
+                           metadata=not no_metadata, save_preview=save_preview, skip_existing=skip_existing)
+    bar, update = _progress(not as_json)
+
+    def on_report(rep) -> None:
+        if as_json:
+            typer.echo(json.dumps(rep.as_json()))
+        elif rep.ok:
+            what = "skipped (up to date)" if rep.skipped else f"{rep.seconds:.1f} s"
+            msg = f"ok  {rep.path} -> {rep.output} ({what})"
+            (bar.console.print(msg, highlight=False) if bar else typer.echo(msg))
+        for w in rep.warnings:
+            _err(f"warning: {rep.path}: {w}")
+
+    try:
+        if bar:
+            with bar:
+                reports = api.edit(paths, opts, update, on_report)
+        else:
+            reports = api.edit(paths, opts, None, on_report)
+    except DragonError as e:
+        _err(f"error: {e}")
+        raise typer.Exit(2 if "also the output of" in str(e) else 1) from None
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(130) from None
+    failed = [r for r in reports if not r.ok]
+    if not as_json:
+        _err(f"{len(reports) - len(failed)} done, {len(failed)} failed")
+    for r in failed:
+        for line in r.errors:
+            _err(f"failed: {line}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def validate(
+    specs: list[str] = typer.Argument(None, help="Spec files, folders or globs."),
+    model: str | None = typer.Option(None, help="Validate as if run with this --model."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec."),
+) -> None:
+    """Check specs without loading a model: fields, files (fully decoded), masks, points. Exit 2 if any is invalid."""
+    from dragonctl import api
+
+    if not specs:
+        _usage("give at least one spec file, folder or glob")
+    paths = api.expand_specs(specs)
+    if not paths:
+        _usage(f"no spec files found in: {' '.join(specs)}")
+    reports = api.validate(paths, model=model)
+    for r in reports:
+        if as_json:
+            typer.echo(json.dumps(r.as_json()))
+        elif r.ok:
+            typer.echo(f"ok  {r.path}")
+        for e in r.errors:
+            _err(e)
+        for w in r.warnings:
+            _err(f"warning: {r.path}: {w}")
+    bad = sum(not r.ok for r in reports)
+    if not as_json:
+        _err(f"{len(reports) - bad} valid, {bad} invalid")
+    raise typer.Exit(2 if bad else 0)
+
+
+@app.command()
+def preview(
+    spec: Path = typer.Argument(..., help="One spec file."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="PNG to write (default: SPEC.preview.png)."),
+) -> None:
+    """Draw the source with its masks, arrows and target region (and the reference) into one PNG."""
+    from dragonctl import api
+    from dragonctl.errors import DragonError, SpecError
+
+    try:
+        out = api.preview(spec, output)
+    except SpecError as e:
+        for p in e.problems:
+            _err(str(p))
+        raise typer.Exit(2) from None
+    except (DragonError, OSError) as e:
+        _err(f"error: {e}")
+        raise typer.Exit(1) from None
+    typer.echo(str(out))
+
+
+@app.command()
+def init(
+    mode: str = typer.Argument(..., help="move, resize, drag, appearance or paste."),
+    image: Path = typer.Argument(..., help="The source image."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a commented starter spec for MODE on IMAGE."""
+    from dragonctl import api
+    from dragonctl.errors import DragonError, SpecError
+    from dragonctl.inputs import read_image
+
+    try:
+        arr, _ = read_image(image, Path("<init>"), "image")
+        rel = image if output is None else Path(_relpath(image, output.parent))
+        text = api.init_spec(mode, rel.as_posix(), arr.shape[1], arr.shape[0])
+    except SpecError as e:
+        _usage(str(e.problems[0]).replace("<init>: image: ", ""))
+    except DragonError as e:
+        _usage(str(e))
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    if output.exists() and not force:
+        _usage(f"{output} exists; pass --force to overwrite it")
+    from dragonctl.cache import atomic_write
+
+    atomic_write(output, text.encode())
+    typer.echo(str(output))
+
+
+def _relpath(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(target.resolve(), start.resolve())
+
+
+@app.command()
+def invert(
+    specs: list[str] = typer.Argument(None, help="Spec files, folders or globs."),
+    model: str | None = typer.Option(None, help="Override every spec's model."),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    cache_dir: Path | None = typer.Option(None, help="Inversion cache folder."),
+    local_files_only: bool = typer.Option(False, "--local-files-only"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+) -> None:
+    """Fill the inversion cache ahead of time, so later edits of the same sources skip inversion."""
+    from dragonctl import api
+
+    if not specs:
+        _usage("give at least one spec file, folder or glob")
+    opts = api.EditOptions(model=model, device=device, dtype=dtype, cache_dir=cache_dir,
+                           local_files_only=local_files_only, allow_pickle=allow_pickle)
+    reports = api.invert(api.expand_specs(specs), opts)
+    for r in reports:
+        if r.ok:
+            typer.echo(f"ok  {r.path} ({'cached already' if r.inversions == 0 else f'{r.inversions} inverted'})")
+        for e in r.errors:
+            _err(e)
+    raise typer.Exit(1 if any(not r.ok for r in reports) else 0)
+
+
+@cache_app.command("info")
+def cache_info(cache_dir: Path | None = typer.Option(None, help="Cache folder.")) -> None:
+    """Where the cache is, how many entries, how big."""
+    from dragonctl.cache import TrajectoryCache
+
+    c = TrajectoryCache(cache_dir)
+    typer.echo(f"location: {c.root}\nentries: {len(c.entries())}\nsize: {c.size() / 2**20:.1f} MiB")
+
+
+@cache_app.command("clear")
+def cache_clear(
+    cache_dir: Path | None = typer.Option(None, help="Cache folder."),
+    older_than: float | None = typer.Option(None, help="Only entries unused for this many days."),
+) -> None:
+    """Remove cache entries."""
+    from dragonctl.cache import TrajectoryCache
+
+    n = TrajectoryCache(cache_dir).clear(None if older_than is None else older_than * 86400)
+    typer.echo(f"removed {n} entries")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,127 @@
+"""Energies: pure functions of decoder features and masks. Lower energy = closer to the wanted edit.
+
+Every term has DragonDiffusion's shape w / (1 + 4·S) for a similarity S, plus linear "contrast"
+terms. Features are lists (one entry per feature stage) of C×H×W fp32 tensors on one common grid;
+cell sets are flat index tensors into H·W, so local terms pair cells through explicit index maps
+rather than the reference's raster-order pairing (which is right only for exact translates).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Features = list[torch.Tensor]  # each C×H×W
+
+# The reference uses raw cosine in move's edit and content terms, where 1 + 4·cos reaches zero at
+# cos = -0.25 and the energy explodes. We keep raw cosine (it sets the gradient's scale the defaults
+# were tuned for) but clamp the mean at this floor so the denominator stays ≥ 0.2.
+RAW_COS_FLOOR = -0.2
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Channel-wise cosine similarity of C×K feature sets → K."""
+    return F.cosine_similarity(a, b, dim=0, eps=1e-6)
+
+
+def shifted_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """s̃ = (cos + 1) / 2 ∈ [0, 1]."""
+    return (cosine(a, b) + 1.0) / 2.0
+
+
+def _cells(f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return f.flatten(1)[:, idx]
+
+
+def local_match(cur: Features, ref: Features, cur_idx: torch.Tensor, ref_idx: torch.Tensor, weight: float,
+                raw: bool = False, layer_weight: float = 1.0) -> torch.Tensor:
+    """Σ_f layer_weight·w / (1 + 4·mean_k S(cur[cur_idx_k], ref[ref_idx_k])): content at ref_idx should appear at cur_idx."""
+    total = cur[0].new_zeros(())
+    if cur_idx.numel() == 0 or weight == 0:
+        return total
+    for fc, fr in zip(cur, ref):
+        a, b = _cells(fc, cur_idx), _cells(fr, ref_idx)
+        s = cosine(a, b).mean().clamp(min=RAW_COS_FLOOR) if raw else shifted_cosine(a, b).mean()
+        total = total + layer_weight * weight / (1.0 + 4.0 * s)
+    return total
+
+
+def global_match(cur: Features, ref: Features, cur_mask: torch.Tensor, ref_mask: torch.Tensor,
+                 weight: float, layer_weight: float = 1.0) -> torch.Tensor:
+    """Σ_f w / (1 + 4·s̃(mean over cur_mask of cur, mean over ref_mask of ref)): region-level appearance."""
+    total = cur[0].new_zeros(())
+    if weight == 0 or not cur_mask.any() or not ref_mask.any():
+        return total
+    for fc, fr in zip(cur, ref):
+        a = fc.flatten(1)[:, cur_mask.flatten()].mean(dim=1, keepdim=True)
+        b = fr.flatten(1)[:, ref_mask.flatten()].mean(dim=1, keepdim=True)
+        total = total + layer_weight * weight / (1.0 + 4.0 * shifted_cosine(a, b).mean())
+    return total
+
+
+def contrast(cur: Features, ref: Features, idx: torch.Tensor, weight: float, layer_weight: float = 1.0) -> torch.Tensor:
+    """Σ_f w·mean s̃(cur, ref) over cells: penalises content that stays where it should leave."""
+    total = cur[0].new_zeros(())
+    if idx.numel() == 0 or weight == 0:
+        return total
+    for fc, fr in zip(cur, ref):
+        total = total + layer_weight * weight * shifted_cosine(_cells(fc, idx), _cells(fr, idx)).mean()
+    return total
+
+
+def flat(mask: torch.Tensor) -> torch.Tensor:
+    return mask.flatten().nonzero().flatten()
+
+
+# --- per mode ------------------------------------------------------------------------------------
+
+
+def move_edit_energy(cur: Features, ref: Features, target_idx: torch.Tensor, source_idx: torch.Tensor,
+                     w_edit: float) -> torch.Tensor:
+    """The object's features (at source_idx in the source) should appear at target_idx."""
+    return local_match(cur, ref, target_idx, source_idx, w_edit, raw=True, layer_weight=0.5)
+
+
+def move_content_energy(cur: Features, ref: Features, unchanged: torch.Tensor, vacated: torch.Tensor,
+                        fill: torch.Tensor, w_content: float, w_contrast: float, w_inpaint: float) -> torch.Tensor:
+    """Keep the unchanged region, make the vacated region stop looking like the object and look like `fill`."""
+    idx = flat(unchanged)
+    e = local_match(cur, ref, idx, idx, w_content, raw=True, layer_weight=0.5)
+    e = e + contrast(cur, ref, flat(vacated), w_contrast, layer_weight=0.5)
+    return e + global_match(cur, ref, vacated, fill, w_inpaint)
+
+
+def drag_edit_energy(cur: Features, ref: Features, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                     w_edit: float, w_inpaint: float) -> torch.Tensor:
+    """Each handle patch's features should appear at its target patch; the handle's old place should change.
+
+    Zero-length pairs are skipped by the caller; a pair whose patches overlap fully has no
+    contrast cells and contributes only its match term (the reference produced NaN there).
+    """
+    total = cur[0].new_zeros(())
+    if not pairs:
+        return total
+    n = len(pairs) * len(cur)
+    for handle, target in pairs:
+        total = total + local_match(cur, ref, target, handle, w_edit) / n
+        vacated = handle[~torch.isin(handle, target)]
+        total = total + contrast(cur, ref, vacated, w_inpaint) / n
+    return total
+
+
+def content_energy(cur: Features, ref: Features, keep: torch.Tensor, w_content: float,
+                   layer_weight: float = 1.0) -> torch.Tensor:
+    """Features outside the edit should stay those of the source."""
+    idx = flat(keep)
+    return local_match(cur, ref, idx, idx, w_content, layer_weight=layer_weight)
+
+
+def appearance_edit_energy(cur: Features, ref: Features, object_mask: torch.Tensor, ref_mask: torch.Tensor,
+                           w_edit: float) -> torch.Tensor:
+    return global_match(cur, ref, object_mask, ref_mask, w_edit)
+
+
+def paste_edit_energy(cur: Features, ref: Features, object_mask: torch.Tensor, w_edit: float) -> torch.Tensor:
+    """The placed reference is pixel-aligned with the destination, so cells pair with themselves."""
+    idx = flat(object_mask)
+    return local_match(cur, ref, idx, idx, w_edit)

@@ -1,0 +1,140 @@
+"""One edit from decoded inputs to the result image: resize, encode, invert (cached), sample, decode.
+
+`Editor` holds a loaded model bundle and the cache; it is what the API calls per spec.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dragonctl.attention import BankControl
+from dragonctl.cache import TrajectoryCache, trajectory_key
+from dragonctl.geometry import Frame, working_size
+from dragonctl.inputs import EditInputs
+from dragonctl.inversion import invert
+from dragonctl.models import ModelBundle
+from dragonctl.modes import Grids, build_plan
+from dragonctl.sampler import Branches, SamplerStats, guided_edit
+from dragonctl.schedules import Schedule, StepPlan, to_eps
+from dragonctl.spec import Spec
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class EditResult:
+    image: np.ndarray  # at the source's exact size, uint8 RGB
+    work_image: np.ndarray  # at the working size
+    frame: Frame
+    timings: dict[str, float] = field(default_factory=dict)
+    stats: SamplerStats | None = None
+    inversions: int = 0  # inversion passes run (0 when every trajectory came from the cache)
+    inversion_unet_calls: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    x = ((x[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 0).cpu().numpy()
+
+
+class Editor:
+    def __init__(self, bundle: ModelBundle, cache: TrajectoryCache | None = None) -> None:
+        self.bundle = bundle
+        self.cache = cache or TrajectoryCache(enabled=False)
+        self.inversions = 0
+        self.inversion_unet_calls = 0
+
+    def frame_for(self, source: np.ndarray, resolution: int) -> Frame:
+        h, w = source.shape[:2]
+        return Frame(h, w, *working_size(h, w, resolution, self.bundle.size_multiple))
+
+    @torch.no_grad()
+    def trajectory(self, image_work: np.ndarray, image_bytes: bytes, prompt: str, schedule: Schedule,
+                   progress: Progress | None = None) -> torch.Tensor:
+        """The inverted latents of an image at working size: from the cache, or by DDIM inversion."""
+        b = self.bundle
+        key = trajectory_key(image_bytes, b.identity, image_work.shape[:2], schedule.steps, prompt)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached.to(b.device)
+        z0 = b.encode_image(to_tensor(image_work)).float()
+        ctx = b.encode_prompt([prompt])
+        done = 0
+
+        def eps_fn(z: torch.Tensor, t: int) -> torch.Tensor:
+            self.inversion_unet_calls += 1
+            out = b.unet(z.to(b.dtype), t, encoder_hidden_states=ctx).sample.float()
+            return to_eps(out, z, _alpha_at(schedule, t), b.prediction_type)
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress("inversion", done, schedule.steps)
+
+        latents = invert(eps_fn, z0, schedule, tick)
+        self.inversions += 1
+        self.cache.put(key, latents)
+        return latents
+
+    def edit(self, spec: Spec, inp: EditInputs, progress: Progress | None = None) -> EditResult:
+        b = self.bundle
+        t0 = time.perf_counter()
+        inv_before, calls_before = self.inversions, self.inversion_unet_calls
+        frame = self.frame_for(inp.source, spec.resolution)
+        grids = Grids((frame.work_h, frame.work_w), b.latent_factor)
+        plan = build_plan(spec, inp, frame, b.latent_factor)
+        schedule = Schedule.from_config(b.scheduler_config, spec.steps)
+        source_work = frame.image_to_work(inp.source)
+
+        bank = [self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress)]
+        with torch.no_grad():
+            cond = [b.encode_prompt([spec.prompt])]
+            uncond = b.encode_prompt([""])
+        if plan.reference_work is not None:
+            assert spec.reference is not None
+            ref_bytes = plan.reference_work.tobytes() + str(plan.reference_work.shape).encode()
+            bank.append(self.trajectory(plan.reference_work, ref_bytes, spec.reference.prompt, schedule, progress))
+            with torch.no_grad():
+                cond.append(b.encode_prompt([spec.reference.prompt]))
+        t1 = time.perf_counter()
+
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress("editing", done, schedule.steps)
+
+        generator = torch.Generator().manual_seed(spec.seed)
+        steps = StepPlan.build(spec.guidance, spec.steps)
+        with BankControl(b.unet, b.decoder_self_attention) as state:
+            z0, stats = guided_edit(
+                b.unet, b.dtype, b.prediction_type, schedule, plan, steps, spec.guidance,
+                Branches(bank=bank, cond=cond, uncond=uncond),
+                state, grids, generator, tick)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            work = to_uint8(b.decode_latent(z0))
+        image = frame.image_to_source(work)
+        t3 = time.perf_counter()
+        return EditResult(
+            image=image, work_image=work, frame=frame,
+            timings={"inversion_s": t1 - t0, "editing_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0},
+            stats=stats, inversions=self.inversions - inv_before,
+            inversion_unet_calls=self.inversion_unet_calls - calls_before, warnings=list(inp.warnings))
+
+
+def _alpha_at(schedule: Schedule, t: int) -> float:
+    return schedule.alpha[schedule.timesteps.index(t)]

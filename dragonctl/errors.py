@@ -1,0 +1,34 @@
+"""Errors that name the file, the field and the reason: what users and scripts see instead of tracebacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    field: str  # dotted path into the spec, e.g. "reference.mask" or "points[1][0]"; "" for the file itself
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.field}: {self.reason}" if self.field else f"{self.file}: {self.reason}"
+
+
+class DragonError(Exception):
+    """A failure the user can act on; its message is one line (or one line per problem)."""
+
+
+class SpecError(DragonError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+    @classmethod
+    def one(cls, file: str | Path, field: str, reason: str) -> SpecError:
+        return cls([Problem(str(file), field, reason)])
+
+
+class ModelError(DragonError):
+    """A model cannot be loaded or lacks what the method needs."""

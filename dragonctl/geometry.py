@@ -1,0 +1,144 @@
+"""Masks and coordinates: rasterising inline shapes, dilation, and the source ↔ working-size ↔ grid maps.
+
+Coordinates are pixel coordinates (x right, y down) where pixel (i, j) covers [i, i+1) × [j, j+1);
+a point's position scales about pixel edges, so `to_work` and `to_source` are exact inverses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+
+def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """Area-preserving resize to ≈ resolution², both sides multiples of `multiple` (at least one)."""
+    k = resolution / math.sqrt(height * width)
+    h = max(multiple, round(height * k / multiple) * multiple)
+    w = max(multiple, round(width * k / multiple) * multiple)
+    return h, w
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The map between a source image (h×w) and the model's working size (H×W)."""
+
+    src_h: int
+    src_w: int
+    work_h: int
+    work_w: int
+
+    @property
+    def sx(self) -> float:
+        return self.work_w / self.src_w
+
+    @property
+    def sy(self) -> float:
+        return self.work_h / self.src_h
+
+    def to_work(self, x: float, y: float) -> tuple[float, float]:
+        return x * self.sx, y * self.sy
+
+    def to_source(self, x: float, y: float) -> tuple[float, float]:
+        return x / self.sx, y / self.sy
+
+    def image_to_work(self, img: np.ndarray) -> np.ndarray:
+        if img.shape[:2] == (self.work_h, self.work_w):
+            return img
+        return np.asarray(Image.fromarray(img).resize((self.work_w, self.work_h), Image.Resampling.LANCZOS))
+
+    def image_to_source(self, img: np.ndarray) -> np.ndarray:
+        if img.shape[:2] == (self.src_h, self.src_w):
+            return img
+        return np.asarray(Image.fromarray(img).resize((self.src_w, self.src_h), Image.Resampling.LANCZOS))
+
+    def mask_to_work(self, mask: np.ndarray) -> np.ndarray:
+        return resize_mask(mask, self.work_h, self.work_w)
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a boolean mask by area coverage (a cell is in when at least half of it is covered)."""
+    if mask.shape == (height, width):
+        return mask.copy()
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    resample = Image.Resampling.BOX if height <= mask.shape[0] else Image.Resampling.BILINEAR
+    return np.asarray(img.resize((width, height), resample)) >= 128
+
+
+def grid_mask(mask: np.ndarray, height: int, width: int, touch: bool = False) -> np.ndarray:
+    """A working-size mask on a coarser grid: by half coverage, or any coverage when `touch`."""
+    h, w = mask.shape
+    if h % height == 0 and w % width == 0:
+        cells = mask.reshape(height, h // height, width, w // width).mean(axis=(1, 3))
+        return cells > 0 if touch else cells >= 0.5
+    cov = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((width, height), Image.Resampling.BOX))
+    return cov > 1e-6 if touch else cov >= 0.5
+
+
+def box_mask(box: list[float], height: int, width: int) -> np.ndarray:
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    m = np.zeros((height, width), dtype=bool)
+    m[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
+    return m
+
+
+def polygon_mask(points: list[list[float]], height: int, width: int) -> np.ndarray:
+    img = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(img).polygon([(float(x), float(y)) for x, y in points], fill=255)
+    return np.asarray(img) > 0
+
+
+def circle_mask(circle: list[float], height: int, width: int) -> np.ndarray:
+    cx, cy, r = circle
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+    return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    if pixels <= 0:
+        return mask
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(img.filter(ImageFilter.MaxFilter(2 * pixels + 1))) > 0
+
+
+def centroid(mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+
+def bbox_center(mask: np.ndarray) -> tuple[float, float]:
+    """Centre of the mask's bounding box: the anchor of resize and paste."""
+    ys, xs = np.nonzero(mask)
+    return (xs.min() + xs.max() + 1) / 2.0, (ys.min() + ys.max() + 1) / 2.0
+
+
+def warp_mask(mask: np.ndarray, scale: float, center: tuple[float, float], dest: tuple[float, float],
+              out_shape: tuple[int, int]) -> np.ndarray:
+    """Scale `mask` by `scale` about `center` and place that centre at `dest` (nearest sampling).
+
+    A destination pixel p is in when the source pixel at center + (p − dest)/scale is.
+    """
+    h, w = out_shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    sx = center[0] + (xs - dest[0]) / scale
+    sy = center[1] + (ys - dest[1]) / scale
+    ix, iy = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
+    ok = (ix >= 0) & (ix < mask.shape[1]) & (iy >= 0) & (iy < mask.shape[0])
+    out = np.zeros((h, w), dtype=bool)
+    out[ok] = mask[iy[ok], ix[ok]]
+    return out
+
+
+def warp_index(out_shape: tuple[int, int], src_shape: tuple[int, int], scale: float,
+               center: tuple[float, float], dest: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """For each cell of an output grid, the (row, col) of the source cell it comes from under the same
+    map as `warp_mask`, in the grids' own units (-1 where it falls outside)."""
+    h, w = out_shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    sx = center[0] + (xs - dest[0]) / scale
+    sy = center[1] + (ys - dest[1]) / scale
+    ix, iy = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
+    ok = (ix >= 0) & (ix < src_shape[1]) & (iy >= 0) & (iy < src_shape[0])
+    return np.where(ok, iy, -1), np.where(ok, ix, -1)

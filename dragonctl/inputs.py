@@ -1,0 +1,159 @@
+"""Decode and check everything a spec points at: images, masks, points, offsets.
+
+`load_inputs` fully decodes every file (a truncated PNG fails here, not mid-edit) and checks the
+geometry against the real image sizes. It never loads a model, so `dragonctl validate` is cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dragonctl import geometry
+from dragonctl.errors import SpecError
+from dragonctl.spec import LoadedSpec, MaskSpec
+
+MAX_PIXELS = 8192 * 8192  # decompression-bomb limit: larger images are refused before decoding
+
+
+@dataclass
+class EditInputs:
+    """A spec's decoded inputs, all in source-image pixels."""
+
+    source: np.ndarray  # H×W×3 uint8
+    source_bytes: bytes  # the file's bytes: the cache key hashes them
+    mask: np.ndarray | None = None  # object (move/resize/appearance) or editable region (drag)
+    fill_region: np.ndarray | None = None
+    points: list[tuple[tuple[float, float], tuple[float, float]]] = field(default_factory=list)
+    reference: np.ndarray | None = None
+    reference_bytes: bytes | None = None
+    reference_mask: np.ndarray | None = None
+    target_mask: np.ndarray | None = None  # where the object ends up (move/resize/paste), source pixels
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_image(path: Path, spec_file: Path, fld: str) -> tuple[np.ndarray, bytes]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError.one(spec_file, fld, f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise SpecError.one(spec_file, fld, f"is a directory, not an image: {path}") from None
+    except OSError as e:
+        raise SpecError.one(spec_file, fld, f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise SpecError.one(spec_file, fld, f"image is {w}×{h}, over the {MAX_PIXELS:,}-pixel limit: {path}")
+                img.load()
+                arr = np.asarray(img.convert("RGB"))
+    except SpecError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        reason = "not an image Pillow can decode" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise SpecError.one(spec_file, fld, f"{reason}: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SpecError.one(spec_file, fld, f"cannot decode image {path}: {e}") from None
+    if arr.shape[0] < 8 or arr.shape[1] < 8:
+        raise SpecError.one(spec_file, fld, f"image is {arr.shape[1]}×{arr.shape[0]}; at least 8×8 is needed: {path}")
+    return arr, data
+
+
+def build_mask(ls: LoadedSpec, m: MaskSpec, fld: str, height: int, width: int) -> np.ndarray:
+    f = ls.path
+    if m.path is not None:
+        arr, _ = read_image(ls.resolve(m.path), f, fld)
+        if arr.shape[:2] != (height, width):
+            raise SpecError.one(f, fld, f"mask is {arr.shape[1]}×{arr.shape[0]} but its image is {width}×{height}")
+        mask = arr.max(axis=2) > 127
+    elif m.box is not None:
+        x0, y0, x1, y1 = m.box
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise SpecError.one(f, f"{fld}.box", f"box {m.box} is outside the {width}×{height} frame")
+        mask = geometry.box_mask(m.box, height, width)
+    elif m.polygon is not None:
+        if not all(0 <= x <= width and 0 <= y <= height for x, y in m.polygon):
+            raise SpecError.one(f, f"{fld}.polygon", f"a vertex is outside the {width}×{height} frame")
+        mask = geometry.polygon_mask(m.polygon, height, width)
+    else:
+        cx, cy, r = m.circle  # type: ignore[misc]
+        if not (cx - r >= 0 and cy - r >= 0 and cx + r <= width and cy + r <= height):
+            raise SpecError.one(f, f"{fld}.circle", f"circle {m.circle} reaches outside the {width}×{height} frame")
+        mask = geometry.circle_mask(m.circle, height, width)  # type: ignore[arg-type]
+    mask = geometry.dilate(mask, m.dilate)
+    if not mask.any():
+        raise SpecError.one(f, fld, "mask is empty (no white pixels)")
+    return mask
+
+
+def _inside(x: float, y: float, width: int, height: int) -> bool:
+    return 0 <= x < width and 0 <= y < height
+
+
+def load_inputs(ls: LoadedSpec) -> EditInputs:
+    """Decode and check all inputs of a spec; raise SpecError naming the field at the first problem."""
+    s, f = ls.spec, ls.path
+    source, data = read_image(ls.resolve(s.image), f, "image")
+    h, w = source.shape[:2]
+    inp = EditInputs(source=source, source_bytes=data)
+    if s.mask is not None:
+        inp.mask = build_mask(ls, s.mask, "mask", h, w)
+        if s.mode != "drag" and inp.mask.all():
+            raise SpecError.one(f, "mask", "mask covers the whole image; it must mark an object")
+    if s.fill_region is not None:
+        inp.fill_region = build_mask(ls, s.fill_region, "fill_region", h, w)
+
+    if s.mode in ("move", "resize"):
+        assert inp.mask is not None
+        dx, dy = s.offset or (0.0, 0.0)
+        c = geometry.bbox_center(inp.mask)
+        target = geometry.warp_mask(inp.mask, s.effective_scale, c, (c[0] + dx, c[1] + dy), (h, w))
+        if not target.any():
+            raise SpecError.one(f, "offset" if s.offset else "scale", "moves the object fully outside the frame")
+        if target.sum() < 0.5 * inp.mask.sum() * s.effective_scale**2:
+            inp.warnings.append("more than half of the moved object falls outside the frame")
+        inp.target_mask = target
+
+    if s.mode == "drag":
+        if inp.mask is None:
+            inp.mask = np.ones((h, w), dtype=bool)
+        for k, (handle, target) in enumerate(s.points or []):
+            for j, (x, y) in enumerate((handle, target)):
+                if not _inside(x, y, w, h):
+                    raise SpecError.one(f, f"points[{k}][{j}]", f"point ({x}, {y}) is outside the {w}×{h} image")
+            if handle == target:
+                inp.warnings.append(f"points[{k}] has zero length; it will not move anything")
+            inp.points.append(((handle[0], handle[1]), (target[0], target[1])))
+
+    if s.reference is not None:
+        ref, ref_bytes = read_image(ls.resolve(s.reference.image), f, "reference.image")
+        inp.reference, inp.reference_bytes = ref, ref_bytes
+        inp.reference_mask = build_mask(ls, s.reference.mask, "reference.mask", *ref.shape[:2])
+
+    if s.mode == "paste":
+        assert inp.reference_mask is not None and s.at is not None
+        x, y = s.at
+        if not _inside(x, y, w, h):
+            raise SpecError.one(f, "at", f"({x}, {y}) is outside the {w}×{h} source image")
+        inp.target_mask = paste_target(inp.reference_mask, s.effective_scale, (x, y), (h, w))
+        if not inp.target_mask.any():
+            raise SpecError.one(f, "scale", "the pasted object is too small to cover any pixel")
+    return inp
+
+
+def paste_target(ref_mask: np.ndarray, scale: float, at: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
+    return geometry.warp_mask(ref_mask, scale, geometry.bbox_center(ref_mask), at, shape)
+
+
+def check(ls: LoadedSpec) -> list[str]:
+    """Validate a loaded spec's inputs; returns warnings or raises SpecError."""
+    return load_inputs(ls).warnings
+

@@ -1,0 +1,243 @@
+"""The model bundle: everything the method needs from a diffusion model, loaded once.
+
+Sources: `shapes` (the embedded model), a hub id, a local diffusers folder, or a single
+`.safetensors` checkpoint. Stable Diffusion folders load component by component (UNet, VAE, CLIP,
+scheduler); the shapes folder has a UNet, a scheduler and a null prompt, with a lossless latent.
+The method's needs are found by structure, never by SD 1.5's sizes: decoder self-attention layers
+(the memory bank) and up_blocks 1 and 2 (the feature stages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dragonctl.errors import ModelError
+from dragonctl.spec import SD15_MODEL, SHAPES_MODEL
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+FEATURE_BLOCKS = (1, 2)  # up_blocks whose outputs are the guidance features ("decoder layers 2 and 3")
+
+
+@dataclass
+class ModelBundle:
+    name: str
+    family: str
+    unet: torch.nn.Module
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    latent_factor: int  # pixels per latent cell (the pipeline's vae_scale_factor)
+    encode_image: Callable[[torch.Tensor], torch.Tensor]  # B×3×H×W in [-1, 1] → latent
+    decode_latent: Callable[[torch.Tensor], torch.Tensor]  # latent → B×3×H×W in [-1, 1]
+    encode_prompt: Callable[[list[str]], torch.Tensor]  # prompts → B×T×C context
+    weights_hash: str
+    decoder_self_attention: list[str] = field(default_factory=list)  # processor names
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def size_multiple(self) -> int:
+        """Working sides must be multiples of this: one latent cell per level of downsampling."""
+        levels = len(self.unet.config.block_out_channels) - 1
+        return self.latent_factor * 2**levels
+
+    @property
+    def identity(self) -> dict:
+        return {"model": self.name, "family": self.family, "weights_hash": self.weights_hash,
+                "prediction_type": self.prediction_type}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device: unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ModelError(f"--dtype: unknown dtype {dtype!r} (use auto, fp32, fp16 or bf16)")
+    return table[dtype]
+
+
+def sampled_hash(paths: list[Path]) -> str:
+    """A fast identity for weight files: size plus the first and last MiB of each (not a full hash)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with p.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def find_decoder_self_attention(unet: torch.nn.Module) -> list[str]:
+    """Names of the self-attention processors in the decoder (up_blocks), found by structure."""
+    names = []
+    for name in unet.attn_processors:
+        if name.startswith("up_blocks.") and ".attn1." in name:
+            names.append(name)
+    return names
+
+
+def check_structure(unet: torch.nn.Module, name: str) -> list[str]:
+    ups = getattr(unet, "up_blocks", None)
+    if ups is None or len(ups) <= max(FEATURE_BLOCKS):
+        raise ModelError(f"model {name}: the method needs a UNet decoder with at least {max(FEATURE_BLOCKS) + 1} "
+                         "up blocks (features come from up_blocks 1 and 2)")
+    attn = find_decoder_self_attention(unet)
+    if not attn:
+        raise ModelError(f"model {name}: the UNet decoder has no self-attention layers, so there is no memory bank")
+    return attn
+
+
+def load_bundle(model: str = SD15_MODEL, device: str = "auto", dtype: str = "auto",
+                local_files_only: bool = False, allow_pickle: bool = False) -> ModelBundle:
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if dev.type == "cpu" and dt == torch.float16:
+        raise ModelError("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
+    if model == SHAPES_MODEL:
+        from dragonctl.shapes.model import WEIGHTS_DIR
+
+        return _load_shapes(WEIGHTS_DIR, SHAPES_MODEL, dev, dt)
+    path = Path(model).expanduser()
+    if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelError(f"model {model}: pickle checkpoints ({path.suffix}) can run code when loaded; "
+                         "convert it to .safetensors or pass --allow-pickle if you trust it")
+    if path.exists():
+        if path.is_dir() and (path / "null_prompt.safetensors").exists():
+            return _load_shapes(path, str(path), dev, dt)
+        if path.is_file():
+            return _load_single_file(path, dev, dt, local_files_only)
+        return _load_sd(str(path), dev, dt, local_files_only=True, files=path)
+    if model.startswith((".", "/", "~")) or path.suffix:
+        raise ModelError(f"model {model}: no such file or folder")
+    return _load_sd(model, dev, dt, local_files_only=local_files_only, files=None)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _hub_error(model: str, err: Exception) -> ModelError:
+    how = (f"fetch it once while online (`hf download {model}`, or run dragonctl without HF_HUB_OFFLINE), "
+           f"or give a local diffusers folder or .safetensors file with --model")
+    return ModelError(f"model {model} is not available offline ({type(err).__name__}): {how}; "
+                      f"`--model shapes` runs offline with the embedded model")
+
+
+def _load_sd(source: str, dev: torch.device, dt: torch.dtype, local_files_only: bool,
+             files: Path | None) -> ModelBundle:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = local_files_only or _offline()
+    kw = dict(local_files_only=local)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dt, **kw)
+        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        if files is None:
+            raise _hub_error(source, e) from None
+        raise ModelError(f"model {source}: not a diffusers Stable Diffusion folder ({e})") from None
+    weight_files = list((files or Path(unet.config._name_or_path or ".")).glob("unet/*.safetensors")) if files else []
+    return _sd_bundle(source, unet, vae, tokenizer, text_encoder, scheduler.config, dev, dt,
+                      sampled_hash(weight_files) if weight_files else f"hub:{source}")
+
+
+def _load_single_file(path: Path, dev: torch.device, dt: torch.dtype, local_files_only: bool) -> ModelBundle:
+    if path.suffix != ".safetensors":
+        # allowed pickle formats reach here only with --allow-pickle
+        pass
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), dtype=dt, local_files_only=local_files_only or _offline(), safety_checker=None)
+    except Exception as e:  # diffusers raises many types here; all mean "cannot use this file"
+        raise ModelError(f"model {path}: cannot load as a single-file SD checkpoint: {str(e).splitlines()[0]}") from None
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    return _sd_bundle(str(path), pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder, dict(sched.config), dev, dt,
+                      sampled_hash([path]))
+
+
+def _sd_bundle(name, unet, vae, tokenizer, text_encoder, sched_config, dev, dt, weights_hash) -> ModelBundle:
+    attn = check_structure(unet, name)
+    unet, vae, text_encoder = (m.to(dev).eval().requires_grad_(False) for m in (unet, vae, text_encoder))
+    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    def encode_image(x: torch.Tensor) -> torch.Tensor:
+        # The latent distribution's mean, as the reference does: deterministic, no sampling noise.
+        return (vae.encode(x.to(dev, dt)).latent_dist.mean - shift) * scaling
+
+    def decode_latent(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(dev, dt) / scaling + shift).sample
+
+    def encode_prompt(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return text_encoder(ids.to(dev))[0]
+
+    return ModelBundle(name=name, family="sd15", unet=unet, scheduler_config=dict(sched_config), device=dev, dtype=dt,
+                       latent_factor=latent_factor, encode_image=encode_image, decode_latent=decode_latent,
+                       encode_prompt=encode_prompt, weights_hash=weights_hash, decoder_self_attention=attn)
+
+
+def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) -> ModelBundle:
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from dragonctl.shapes.model import LATENT_FACTOR, PixelShuffleCodec
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.exists():
+        raise ModelError(f"model {name}: no weights at {weights}; train them with `python -m dragonctl.shapes.train`")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dt, local_files_only=True)
+    sched = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+    null = load_file(folder / "null_prompt.safetensors")["embedding"].to(dev, dt)
+    attn = check_structure(unet, name)
+    unet = unet.to(dev).eval().requires_grad_(False)
+    codec = PixelShuffleCodec(LATENT_FACTOR)
+
+    def encode_prompt(prompts: list[str]) -> torch.Tensor:
+        return null.expand(len(prompts), -1, -1)
+
+    return ModelBundle(
+        name=name, family="shapes", unet=unet, scheduler_config=dict(sched.config), device=dev, dtype=dt,
+        latent_factor=LATENT_FACTOR,
+        encode_image=lambda x: codec.encode(x.to(dev, dt)), decode_latent=lambda z: codec.decode(z.to(dev, dt)),
+        encode_prompt=encode_prompt, weights_hash=sampled_hash([weights]), decoder_self_attention=attn,
+        notes=["the shapes model ignores prompts (it has a learned null prompt)"])

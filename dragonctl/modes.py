@@ -1,0 +1,248 @@
+"""Per-mode set-up: from a spec's inputs to an `EditPlan` on the model's grids.
+
+A plan holds everything mode-specific the sampler needs: how the generation branch reads the memory
+bank (replace, concatenate, composite), the initial latent (the mode's copy of inverted noise), the
+edit and SDE masks on the latent grid, and the edit/content energies closed over their index maps.
+
+Grids for a working size H×W and latent factor f: latent (H/f)×(W/f); features twice that, i.e.
+cells of f/2 pixels (H/4 × W/4 for SD). Geometry is computed in working pixels, then per grid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dragonctl import energies, geometry
+from dragonctl.features import FEATURE_UPSCALE
+from dragonctl.geometry import Frame
+from dragonctl.inputs import EditInputs
+from dragonctl.spec import Spec
+
+Energy = Callable[[energies.Features, list[energies.Features]], torch.Tensor]
+
+
+@dataclass
+class Grids:
+    work_hw: tuple[int, int]
+    latent_factor: int
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.work_hw[0] // self.latent_factor, self.work_hw[1] // self.latent_factor
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        h, w = self.latent_hw
+        return h * FEATURE_UPSCALE, w * FEATURE_UPSCALE
+
+    @property
+    def feature_cell(self) -> float:
+        return self.latent_factor / FEATURE_UPSCALE
+
+    def latent(self, mask: np.ndarray, touch: bool = True) -> torch.Tensor:
+        return torch.from_numpy(geometry.grid_mask(mask, *self.latent_hw, touch=touch))
+
+    def feature(self, mask: np.ndarray) -> torch.Tensor:
+        m = geometry.grid_mask(mask, *self.feature_hw)
+        if not m.any() and mask.any():  # an object smaller than half a cell: keep the cells it touches
+            m = geometry.grid_mask(mask, *self.feature_hw, touch=True)
+        return torch.from_numpy(m)
+
+
+@dataclass
+class EditPlan:
+    mode: str
+    bank_mode: str  # replace | concat | composite
+    edit_latent_mask: torch.Tensor  # h×w bool: where the edit gradient applies
+    sde_latent_mask: torch.Tensor  # h×w bool: where DiffEditor's SDE uses the inside strength
+    edit_energy: Energy
+    content_energy: Energy
+    init_latent: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # (z_T source, z_T reference)
+    reference_work: np.ndarray | None = None  # the placed reference image at working size
+    composite_base_keep: np.ndarray | None = None  # working-size masks for the composite K/V
+    composite_ref_keep: np.ndarray | None = None
+    target_work: np.ndarray | None = None  # where the object should end up (working pixels)
+
+
+def place_reference(ref: np.ndarray, ref_mask: np.ndarray, scale: float, at: tuple[float, float],
+                    out_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Warp the reference so its object's box centre lands at `at`, scaled by `scale` (aspect kept).
+
+    Returns the placed image (the reference's mean colour outside it) and the placed object mask,
+    both in the destination's pixels. Pixel p samples the reference at c + (p - at)/scale.
+    """
+    c = geometry.bbox_center(ref_mask)
+    h, w = out_hw
+    a = 1.0 / scale
+    # PIL maps output (x, y) → input (a·x + c0, a·y + c1) in pixel-edge coordinates.
+    data = (a, 0.0, c[0] - at[0] * a, 0.0, a, c[1] - at[1] * a)
+    fill = tuple(int(v) for v in ref.reshape(-1, 3).mean(axis=0))
+    img = Image.fromarray(ref).transform((w, h), Image.Transform.AFFINE, data, Image.Resampling.BICUBIC, fillcolor=fill)
+    mask = geometry.warp_mask(ref_mask, scale, c, at, out_hw)
+    return np.asarray(img), mask
+
+
+def _warp_latent(z: torch.Tensor, src_mask: torch.Tensor, scale: float, center: tuple[float, float],
+                 dest: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy of z where each cell takes the source cell it comes from, where that cell is in src_mask."""
+    h, w = z.shape[-2:]
+    iy, ix = geometry.warp_index((h, w), (h, w), scale, center, dest)
+    iy_t, ix_t = torch.from_numpy(iy), torch.from_numpy(ix)
+    valid = iy_t >= 0
+    take = torch.zeros((h, w), dtype=torch.bool)
+    take[valid] = src_mask[iy_t[valid], ix_t[valid]]
+    out = z.clone()
+    out[..., take] = z[..., iy_t[take], ix_t[take]]
+    return out, take
+
+
+def build_plan(spec: Spec, inp: EditInputs, frame: Frame, latent_factor: int) -> EditPlan:
+    grids = Grids((frame.work_h, frame.work_w), latent_factor)
+    g = spec.guidance
+    if spec.mode in ("move", "resize"):
+        return _move_plan(spec, inp, frame, grids)
+    if spec.mode == "drag":
+        return _drag_plan(spec, inp, frame, grids)
+    return _two_image_plan(spec, inp, frame, grids, g.w_edit, g.w_content)
+
+
+def _move_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditPlan:
+    g = spec.guidance
+    assert inp.mask is not None
+    obj_w = frame.mask_to_work(inp.mask)
+    s = spec.effective_scale
+    dx, dy = spec.offset or (0.0, 0.0)
+    cx, cy = geometry.bbox_center(inp.mask)
+    c_w = (cx * frame.sx, cy * frame.sy)
+    dest_w = ((cx + dx) * frame.sx, (cy + dy) * frame.sy)
+    target_w = geometry.warp_mask(obj_w, s, c_w, dest_w, obj_w.shape)
+
+    # Feature grid: target cells and the source cells their content comes from.
+    cell = grids.feature_cell
+    hf, wf = grids.feature_hw
+    obj_f = grids.feature(obj_w)
+    iy, ix = geometry.warp_index((hf, wf), (hf, wf), s, (c_w[0] / cell, c_w[1] / cell),
+                                 (dest_w[0] / cell, dest_w[1] / cell))
+    valid = iy >= 0
+    tgt_f = np.zeros((hf, wf), dtype=bool)
+    tgt_f[valid] = obj_f.numpy()[iy[valid], ix[valid]]
+    target_idx = torch.from_numpy(np.flatnonzero(tgt_f))
+    source_idx = torch.from_numpy((iy * wf + ix).flatten()[np.flatnonzero(tgt_f)])
+    tgt_f_t = torch.from_numpy(tgt_f)
+    unchanged = ~(tgt_f_t | obj_f)
+    vacated = obj_f & ~tgt_f_t
+    fill = grids.feature(frame.mask_to_work(inp.fill_region)) if inp.fill_region is not None else unchanged
+
+    def edit_energy(cur, refs):
+        return energies.move_edit_energy(cur, refs[0], target_idx, source_idx, g.w_edit)
+
+    def content_energy(cur, refs):
+        return energies.move_content_energy(cur, refs[0], unchanged, vacated, fill, g.w_content, g.w_contrast,
+                                            g.w_inpaint)
+
+    lf = grids.latent_factor
+    obj_lat = grids.latent(obj_w)
+
+    def init_latent(z_src: torch.Tensor, _z_ref: torch.Tensor | None) -> torch.Tensor:
+        out, _ = _warp_latent(z_src, obj_lat, s, (c_w[0] / lf, c_w[1] / lf), (dest_w[0] / lf, dest_w[1] / lf))
+        return out
+
+    return EditPlan(
+        mode=spec.mode, bank_mode="replace",
+        edit_latent_mask=grids.latent(target_w), sde_latent_mask=grids.latent(target_w | obj_w),
+        edit_energy=edit_energy, content_energy=content_energy, init_latent=init_latent, target_work=target_w)
+
+
+def patch_indices(x: float, y: float, cell: float, hw: tuple[int, int]) -> torch.Tensor:
+    """Flat indices of the 3×3 cells centred on the cell holding (x, y), clipped inside the grid."""
+    h, w = hw
+    cy = min(max(int(y // cell), 1), h - 2)
+    cx = min(max(int(x // cell), 1), w - 2)  # the reference clipped x by the height (bug); we use the width
+    return torch.tensor([(cy + dy) * w + (cx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+
+
+def _drag_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditPlan:
+    g = spec.guidance
+    assert inp.mask is not None
+    region_w = frame.mask_to_work(inp.mask)
+    cell = grids.feature_cell
+    pairs = []
+    work_pairs = []
+    for (hx, hy), (tx, ty) in inp.points:
+        if (hx, hy) == (tx, ty):
+            continue  # zero-length: nothing to move (the reference produced NaN here)
+        h_w, t_w = frame.to_work(hx, hy), frame.to_work(tx, ty)
+        work_pairs.append((h_w, t_w))
+        pairs.append((patch_indices(*h_w, cell, grids.feature_hw), patch_indices(*t_w, cell, grids.feature_hw)))
+    keep = ~grids.feature(region_w)
+
+    def edit_energy(cur, refs):
+        return energies.drag_edit_energy(cur, refs[0], pairs, g.w_edit, g.w_inpaint)
+
+    def content_energy(cur, refs):
+        return energies.content_energy(cur, refs[0], keep, g.w_content, layer_weight=0.5)
+
+    lf = grids.latent_factor
+    lat_hw = grids.latent_hw
+
+    def init_latent(z_src: torch.Tensor, _z_ref: torch.Tensor | None) -> torch.Tensor:
+        out = z_src.clone()  # a copy: the reference wrote into the bank's own z_T (bug)
+        for h_w, t_w in work_pairs:
+            src = patch_indices(*h_w, lf, lat_hw)
+            dst = patch_indices(*t_w, lf, lat_hw)
+            flat_out = out.view(*out.shape[:-2], -1)
+            flat_out[..., dst] = z_src.reshape(*z_src.shape[:-2], -1)[..., src]
+        return out
+
+    region_lat = grids.latent(region_w)
+    return EditPlan(mode="drag", bank_mode="concat", edit_latent_mask=region_lat, sde_latent_mask=region_lat,
+                    edit_energy=edit_energy, content_energy=content_energy, init_latent=init_latent)
+
+
+def _two_image_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, w_edit: float,
+                    w_content: float) -> EditPlan:
+    assert inp.reference is not None and inp.reference_mask is not None
+    h, w = inp.source.shape[:2]
+    if spec.mode == "paste":
+        assert spec.at is not None
+        at, scale = (spec.at[0], spec.at[1]), spec.effective_scale
+    else:
+        assert inp.mask is not None
+        at = geometry.bbox_center(inp.mask)
+        scale = math.sqrt(inp.mask.sum() / inp.reference_mask.sum())
+    placed, placed_mask = place_reference(inp.reference, inp.reference_mask, scale, at, (h, w))
+    ref_work = frame.image_to_work(placed)
+    ref_obj_w = frame.mask_to_work(placed_mask)
+    obj_w = ref_obj_w if spec.mode == "paste" else frame.mask_to_work(inp.mask)  # type: ignore[arg-type]
+    obj_f = grids.feature(obj_w)
+    ref_f = grids.feature(ref_obj_w)
+    keep = ~obj_f
+
+    if spec.mode == "paste":
+        def edit_energy(cur, refs):
+            return energies.paste_edit_energy(cur, refs[1], ref_f, w_edit)
+    else:
+        def edit_energy(cur, refs):
+            return energies.appearance_edit_energy(cur, refs[1], obj_f, ref_f, w_edit)
+
+    def content_energy(cur, refs):
+        return energies.content_energy(cur, refs[0], keep, w_content)
+
+    obj_lat = grids.latent(obj_w)
+
+    def init_latent(z_src: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
+        if spec.mode != "paste":
+            return z_src.clone()
+        assert z_ref is not None
+        return torch.where(obj_lat.to(z_src.device), z_ref, z_src)
+
+    return EditPlan(mode=spec.mode, bank_mode="composite", edit_latent_mask=obj_lat, sde_latent_mask=obj_lat,
+                    edit_energy=edit_energy, content_energy=content_energy, init_latent=init_latent,
+                    reference_work=ref_work, composite_base_keep=~obj_w, composite_ref_keep=ref_obj_w,
+                    target_work=obj_w)

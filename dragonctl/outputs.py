@@ -1,0 +1,105 @@
+"""Writing results: the PNG (with A1111-style `parameters` and a `dragonctl` JSON chunk), the sidecar
+JSON, and previews. Every file is written to a dot-prefixed temporary in its folder and renamed."""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
+
+from dragonctl.cache import atomic_write
+from dragonctl.spec import Spec
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("dragonctl", "torch", "diffusers", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def parameters_text(spec: Spec, model_name: str) -> str:
+    """The A1111-style `parameters` chunk: prompt on the first line, settings after it."""
+    g = spec.guidance
+    return (f"{spec.prompt}\nSteps: {spec.steps}, Sampler: DDIM, CFG scale: {g.cfg_scale}, Seed: {spec.seed}, "
+            f"Mode: {spec.mode}, Method: {g.method}, Energy scale: {g.energy_scale}, Model: {model_name}")
+
+
+def metadata_record(spec: Spec, spec_path: Path, identity: dict, timings: dict, extra: dict | None = None) -> dict:
+    return {
+        "spec_file": str(spec_path),
+        "spec": spec.model_dump(mode="json"),
+        "model": identity,
+        "versions": package_versions(),
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        **(extra or {}),
+    }
+
+
+def png_bytes(image: np.ndarray, parameters: str | None = None, record: dict | None = None) -> bytes:
+    info = PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    if record is not None:
+        info.add_itxt("dragonctl", json.dumps(record, sort_keys=True))
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def write_result(path: Path, image: np.ndarray, spec: Spec | None = None, record: dict | None = None,
+                 model_name: str = "") -> list[Path]:
+    """Write the image (and, with metadata, its sidecar `.json`); returns the paths written."""
+    if record is None or spec is None:
+        atomic_write(path, png_bytes(image))
+        return [path]
+    atomic_write(path, png_bytes(image, parameters_text(spec, model_name), record))
+    sidecar = path.with_suffix(".json")
+    atomic_write(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    return [path, sidecar]
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        with Image.open(path) as img:
+            text = img.text.get("dragonctl")  # type: ignore[attr-defined]
+    except (OSError, ValueError):
+        return None
+    return json.loads(text) if text else None
+
+
+# --- previews ------------------------------------------------------------------------------------
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | None, color: tuple[int, int, int], alpha: float = 0.45) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    if mask is not None:
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, dtype=np.float32)
+    return out.round().astype(np.uint8)
+
+
+def draw_arrows(image: np.ndarray, pairs: list[tuple[tuple[float, float], tuple[float, float]]]) -> np.ndarray:
+    img = Image.fromarray(image)
+    d = ImageDraw.Draw(img)
+    r = max(2, min(image.shape[:2]) // 64)
+    for (hx, hy), (tx, ty) in pairs:
+        d.line([(hx, hy), (tx, ty)], fill=(255, 255, 255), width=max(1, r // 2))
+        d.ellipse([hx - r, hy - r, hx + r, hy + r], fill=(230, 40, 40))
+        d.ellipse([tx - r, ty - r, tx + r, ty + r], fill=(40, 90, 230))
+    return np.asarray(img)
+
+
+def side_by_side(*images: np.ndarray) -> np.ndarray:
+    h = max(i.shape[0] for i in images)
+    padded = [np.pad(i, ((0, h - i.shape[0]), (0, 4), (0, 0)), constant_values=255) for i in images]
+    return np.concatenate(padded, axis=1)

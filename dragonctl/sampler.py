@@ -1,0 +1,143 @@
+"""The guided edit loop: two branches, classifier-free guidance, energy guidance, SDE and time travel.
+
+Guidance branch: the inverted trajectory (the memory bank). Generation branch: starts from the
+mode's initial latent and, at each step, (1) runs the UNet with the bank rows in the same batch so
+decoder self-attention reads the bank's K/V, (2) on guided steps adds the regional energy gradient to
+ε, (3) takes a DDIM step (with DiffEditor's regional SDE in its window), (4) in the time-travel
+window repeats the step after re-noising. Latents are fp32; the UNet runs in the bundle's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dragonctl.attention import BankState
+from dragonctl.features import decoder_features, to_grid
+from dragonctl.modes import EditPlan, Grids
+from dragonctl.schedules import Schedule, StepPlan, ddim_step, ddim_variance, inversion_step, to_eps
+from dragonctl.spec import Guidance
+
+ENERGY_UNIT = 1000.0  # the reference's energy scale is its slider value × 1000
+
+
+@dataclass
+class SamplerStats:
+    unet_forward: int = 0  # UNet calls (any batch size; truncated guidance forwards included)
+    unet_backward: int = 0
+    guided_steps: int = 0
+    energies: list[tuple[int, float, float]] = field(default_factory=list)  # (step, E_edit, E_content)
+
+
+@dataclass
+class Branches:
+    """The memory bank and the contexts, all on the device."""
+
+    bank: list[torch.Tensor]  # one trajectory [n+1, 1, C, h, w] per bank image (source, then reference)
+    cond: list[torch.Tensor]  # context per bank image (the source's prompt first: also the generation prompt)
+    uncond: torch.Tensor
+
+
+def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str, schedule: Schedule,
+                plan: EditPlan, steps: StepPlan, g: Guidance, branches: Branches, state: BankState,
+                grids: Grids, generator: torch.Generator, progress: Callable[[], None] | None = None
+                ) -> tuple[torch.Tensor, SamplerStats]:
+    dev = branches.uncond.device
+    n = schedule.steps
+    stats = SamplerStats()
+    cfg = g.cfg_scale != 1.0
+    nb = len(branches.bank)
+    state.latent_hw = grids.latent_hw
+    if plan.bank_mode == "composite":
+        state.base_keep = torch.from_numpy(plan.composite_base_keep)
+        state.ref_keep = torch.from_numpy(plan.composite_ref_keep)
+    edit_mask = plan.edit_latent_mask.to(dev, torch.float32)
+    sde_mask = plan.sde_latent_mask.to(dev, torch.float32)
+    gain = g.gradient_scale * ENERGY_UNIT * g.energy_scale
+    c_gen = branches.cond[0]
+
+    def unet_out(z: torch.Tensor, t: int, ctx: torch.Tensor) -> torch.Tensor:
+        stats.unet_forward += 1
+        return unet(z.to(dtype), t, encoder_hidden_states=ctx).sample.float()
+
+    def eps_cfg(z: torch.Tensor, i: int) -> torch.Tensor:
+        t = schedule.timesteps[i]
+        inject = i in steps.injected
+        rows, ctx = [], []
+        if inject:
+            rows += [b[n - 1 - i] for b in branches.bank]
+            ctx += branches.cond
+        rows += [z, z] if cfg else [z]
+        ctx += [branches.uncond, c_gen] if cfg else [c_gen]
+        state.mode, state.n_bank = (plan.bank_mode, nb) if inject else ("off", 0)
+        out = unet_out(torch.cat(rows), t, torch.cat(ctx))[nb if inject else 0 :]
+        state.mode, state.n_bank = "off", 0
+        eps = to_eps(out, z.expand_as(out), schedule.alpha[i], prediction_type)
+        if cfg:
+            return eps[:1] + g.cfg_scale * (eps[1:] - eps[:1])
+        return eps
+
+    def energy_gradient(z: torch.Tensor, i: int) -> torch.Tensor:
+        t = schedule.timesteps[i]
+        z_edit = z.detach().clone().requires_grad_(True)
+        z_content = z.detach().clone().requires_grad_(True)
+        # One truncated forward for the bank's features and two copies of z: the edit energy is read
+        # from one copy and the content energy from the other, so a single backward gives both
+        # gradients of the regional rule.
+        rows = [b[n - i] for b in branches.bank] + [z_edit, z_content]
+        ctx = torch.cat(branches.cond + [c_gen, c_gen])
+        with torch.enable_grad():
+            stats.unet_forward += 1
+            feats = to_grid(decoder_features(unet, torch.cat(rows).to(dtype), t, ctx), grids.feature_hw)
+            refs = [[f[k] for f in feats] for k in range(nb)]
+            e_edit = plan.edit_energy([f[nb] for f in feats], refs)
+            e_content = plan.content_energy([f[nb + 1] for f in feats], refs)
+            total = e_edit + e_content
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"the energy is not finite at step {i}")
+            if total.requires_grad:
+                stats.unet_backward += 1
+                g_edit, g_content = torch.autograd.grad(total, [z_edit, z_content], allow_unused=True)
+            else:
+                g_edit = g_content = None
+        stats.energies.append((i, float(e_edit), float(e_content)))
+        g_edit = torch.zeros_like(z) if g_edit is None else g_edit.float()
+        g_content = torch.zeros_like(z) if g_content is None else g_content.float()
+        return gain * (g_edit * edit_mask + g_content * (1 - edit_mask))
+
+    def denoise_step(z: torch.Tensor, i: int) -> torch.Tensor:
+        a, ap = schedule.alpha[i], schedule.alpha_prev[i]
+        eps = eps_cfg(z, i)
+        eps_hat = eps
+        if i in steps.guided:
+            stats.guided_steps += 1
+            eps_hat = eps + energy_gradient(z, i)
+        if i not in steps.sde:
+            return ddim_step(z, eps_hat, a, ap, eps_dir=eps)
+        var = ddim_variance(a, ap)
+        noise = torch.randn(z.shape, generator=generator).to(dev)
+        z_in = ddim_step(z, eps_hat, a, ap, eps_dir=eps, sigma=g.sde_strength * var**0.5, noise=noise)
+        z_out = ddim_step(z, eps_hat, a, ap, eps_dir=eps, sigma=g.sde_strength_outside * var**0.5, noise=noise)
+        return sde_mask * z_in + (1 - sde_mask) * z_out
+
+    def renoise(z_prev: torch.Tensor, i: int) -> torch.Tensor:
+        # Time travel's rollback: one deterministic inversion step, no CFG, no bank, no guidance.
+        out = unet_out(z_prev, schedule.timesteps[i + 1], c_gen)
+        eps = to_eps(out, z_prev, schedule.alpha_prev[i], prediction_type)
+        return inversion_step(z_prev, eps, schedule.alpha[i], schedule.alpha_prev[i])
+
+    z_src_T = branches.bank[0][n]
+    z_ref_T = branches.bank[1][n] if nb > 1 else None
+    z = plan.init_latent(z_src_T, z_ref_T).float()
+    for i in range(n):
+        repeats = steps.repeats if i in steps.time_travel else 1
+        for r in range(repeats):
+            z_next = denoise_step(z, i)
+            if r < repeats - 1:
+                z = renoise(z_next, i)  # the reference's last re-noise is discarded work; we skip it
+        z = z_next
+        if progress:
+            progress()
+    return z, stats

@@ -1,0 +1,190 @@
+"""Train the shapes model: `python -m dragonctl.shapes.train --minutes 8`.
+
+Reproducible from `--seed`: step k's batch and noise come from generators seeded with (seed, k), so a
+run resumed from a checkpoint sees the same data as one that never stopped. Full training state
+(fp32 weights, EMA, optimiser) goes to `--checkpoint-dir` (kept out of git); the fp16 EMA weights
+that ship with the package are exported to `--export-dir` at every save. When no checkpoint exists but
+exported weights do, training resumes from those (with a fresh optimiser) so work carries across
+machines that only share the git repository.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads starve other jobs
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from multiprocessing import get_context  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from dragonctl.shapes import model as shapes_model  # noqa: E402
+from dragonctl.shapes.world import batch as world_batch  # noqa: E402
+
+
+def make_batch(args: tuple[int, int, int]) -> np.ndarray:
+    seed, step, size = args
+    return world_batch(np.random.default_rng([seed, step]), size)
+
+
+def build(device: torch.device):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**shapes_model.unet_config()).to(device)
+    null = shapes_model.NullPrompt().to(device)
+    sched = DDPMScheduler(**{k: v for k, v in shapes_model.scheduler_config().items() if k != "set_alpha_to_one"})
+    return unet, null, sched
+
+
+def export(unet, null, out: Path, meta: dict) -> None:
+    """Write the fp16 EMA weights in diffusers' folder layout, each file atomically."""
+    from diffusers import DDIMScheduler
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".export-tmp"
+    if tmp.exists():
+        for p in sorted(tmp.rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+    half = copy.deepcopy(unet).to("cpu", torch.float16)
+    half.save_pretrained(tmp / "unet", safe_serialization=True)
+    DDIMScheduler(**shapes_model.scheduler_config()).save_pretrained(tmp / "scheduler")
+    save_file({"embedding": null.embedding.detach().to("cpu", torch.float16).contiguous()}, tmp / "null_prompt.safetensors")
+    (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            dest = out / p.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dest)
+    for p in sorted(tmp.rglob("*"), reverse=True):
+        p.rmdir()
+    tmp.rmdir()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dragonctl.shapes.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20000, help="total optimiser steps to reach")
+    ap.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--workers", type=int, default=0, help="data-generating processes (0: in-process)")
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints/shapes"))
+    ap.add_argument("--export-dir", type=Path, default=shapes_model.WEIGHTS_DIR)
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    unet, null, sched = build(device)
+    ema_unet, ema_null = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(null).requires_grad_(False)
+    params = list(unet.parameters()) + list(null.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    step = 0
+    history: list[dict] = []
+
+    state_path = args.checkpoint_dir / "state.pt"
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        null.load_state_dict(state["null"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_null.load_state_dict(state["ema_null"])
+        opt.load_state_dict(state["opt"])
+        step = int(state["step"])
+        history = json.loads(state["history"])
+        print(f"resumed from {state_path} at step {step}", flush=True)
+    elif (args.export_dir / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        w = load_file(args.export_dir / "unet" / "diffusion_pytorch_model.safetensors")
+        unet.load_state_dict({k: v.float() for k, v in w.items()})
+        null.embedding.data.copy_(load_file(args.export_dir / "null_prompt.safetensors")["embedding"].float())
+        ema_unet.load_state_dict(unet.state_dict())
+        ema_null.load_state_dict(null.state_dict())
+        meta = json.loads((args.export_dir / "training.json").read_text())
+        step, history = int(meta["step"]), meta.get("history", [])
+        print(f"resumed from exported fp16 weights at step {step} (fresh optimiser)", flush=True)
+
+    n_params = sum(p.numel() for p in unet.parameters())
+    print(f"shapes model: {n_params / 1e6:.2f} M parameters, device {device}, batch {args.batch}", flush=True)
+    alphas = sched.alphas_cumprod.to(device)
+    t_start = time.time()
+    pool = get_context("spawn").Pool(args.workers) if args.workers else None
+    jobs = ((args.seed, s, args.batch) for s in range(step, args.steps))
+    batches = pool.imap(make_batch, jobs, chunksize=4) if pool else map(make_batch, jobs)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    running = None
+
+    def save() -> None:
+        meta = {"step": step, "seed": args.seed, "batch": args.batch, "lr": args.lr, "history": history}
+        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_path.with_name(".state.pt.tmp")
+        torch.save({"unet": unet.state_dict(), "null": null.state_dict(), "ema_unet": ema_unet.state_dict(),
+                    "ema_null": ema_null.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "history": json.dumps(history)}, tmp)
+        os.replace(tmp, state_path)
+        export(ema_unet, ema_null, args.export_dir, meta)
+
+    try:
+        for x_np in batches:
+            x0 = torch.from_numpy(x_np).to(device)
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
+            z0 = torch.nn.functional.pixel_unshuffle(x0, shapes_model.LATENT_FACTOR)
+            noise = torch.nn.functional.pixel_unshuffle(noise, shapes_model.LATENT_FACTOR)
+            a = alphas[t].view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            v = a.sqrt() * noise - (1 - a).sqrt() * z0
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            with autocast:
+                pred = unet(zt, t, null(x0.shape[0])).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), v)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                decay = min(args.ema, (1 + step) / (10 + step))
+                for e, p in zip(list(ema_unet.parameters()) + list(ema_null.parameters()), params):
+                    e.lerp_(p, 1 - decay)
+            step += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 25 == 0:
+                el = time.time() - t_start
+                print(f"step {step}/{args.steps} loss {running:.4f} {el / 60:.1f} min", flush=True)
+            if step % 100 == 0:
+                history.append({"step": step, "loss": round(running, 5)})
+            if step % args.save_every == 0:
+                save()
+            if args.minutes is not None and time.time() - t_start > args.minutes * 60:
+                break
+    except KeyboardInterrupt:
+        print("interrupted: saving", flush=True)
+    finally:
+        if pool:
+            pool.terminate()
+    if not math.isfinite(running or 0.0):
+        print("loss is not finite: not saving", file=sys.stderr)
+        return 1
+    save()
+    print(f"saved step {step} to {args.checkpoint_dir} and {args.export_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

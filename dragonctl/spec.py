@@ -1,0 +1,268 @@
+"""The YAML edit spec: pydantic models, loading, and merging of the defaults in `configs/`.
+
+A spec file is read with `yaml.safe_load`, merged over its model family's defaults (first
+`defaults`, then `modes.<mode>`, then the file itself) and validated as a whole, so every error
+names the spec file and the field path the user wrote. Paths inside a spec are relative to the
+spec file. This module only checks the structure; `inputs.py` decodes the files it names.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dragonctl.errors import Problem, SpecError
+
+MODES = ("move", "resize", "drag", "appearance", "paste")
+Mode = Literal["move", "resize", "drag", "appearance", "paste"]
+SHAPES_MODEL = "shapes"
+SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+NonNeg = Annotated[float, Field(allow_inf_nan=False, ge=0)]
+Fraction = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
+Point = Annotated[list[Finite], Field(min_length=2, max_length=2)]
+Pair = Annotated[list[Point], Field(min_length=2, max_length=2)]
+
+
+class _Model(BaseModel):
+    # strict: "50" is not a number and 1 is not a string; unknown fields are errors.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class MaskSpec(_Model):
+    """A mask: a PNG (white = selected) or an inline shape, in the pixels of the image it belongs to."""
+
+    path: str | None = None
+    box: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None
+    polygon: Annotated[list[Point], Field(min_length=3)] | None = None
+    circle: Annotated[list[Finite], Field(min_length=3, max_length=3)] | None = None
+    dilate: Annotated[int, Field(ge=0, le=256)] = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> MaskSpec:
+        given = [k for k in ("path", "box", "polygon", "circle") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of: a PNG path, box, polygon, circle")
+        if self.box is not None and not (self.box[0] < self.box[2] and self.box[1] < self.box[3]):
+            raise ValueError("box must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
+        if self.circle is not None and not self.circle[2] > 0:
+            raise ValueError("circle radius must be > 0")
+        return self
+
+
+class Reference(_Model):
+    image: str
+    mask: MaskSpec
+    prompt: str = ""
+
+
+class Guidance(_Model):
+    method: Literal["dragondiffusion", "diffeditor"]
+    cfg_scale: Annotated[float, Field(allow_inf_nan=False, ge=0, le=50)]
+    energy_scale: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1000)]
+    gradient_scale: NonNeg
+    w_edit: NonNeg
+    w_content: NonNeg
+    w_contrast: NonNeg
+    w_inpaint: NonNeg
+    guide_until: Fraction
+    dense_until: Fraction
+    inject_from: Fraction
+    inject_until: Fraction
+    sde_from: Fraction
+    sde_until: Fraction
+    sde_strength: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
+    sde_strength_outside: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
+    time_travel_from: Fraction
+    time_travel_until: Fraction
+    time_travel_repeats: Annotated[int, Field(ge=0, le=10)]
+
+
+# Which optional fields each mode needs (required) and accepts.
+MODE_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "move": ({"mask", "offset"}, {"scale", "fill_region"}),
+    "resize": ({"mask", "scale"}, {"offset", "fill_region"}),
+    "drag": ({"points"}, {"mask"}),
+    "appearance": ({"mask", "reference"}, set()),
+    "paste": ({"reference", "at"}, {"scale"}),
+}
+MODE_SPECIFIC = {"mask", "offset", "scale", "points", "reference", "at", "fill_region"}
+
+
+class Spec(_Model):
+    """A fully resolved edit spec (defaults merged). Paths are still as written, relative to the file."""
+
+    version: Literal[1]
+    image: str
+    mode: Mode
+    prompt: str = ""
+    mask: MaskSpec | None = None
+    offset: Point | None = None
+    scale: Annotated[float, Field(allow_inf_nan=False, gt=0, le=16)] | None = None
+    points: Annotated[list[Pair], Field(min_length=1)] | None = None
+    reference: Reference | None = None
+    at: Point | None = None
+    fill_region: MaskSpec | None = None
+    model: str
+    seed: Annotated[int, Field(ge=0, lt=2**63)]
+    steps: Annotated[int, Field(ge=2, le=1000)]
+    resolution: Annotated[int, Field(ge=16, le=4096)]
+    guidance: Guidance
+    output: str | None = None
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> Spec:
+        required, optional = MODE_FIELDS[self.mode]
+        missing = sorted(f for f in required if getattr(self, f) is None)
+        extra = sorted(f for f in MODE_SPECIFIC - required - optional if getattr(self, f) is not None)
+        if missing:
+            raise ValueError(f"mode {self.mode} needs: {', '.join(missing)}")
+        if extra:
+            raise ValueError(f"not used by mode {self.mode}: {', '.join(extra)}")
+        return self
+
+    @property
+    def effective_scale(self) -> float:
+        return 1.0 if self.scale is None else self.scale
+
+
+class LoadedSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    path: Path
+    spec: Spec
+    raw: dict  # the file's own values, before defaults
+
+    def resolve(self, relative: str) -> Path:
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+# ---------------------------------------------------------------------------------------------
+# defaults
+
+
+def configs_dir() -> Path:
+    """`configs/` at the repository root (source checkout) or inside the installed package (wheel)."""
+    packaged = Path(__file__).parent / "configs"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "configs"
+
+
+def family_for_model(model: str) -> str:
+    return "shapes" if model == SHAPES_MODEL else "sd15"
+
+
+@cache
+def family_defaults(family: str) -> dict:
+    data = yaml.safe_load((configs_dir() / f"{family}.yaml").read_text())
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def defaults_for(model: str, mode: str) -> dict:
+    cfg = family_defaults(family_for_model(model))
+    return deep_merge(cfg["defaults"], cfg.get("modes", {}).get(mode, {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after[_exactly_one()]", "function-before[_from_string()]"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _reason(err: dict) -> str:
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    if err["type"] == "missing":
+        return "required field is missing"
+    if err["type"] == "literal_error" and "input" in err:
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def _problems(file: Path, exc: ValidationError) -> list[Problem]:
+    seen: list[Problem] = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        # Unions of "path string | inline shape" report both branches; keep the more useful one.
+        loc = tuple(p for p in loc if p not in ("str", "MaskSpec"))
+        p = Problem(str(file), _field_path(loc), _reason(err))
+        if p not in seen:
+            seen.append(p)
+    return seen
+
+
+def load_spec(path: str | Path, model: str | None = None, seed: int | None = None) -> LoadedSpec:
+    """Read, merge and validate one spec file. `model`/`seed` are command-line overrides."""
+    path = Path(path)
+    if path.suffix != ".yaml":
+        raise SpecError.one(path, "", "spec files end in .yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError.one(path, "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError.one(path, "", f"cannot read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError.one(path, "", f"not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError.one(path, "", "a spec is a YAML mapping (field: value), got " + type(raw).__name__)
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise SpecError.one(path, str(bad_keys[0]), "field names must be strings")
+    if model is not None:
+        raw = {**raw, "model": model}
+    if seed is not None:
+        raw = {**raw, "seed": seed}
+    mode = raw.get("mode")
+    model_name = raw.get("model") if isinstance(raw.get("model"), str) else SD15_MODEL
+    merged = deep_merge(defaults_for(model_name, mode if mode in MODES else "move"), raw)
+    if not isinstance(raw.get("guidance", {}), dict):
+        raise SpecError.one(path, "guidance", "must be a mapping of guidance settings")
+    try:
+        spec = Spec.model_validate(merged)
+    except ValidationError as e:
+        raise SpecError(_problems(path, e)) from None
+    return LoadedSpec(path=path, spec=spec, raw=raw)
+
+
+def is_finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)
