@@ -1,0 +1,238 @@
+"""The engine on tiny SD models built in code: DDIM arithmetic, memory bank, modes, cache, counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_png, write_spec
+
+from dragonctl import api
+from dragonctl.attention import BankControl, BankState, MemoryBankAttnProcessor
+from dragonctl.cache import TrajectoryCache
+from dragonctl.engine import Editor
+from dragonctl.inputs import load_inputs
+from dragonctl.inversion import invert
+from dragonctl.models import load_bundle
+from dragonctl.modes import Grids, build_plan
+from dragonctl.sampler import Branches, guided_edit
+from dragonctl.schedules import Schedule, StepPlan, ddim_step, to_eps
+from dragonctl.spec import MODES, load_spec
+
+SD_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+                steps_offset=1, num_train_timesteps=1000, clip_sample=False)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_inversion_then_sampling_is_exact_for_a_constant_noise_model(prediction_type):
+    sched = Schedule.from_config({**SD_SCHED, "prediction_type": prediction_type}, 12)
+    z0 = torch.randn(1, 4, 6, 5, dtype=torch.float64)
+    noise = torch.randn_like(z0) if prediction_type == "v_prediction" else torch.zeros_like(z0)
+    alpha_of = dict(zip(sched.timesteps, sched.alpha))
+
+    def model(z, t):  # the raw output whose ε is `noise` (zero for epsilon: the zeroed conv_out case)
+        a = alpha_of[t]
+        return noise if prediction_type == "epsilon" else (noise - (1 - a) ** 0.5 * z) / a**0.5
+
+    def eps_fn(z, t):
+        return to_eps(model(z, t), z, alpha_of[t], prediction_type)
+
+    traj = invert(eps_fn, z0, sched)
+    assert traj.shape[0] == 13 and not torch.allclose(traj[-1], z0)
+    z = traj[-1]
+    for i, t in enumerate(sched.timesteps):
+        z = ddim_step(z, eps_fn(z, t), sched.alpha[i], sched.alpha_prev[i])
+        assert torch.allclose(z, traj[12 - i - 1], atol=1e-9)
+    assert torch.allclose(z, z0, atol=1e-9)
+
+
+def test_step_plan_reproduces_the_reference_schedules(spec_for):
+    g = load_spec(spec_for("move", model="shapes")).spec.guidance
+    d = StepPlan.build(g, 50)
+    assert d.guided == frozenset(range(30)) and not d.sde and not d.time_travel
+    assert d.injected == frozenset(range(5, 50))
+    dp = StepPlan.build(g.model_copy(update={"method": "diffeditor"}), 50)
+    assert dp.guided == frozenset(range(10)) | frozenset(range(10, 30, 2))
+    assert dp.sde == frozenset(range(11, 20)) and dp.time_travel == frozenset({22, 24, 26, 28})
+    app = load_spec(spec_for("appearance", model="shapes")).spec.guidance
+    assert StepPlan.build(app, 50).injected == frozenset(range(36))
+    assert not StepPlan.build(g.model_copy(update={"energy_scale": 0.0}), 50).guided
+
+
+def _run_sampler(bundle, spec, inp, cache=None):
+    editor = Editor(bundle, cache)
+    frame = editor.frame_for(inp.source, spec.resolution)
+    plan = build_plan(spec, inp, frame, bundle.latent_factor)
+    schedule = Schedule.from_config(bundle.scheduler_config, spec.steps)
+    bank = [editor.trajectory(frame.image_to_work(inp.source), inp.source_bytes, spec.prompt, schedule)]
+    with torch.no_grad():
+        branches = Branches(bank, [bundle.encode_prompt([spec.prompt])], bundle.encode_prompt([""]))
+    with BankControl(bundle.unet, bundle.decoder_self_attention) as state:
+        z, stats = guided_edit(bundle.unet, bundle.dtype, bundle.prediction_type, schedule, plan,
+                               StepPlan.build(spec.guidance, spec.steps), spec.guidance, branches, state,
+                               Grids((frame.work_h, frame.work_w), bundle.latent_factor), torch.Generator().manual_seed(0))
+    return z, stats, bank, branches
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sd_v"])
+def test_no_energy_and_no_injection_equals_plain_ddim_with_cfg(request, spec_for, fixture):
+    """Against diffusers' own DDIMScheduler loop from the same z_T: an independent implementation."""
+    from diffusers import DDIMScheduler
+
+    folder = request.getfixturevalue(fixture)
+    bundle = load_bundle(str(folder))
+    spec = load_spec(spec_for("move", model=str(folder), offset=[0, 0], steps=6, prompt="a red box",
+                              guidance={"energy_scale": 0.0, "inject_from": 1.0, "cfg_scale": 3.0})).spec
+    inp = load_inputs(load_spec(spec_for("move", model=str(folder), offset=[0, 0])))
+    z, stats, bank, br = _run_sampler(bundle, spec, inp)
+    assert stats.unet_backward == 0 and stats.unet_forward == 6
+    sched = DDIMScheduler.from_config(bundle.scheduler_config)
+    sched.set_timesteps(6)
+    ref = bank[0][-1].clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = bundle.unet(torch.cat([ref, ref]), t, encoder_hidden_states=torch.cat([br.uncond, br.cond[0]])).sample
+            u, c = out.chunk(2)
+            ref = sched.step(u + 3.0 * (c - u), t, ref, eta=0.0).prev_sample
+    assert torch.allclose(z, ref, atol=1e-4, rtol=1e-4), (z - ref).abs().max()
+
+
+def test_zero_noise_model_reconstructs_the_source_latent(tmp_path, spec_for):
+    from dragonctl.synthetic import save_sd_folder
+
+    folder = save_sd_folder(tmp_path / "zero", zero_unet=True)
+    bundle = load_bundle(str(folder))
+    spec = load_spec(spec_for("move", model=str(folder), offset=[0, 0], steps=5,
+                              guidance={"energy_scale": 0.0})).spec
+    inp = load_inputs(load_spec(spec_for("move", model=str(folder), offset=[0, 0])))
+    z, _stats, bank, _ = _run_sampler(bundle, spec, inp)
+    assert torch.allclose(z, bank[0][0], atol=1e-5)
+
+
+def _attn_layer(tiny_sd):
+    bundle = load_bundle(str(tiny_sd))
+    name = bundle.decoder_self_attention[0]
+    module = bundle.unet.get_submodule(name.rsplit(".processor", 1)[0])
+    return module
+
+
+def test_injection_processors_reproduce_default_attention_on_their_own_kv(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn = _attn_layer(tiny_sd)
+    x = torch.randn(1, 24, attn.to_q.in_features)
+    default = AttnProcessor2_0()(attn, x)
+    for mode in ("replace", "concat", "composite"):
+        state = BankState(mode=mode, n_bank=2 if mode == "composite" else 1, latent_hw=(4, 6),
+                          base_keep=torch.ones(4, 6, dtype=torch.bool), ref_keep=torch.ones(4, 6, dtype=torch.bool))
+        rows = torch.cat([x] * (state.n_bank + 1))
+        out = MemoryBankAttnProcessor(state)(attn, rows)
+        assert torch.allclose(out[-1], default[0], atol=1e-5), mode
+        assert torch.allclose(out[0], default[0], atol=1e-5)  # bank rows attend as usual
+
+
+def test_replace_reads_the_bank_rows_kv(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    attn = _attn_layer(tiny_sd)
+    bank, gen = torch.randn(2, 1, 24, attn.to_q.in_features)
+    out = MemoryBankAttnProcessor(BankState(mode="replace", n_bank=1))(attn, torch.cat([bank, gen]))
+    q = attn.to_q(gen)
+    k, v = attn.to_k(bank), attn.to_v(bank)
+    h = attn.heads
+    split = lambda t: t.view(1, -1, h, t.shape[-1] // h).transpose(1, 2)  # noqa: E731
+    expected = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    expected = attn.to_out[0](expected.transpose(1, 2).reshape(1, 24, -1))
+    assert torch.allclose(out[1], expected[0], atol=1e-5)
+    assert not torch.allclose(out[1], AttnProcessor2_0()(attn, gen)[0], atol=1e-3)
+
+
+def test_count_of_unet_calls_follows_the_diffeditor_schedule(tiny_sd, spec_for):
+    bundle = load_bundle(str(tiny_sd))
+    ls = load_spec(spec_for("move", model=str(tiny_sd), steps=20, guidance={"method": "diffeditor"}))
+    _z, stats, _b, _ = _run_sampler(bundle, ls.spec, load_inputs(ls))
+    # guided: 0..3 and 4, 6, 8, 10; time travel at step 10 (8 < i < 12, even): 3 passes, 2 re-noises
+    assert stats.guided_steps == 8 + 2
+    assert stats.unet_backward == 10
+    assert stats.unet_forward == 20 + 2 + 2 + 10
+
+
+def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):
+    for mode in ("move", "drag", "paste"):
+        ls = load_spec(spec_for(mode, model=str(tiny_sd)))
+        inp = load_inputs(ls)
+        bundle = load_bundle(str(tiny_sd))
+        frame = Editor(bundle).frame_for(inp.source, ls.spec.resolution)
+        plan = build_plan(ls.spec, inp, frame, bundle.latent_factor)
+        z = torch.randn(1, 4, frame.work_h // 2, frame.work_w // 2)
+        z_ref = torch.randn_like(z)
+        before = z.clone()
+        out = plan.init_latent(z, z_ref)
+        assert torch.equal(z, before) and not torch.equal(out, z), mode
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sd_v"])
+def test_every_mode_runs_end_to_end(request, spec_for, workdir, mode, fixture):
+    folder = request.getfixturevalue(fixture)
+    spec = spec_for(mode, model=str(folder), prompt="a box")
+    reports = api.edit([spec], api.EditOptions(cache_dir=workdir / "cache"))
+    assert reports[0].ok, reports[0].errors
+    from PIL import Image
+
+    out = reports[0].output
+    with Image.open(out) as img:
+        assert img.size == (56, 40)  # the source's exact size, though the model worked at 24×40
+        assert "dragonctl" in img.text and img.text["parameters"].startswith("a box\nSteps: 4")
+
+
+def test_diffeditor_method_runs_every_mode(tiny_sd, spec_for, workdir):
+    specs = [spec_for(m, name=f"de_{m}.yaml", model=str(tiny_sd), steps=10, guidance={"method": "diffeditor"})
+             for m in MODES]
+    reports = api.edit(specs, api.EditOptions(no_cache=True))
+    assert all(r.ok for r in reports), [r.errors for r in reports]
+
+
+def test_cache_hit_runs_no_inversion(tiny_sd, spec_for, workdir):
+    bundle = load_bundle(str(tiny_sd))
+    calls = []
+    bundle.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    ls = load_spec(spec_for("move", model=str(tiny_sd)))
+    inp = load_inputs(ls)
+    cache = TrajectoryCache(workdir / "cache")
+    first = Editor(bundle, cache).edit(ls.spec, inp)
+    n_first = len(calls)
+    second = Editor(bundle, TrajectoryCache(workdir / "cache")).edit(ls.spec, inp)
+    assert first.inversions == 1 and second.inversions == 0
+    assert n_first - (len(calls) - n_first) == ls.spec.steps  # exactly the inversion's UNet calls were saved
+    assert np.array_equal(first.image, second.image)
+
+
+def test_processors_are_restored_after_an_edit(tiny_sd, spec_for):
+    bundle = load_bundle(str(tiny_sd))
+    before = {k: type(v) for k, v in bundle.unet.attn_processors.items()}
+    ls = load_spec(spec_for("drag", model=str(tiny_sd)))
+    Editor(bundle).edit(ls.spec, load_inputs(ls))
+    assert {k: type(v) for k, v in bundle.unet.attn_processors.items()} == before
+
+
+def test_same_spec_same_seed_gives_identical_bytes(tiny_sd, spec_for, workdir):
+    spec = spec_for("move", model=str(tiny_sd), guidance={"method": "diffeditor"}, steps=12, output="a.png")
+    api.edit([spec], api.EditOptions(no_cache=True, metadata=False))
+    first = (workdir / "a.png").read_bytes()
+    api.edit([spec], api.EditOptions(no_cache=True, metadata=False))
+    assert (workdir / "a.png").read_bytes() == first
+    api.edit([spec], api.EditOptions(no_cache=True, metadata=False, seed=5))
+    assert (workdir / "a.png").read_bytes() != first  # the seed drives the SDE noise
+
+
+def test_large_and_wide_sources_come_back_at_their_size(tiny_sd, workdir):
+    img = np.random.default_rng(0).integers(0, 255, (37, 90, 3), dtype=np.uint8)
+    save_png(workdir / "wide.png", img)
+    spec = write_spec(workdir, "wide.yaml", image="wide.png", mode="drag", points=[[[89, 36], [60, 5]]],
+                      model=str(tiny_sd), steps=3, resolution=32)
+    rep = api.edit([spec], api.EditOptions(no_cache=True))[0]
+    assert rep.ok, rep.errors
+    from PIL import Image
+
+    assert Image.open(rep.output).size == (90, 37)

@@ -1,0 +1,69 @@
+"""The model bundle: sources, structure found by structure, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dragonctl.errors import ModelError
+from dragonctl.models import load_bundle, pick_dtype
+
+
+def test_folder_loads_with_structure_found(tiny_sd):
+    b = load_bundle(str(tiny_sd))
+    assert b.family == "sd15" and b.latent_factor == 2 and b.size_multiple == 8
+    assert b.dtype == torch.float32 and b.device.type == "cpu"
+    # every decoder self-attention of the tiny UNet (up_blocks 1 and 2 × 2 layers), none elsewhere
+    assert len(b.decoder_self_attention) == 4
+    assert all(n.startswith(("up_blocks.1.", "up_blocks.2.")) and ".attn1." in n for n in b.decoder_self_attention)
+    z = b.encode_image(torch.zeros(1, 3, 16, 16))
+    assert z.shape == (1, 4, 8, 8) and b.decode_latent(z).shape == (1, 3, 16, 16)
+    assert b.encode_prompt(["a cat", ""]).shape[:2] == (2, 77)
+
+
+def test_v_prediction_is_read_from_the_scheduler(tiny_sd_v):
+    assert load_bundle(str(tiny_sd_v)).prediction_type == "v_prediction"
+
+
+def test_unet_without_the_decoder_the_method_needs(tmp_path, tiny_sd):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path / "flat"
+    shutil.copytree(tiny_sd, folder)
+    UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32), layers_per_block=1, cross_attention_dim=32,
+                         attention_head_dim=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(folder / "unet")
+    with pytest.raises(ModelError, match="at least 3 up blocks"):
+        load_bundle(str(folder))
+
+
+def test_pickle_checkpoints_are_refused_without_allow_pickle(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not loaded")
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        load_bundle(str(ckpt))
+
+
+def test_missing_local_model(tmp_path):
+    with pytest.raises(ModelError, match="no such file or folder"):
+        load_bundle(str(tmp_path / "nowhere.safetensors"))
+
+
+def test_offline_hub_model_error_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelError) as e:
+        load_bundle("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    msg = str(e.value)
+    assert "not available offline" in msg and "hf download" in msg and "--model shapes" in msg
+
+
+def test_dtype_policy():
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(ModelError):
+        pick_dtype("int8", torch.device("cpu"))
+    with pytest.raises(ModelError, match="not supported on the CPU"):
+        load_bundle("shapes", dtype="fp16", device="cpu")
