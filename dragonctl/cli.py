@@ -46,6 +46,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect or clear the inversion cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+bench_app = typer.Typer(help="Benchmarks: edit quality on the shapes world, speed and memory.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 def _err(msg: str) -> None:
@@ -272,6 +274,29 @@ def cache_clear(
 
     n = TrajectoryCache(cache_dir).clear(None if older_than is None else older_than * 86400)
     typer.echo(f"removed {n} entries")
+
+
+@bench_app.command("quality")
+def bench_quality(
+    out: Path = typer.Argument(Path("runs/quality"), help="Folder for specs, results, contact sheets, quality.json."),
+    cases: int = typer.Option(6, help="Cases per mode."),
+    mode: list[str] = typer.Option(None, help="Only these modes (repeatable)."),
+    model: str = typer.Option("shapes", help="Model to test (the ground truth is the shapes world)."),
+    seed: int = typer.Option(1000, help="Case generator seed (training never uses 1000 and up)."),
+    method: str | None = typer.Option(None, help="Override guidance.method for every case."),
+    energy_scale: float | None = typer.Option(None, help="Override guidance.energy_scale for every case."),
+) -> None:
+    """Run every mode on held-out shapes scenes and score it against the ground truth (JSON + table)."""
+    from dragonctl.bench import quality
+
+    overrides = {k: v for k, v in (("method", method), ("energy_scale", energy_scale)) if v is not None}
+    modes = tuple(mode) if mode else quality.MODES
+    bad = [m for m in modes if m not in quality.MODES]
+    if bad:
+        _usage(f"unknown mode(s): {', '.join(bad)}")
+    summary = quality.run(out, modes, cases, model, seed, overrides, log=lambda m: _err(m))
+    typer.echo(quality.table(summary))
+    _err(f"wrote {out / 'quality.json'} and sheet_<mode>.png")
 
 
 def main() -> None:

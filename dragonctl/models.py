@@ -148,9 +148,10 @@ def _offline() -> bool:
 
 
 def _hub_error(model: str, err: Exception) -> ModelError:
-    how = (f"fetch it once while online (`hf download {model}`, or run dragonctl without HF_HUB_OFFLINE), "
+    why = "offline (HF_HUB_OFFLINE or --local-files-only)" if _offline() else "no local copy and the hub could not be reached"
+    how = (f"fetch it once while online (`hf download {model}`), "
            f"or give a local diffusers folder or .safetensors file with --model")
-    return ModelError(f"model {model} is not available offline ({type(err).__name__}): {how}; "
+    return ModelError(f"model {model} is not available offline: {why} ({type(err).__name__}); {how}; "
                       f"`--model shapes` runs offline with the embedded model")
 
 
@@ -159,27 +160,31 @@ def _load_sd(source: str, dev: torch.device, dt: torch.dtype, local_files_only: 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    local = local_files_only or _offline()
-    kw = dict(local_files_only=local)
+    def load(local: bool):
+        kw = dict(local_files_only=local)
+        return (UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw),
+                AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw),
+                CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dt, **kw),
+                DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw))
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dt, **kw)
-        scheduler = DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+        try:  # a copy in the local hub cache first: no network round trips when it is there
+            unet, vae, tokenizer, text_encoder, scheduler = load(True)
+        except (OSError, ValueError):
+            if local_files_only or _offline() or files is not None:
+                raise
+            unet, vae, tokenizer, text_encoder, scheduler = load(False)
     except (OSError, ValueError) as e:
         if files is None:
             raise _hub_error(source, e) from None
-        raise ModelError(f"model {source}: not a diffusers Stable Diffusion folder ({e})") from None
-    weight_files = list((files or Path(unet.config._name_or_path or ".")).glob("unet/*.safetensors")) if files else []
+        raise ModelError(f"model {source}: not a diffusers Stable Diffusion folder ({str(e).splitlines()[0]})") from None
+    weight_files = list(files.glob("unet/*.safetensors")) if files else []
     return _sd_bundle(source, unet, vae, tokenizer, text_encoder, scheduler.config, dev, dt,
                       sampled_hash(weight_files) if weight_files else f"hub:{source}")
 
 
 def _load_single_file(path: Path, dev: torch.device, dt: torch.dtype, local_files_only: bool) -> ModelBundle:
-    if path.suffix != ".safetensors":
-        # allowed pickle formats reach here only with --allow-pickle
-        pass
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     try:

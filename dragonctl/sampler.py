@@ -102,7 +102,7 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
                 g_edit, g_content = torch.autograd.grad(total, [z_edit, z_content], allow_unused=True)
             else:
                 g_edit = g_content = None
-        stats.energies.append((i, float(e_edit), float(e_content)))
+        stats.energies.append((i, float(e_edit.detach()), float(e_content.detach())))
         g_edit = torch.zeros_like(z) if g_edit is None else g_edit.float()
         g_content = torch.zeros_like(z) if g_content is None else g_content.float()
         return gain * (g_edit * edit_mask + g_content * (1 - edit_mask))

@@ -1,0 +1,1 @@
+"""Benchmarks: edit quality on the shapes world, speed and memory, DragBench plumbing."""

@@ -1,0 +1,339 @@
+"""Edit-quality benchmark on the shapes world, where the ground truth of every edit is known.
+
+Each case is a held-out scene (generator keys never used in training), a spec written the way a
+user would (exact PNG masks or boxes with a few pixels of margin, flat and gradient backgrounds),
+run through the real engine via the public API, and scored against the ground-truth render:
+
+- move: centroid error (px), IoU with the target mask, residue at the vacated place, background PSNR
+- resize: area-ratio error, IoU with the scaled object
+- drag: distance of the dragged object's colour centroid to where the handle's content should be
+- appearance: colour distance to the reference colour, shape IoU with the original, background PSNR
+- paste: IoU and colour distance at the destination, background PSNR
+
+A no-guidance baseline (plain inversion and reconstruction of the source) gets the same figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from dragonctl.shapes.world import Scene, Shape, render
+
+COLOR_TOL = 0.2  # RGB distance (in [0, 1] units) under which a pixel counts as the object's colour
+MODES = ("move", "resize", "drag", "appearance", "paste")
+
+
+@dataclass
+class Case:
+    mode: str
+    name: str
+    spec: dict  # the spec's fields (image paths filled in when written)
+    source: np.ndarray
+    truth: np.ndarray  # ground-truth result
+    old_mask: np.ndarray  # the edited object before
+    new_mask: np.ndarray  # ... and after (ground truth)
+    color: tuple[float, float, float]  # the colour expected in new_mask
+    edit_region: np.ndarray  # pixels the edit may change (for background PSNR: outside, dilated)
+    reference: np.ndarray | None = None
+    reference_mask: np.ndarray | None = None
+    target_xy: tuple[float, float] | None = None  # drag: where the handle's object centroid should go
+    files: dict = field(default_factory=dict)
+
+
+def _dilate(m: np.ndarray, n: int) -> np.ndarray:
+    from dragonctl.geometry import dilate
+
+    return dilate(m, n)
+
+
+def _scene(rng: np.random.Generator, flat: bool, n_other: int, size: int = 64) -> tuple[Scene, Shape]:
+    """A scene with one main object (kept clear of the frame edges) and n_other others."""
+    from dragonctl.shapes.world import random_scene
+
+    while True:
+        sc = random_scene(rng, size, n_shapes=(1 + n_other, 1 + n_other), shape_size=(12.0, 18.0), flat_background=flat)
+        if len(sc.shapes) == 1 + n_other:
+            return sc, sc.shapes[0]
+
+
+def _free(sc: Scene, cand: Shape, skip: int, margin: float = 3.0) -> bool:
+    half = cand.size / 2
+    if not (half + 1 <= cand.cx <= sc.size - half - 1 and half + 1 <= cand.cy <= sc.size - half - 1):
+        return False
+    return all(math.hypot(cand.cx - o.cx, cand.cy - o.cy) > (cand.size + o.size) / 2 + margin
+               for k, o in enumerate(sc.shapes) if k != skip)
+
+
+def _box(mask: np.ndarray, margin: int, size: int) -> list[int]:
+    ys, xs = np.nonzero(mask)
+    return [max(0, int(xs.min()) - margin), max(0, int(ys.min()) - margin),
+            min(size, int(xs.max()) + 1 + margin), min(size, int(ys.max()) + 1 + margin)]
+
+
+def make_cases(mode: str, n: int, seed: int = 1000) -> list[Case]:
+    cases = []
+    k = 0
+    while len(cases) < n:
+        rng = np.random.default_rng([seed, MODES.index(mode), k])
+        k += 1
+        case = _make_case(mode, rng, user_style=len(cases) % 2 == 1, index=len(cases))
+        if case is not None:
+            cases.append(case)
+    return cases
+
+
+def _make_case(mode: str, rng: np.random.Generator, user_style: bool, index: int) -> Case | None:
+    flat = user_style
+    sc, obj = _scene(rng, flat, n_other=int(rng.integers(0, 2)))
+    src = render(sc)
+    old = src.masks[0]
+    name = f"{mode}-{index:02d}"
+    mask_spec: object = {"box": _box(old, 2, sc.size)} if user_style else "mask"
+    if mode in ("move", "resize"):
+        for _ in range(40):
+            if mode == "move":
+                dx, dy = (float(v) for v in rng.integers(-20, 21, 2))
+                if math.hypot(dx, dy) < 8:
+                    continue
+                new = obj.moved(dx, dy)
+                spec = {"mode": "move", "mask": mask_spec, "offset": [dx, dy]}
+            else:
+                s = float(rng.choice([0.7, 0.8, 1.25, 1.4]))
+                new = obj.scaled(s)
+                spec = {"mode": "resize", "mask": mask_spec, "scale": s}
+            if _free(sc, new, 0):
+                break
+        else:
+            return None
+        truth_scene = sc.with_shape(0, new)
+        truth = render(truth_scene)
+        return Case(mode, name, spec, src.to_uint8(), truth.to_uint8(), old, truth.masks[0], obj.color,
+                    old | truth.masks[0])
+    if mode == "drag":
+        for _ in range(40):
+            dx, dy = (float(v) for v in rng.integers(-12, 13, 2))
+            if math.hypot(dx, dy) < 6:
+                continue
+            new = obj.moved(dx, dy)
+            if _free(sc, new, 0):
+                break
+        else:
+            return None
+        truth = render(sc.with_shape(0, new))
+        region = _dilate(old | truth.masks[0], 4)
+        hx, hy = src.centroids[0]
+        spec = {"mode": "drag", "points": [[[hx, hy], [hx + dx, hy + dy]]],
+                "mask": {"box": _box(region, 0, sc.size)} if user_style else "mask"}
+        return Case(mode, name, spec, src.to_uint8(), truth.to_uint8(), old, truth.masks[0], obj.color,
+                    region if not user_style else _box_mask(_box(region, 0, sc.size), sc.size),
+                    target_xy=(hx + dx, hy + dy))
+    # two-image modes: the reference holds one object of another colour
+    ref_sc, ref_obj = _scene(rng, flat=bool(rng.integers(0, 2)), n_other=0)
+    if min(np.linalg.norm(np.subtract(ref_obj.color, c)) for c in [obj.color]) < 0.5:
+        return None
+    ref = render(ref_sc)
+    ref_mask_spec: object = {"box": _box(ref.masks[0], 2, ref_sc.size)} if user_style else "ref_mask"
+    if mode == "appearance":
+        truth_scene = sc.with_shape(0, Shape(obj.kind, obj.cx, obj.cy, obj.size, ref_obj.color))
+        truth = render(truth_scene)
+        spec = {"mode": "appearance", "mask": mask_spec,
+                "reference": {"image": "reference", "mask": ref_mask_spec}}
+        return Case(mode, name, spec, src.to_uint8(), truth.to_uint8(), old, old, ref_obj.color, old,
+                    reference=ref.to_uint8(), reference_mask=ref.masks[0])
+    # paste: put the reference object somewhere free in the source
+    for _ in range(60):
+        s = float(rng.choice([0.8, 1.0, 1.2]))
+        cx, cy = (float(v) for v in rng.uniform(12, sc.size - 12, 2))
+        placed = Shape(ref_obj.kind, cx, cy, ref_obj.size * s, ref_obj.color)
+        if _free(Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,)), placed, len(sc.shapes)):
+            break
+    else:
+        return None
+    truth_scene = Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,))
+    truth = render(truth_scene)
+    new = truth.masks[-1]
+    spec = {"mode": "paste", "reference": {"image": "reference", "mask": ref_mask_spec}, "at": [cx, cy], "scale": s}
+    return Case(mode, name, spec, src.to_uint8(), truth.to_uint8(), np.zeros_like(new), new, ref_obj.color, new,
+                reference=ref.to_uint8(), reference_mask=ref.masks[0])
+
+
+def _box_mask(box: list[int], size: int) -> np.ndarray:
+    m = np.zeros((size, size), dtype=bool)
+    m[box[1] : box[3], box[0] : box[2]] = True
+    return m
+
+
+def write_case(case: Case, folder: Path, model: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(case.source).save(folder / f"{case.name}.png")
+    Image.fromarray(case.old_mask.astype(np.uint8) * 255).save(folder / f"{case.name}_mask.png")
+    spec = {"version": 1, "image": f"{case.name}.png", **json.loads(json.dumps(case.spec)), "model": model,
+            "output": f"out/{case.name}.png"}
+    if case.mode == "drag" and spec.get("mask") == "mask":
+        Image.fromarray(case.edit_region.astype(np.uint8) * 255).save(folder / f"{case.name}_region.png")
+        spec["mask"] = f"{case.name}_region.png"
+    elif spec.get("mask") == "mask":
+        spec["mask"] = f"{case.name}_mask.png"
+    if case.reference is not None and case.reference_mask is not None:
+        Image.fromarray(case.reference).save(folder / f"{case.name}_ref.png")
+        spec["reference"]["image"] = f"{case.name}_ref.png"
+        if spec["reference"]["mask"] == "ref_mask":
+            Image.fromarray(case.reference_mask.astype(np.uint8) * 255).save(folder / f"{case.name}_refmask.png")
+            spec["reference"]["mask"] = f"{case.name}_refmask.png"
+    path = folder / f"{case.name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+
+def color_mask(img: np.ndarray, color: tuple[float, float, float], tol: float = COLOR_TOL) -> np.ndarray:
+    d = np.linalg.norm(img.astype(np.float32) / 255 - np.asarray(color, dtype=np.float32), axis=-1)
+    return d < tol
+
+
+def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    if not where.any():
+        return float("nan")
+    mse = float(np.mean((a[where].astype(np.float64) - b[where].astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    u = (a | b).sum()
+    return float((a & b).sum() / u) if u else 1.0
+
+
+def centroid(m: np.ndarray) -> tuple[float, float] | None:
+    ys, xs = np.nonzero(m)
+    return (float(xs.mean() + 0.5), float(ys.mean() + 0.5)) if len(xs) else None
+
+
+def score(case: Case, result: np.ndarray) -> dict[str, float]:
+    cm = color_mask(result, case.color)
+    background = ~_dilate(case.edit_region, 2)
+    out: dict[str, float] = {"background_psnr": psnr(result, case.source, background)}
+    if case.mode in ("move", "resize", "drag"):
+        vacated = case.old_mask & ~case.new_mask
+        present = cm & ~vacated
+        c, t = centroid(present), centroid(case.new_mask)
+        out["centroid_error"] = math.hypot(c[0] - t[0], c[1] - t[1]) if c and t else float(case.source.shape[0])
+        out["iou"] = iou(present, case.new_mask)
+        out["residue"] = float(cm[vacated].mean()) if vacated.any() else 0.0
+        if case.mode == "resize":
+            out["area_ratio_error"] = abs(present.sum() / max(case.new_mask.sum(), 1) - 1.0)
+    if case.mode == "appearance":
+        px = result[case.old_mask].astype(np.float32) / 255
+        out["color_distance"] = float(np.linalg.norm(px.mean(axis=0) - np.asarray(case.color)))
+        out["shape_iou"] = iou(cm, case.old_mask)
+        c, t = centroid(cm), centroid(case.old_mask)
+        out["centroid_error"] = math.hypot(c[0] - t[0], c[1] - t[1]) if c and t else float(case.source.shape[0])
+    if case.mode == "paste":
+        px = result[case.new_mask].astype(np.float32) / 255
+        out["color_distance"] = float(np.linalg.norm(px.mean(axis=0) - np.asarray(case.color)))
+        out["iou"] = iou(cm, case.new_mask)
+        c, t = centroid(cm), centroid(case.new_mask)
+        out["centroid_error"] = math.hypot(c[0] - t[0], c[1] - t[1]) if c and t else float(case.source.shape[0])
+    return out
+
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def reconstruct(editor, image: np.ndarray, steps: int) -> np.ndarray:
+    """The no-guidance baseline: DDIM inversion of the source and plain DDIM back from its noise."""
+    import torch
+
+    from dragonctl.engine import to_uint8
+    from dragonctl.schedules import Schedule, ddim_step, to_eps
+
+    b = editor.bundle
+    frame = editor.frame_for(image, 64)
+    schedule = Schedule.from_config(b.scheduler_config, steps)
+    work = frame.image_to_work(image)
+    traj = editor.trajectory(work, work.tobytes(), "", schedule)
+    ctx = b.encode_prompt([""])
+    z = traj[-1]
+    with torch.no_grad():
+        for i, t in enumerate(schedule.timesteps):
+            out = b.unet(z.to(b.dtype), t, encoder_hidden_states=ctx).sample.float()
+            z = ddim_step(z, to_eps(out, z, schedule.alpha[i], b.prediction_type), schedule.alpha[i], schedule.alpha_prev[i])
+        return frame.image_to_source(to_uint8(b.decode_latent(z)))
+
+
+def _median(values: list[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.median(v)) if v else float("nan")
+
+
+def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: str = "shapes", seed: int = 1000,
+        overrides: dict | None = None, log=print) -> dict:
+    """Run the benchmark; writes specs, results, contact sheets and `quality.json` under out_dir."""
+    from dragonctl import api
+    from dragonctl.outputs import side_by_side
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = api.EditOptions(no_cache=True, metadata=False)
+    session = api.Session(opts)
+    summary: dict = {"model": model, "cases_per_mode": cases, "seed": seed, "modes": {}}
+    for mode in modes:
+        mcases = make_cases(mode, cases, seed)
+        folder = out_dir / mode
+        rows, per_case = [], []
+        for case in mcases:
+            path = write_case(case, folder, model)
+            if overrides:
+                data = yaml.safe_load(path.read_text())
+                data.setdefault("guidance", {}).update(overrides)
+                path.write_text(yaml.safe_dump(data, sort_keys=False))
+            ls, inp = api.load(path)
+            t0 = time.perf_counter()
+            rep = api._edit_one(session, ls, inp, api.output_path(ls, None, None), opts, None)
+            seconds = time.perf_counter() - t0
+            if not rep.ok:
+                per_case.append({"case": case.name, "ok": False, "errors": rep.errors})
+                log(f"{case.name}: FAILED {rep.errors}")
+                continue
+            result = np.asarray(Image.open(rep.output).convert("RGB"))
+            base = reconstruct(session.editor(ls.spec.model), case.source, ls.spec.steps)
+            m, b = score(case, result), score(case, base)
+            per_case.append({"case": case.name, "ok": True, "seconds": round(seconds, 3), "metrics": m, "baseline": b})
+            log(f"{case.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) + f" ({seconds:.1f} s)")
+            overlay = api.preview_image(ls, inp)[:, : case.source.shape[1]]
+            rows.append(side_by_side(case.source, overlay, result, case.truth, base))
+        if rows:
+            sheet = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows])
+            Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.Resampling.NEAREST).save(
+                out_dir / f"sheet_{mode}.png")
+        done = [c for c in per_case if c["ok"]]
+        keys = sorted({k for c in done for k in c["metrics"]})
+        summary["modes"][mode] = {
+            "cases": len(per_case), "completed": len(done),
+            "median": {k: _median([c["metrics"][k] for c in done]) for k in keys},
+            "baseline_median": {k: _median([c["baseline"][k] for c in done]) for k in keys},
+            "seconds_per_edit": _median([c["seconds"] for c in done]),
+            "per_case": per_case,
+        }
+    (out_dir / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def table(summary: dict) -> str:
+    lines = ["| mode | done | metric | result (median) | no-guidance baseline |", "|---|---|---|---|---|"]
+    for mode, m in summary["modes"].items():
+        done = f"{m['completed']}/{m['cases']}"
+        for j, (k, v) in enumerate(m["median"].items()):
+            lead = f"| {mode} | {done} |" if j == 0 else "| | |"
+            lines.append(f"{lead} {k} | {v:.3f} | {m['baseline_median'][k]:.3f} |")
+        lines.append(f"| | | seconds per edit | {m['seconds_per_edit']:.2f} | |")
+    return "\n".join(lines)
