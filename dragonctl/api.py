@@ -15,7 +15,7 @@ import numpy as np
 
 from dragonctl.errors import DragonError, SpecError
 from dragonctl.inputs import EditInputs, load_inputs, paste_target
-from dragonctl.spec import MODES, LoadedSpec, load_spec
+from dragonctl.spec import MODES, LoadedSpec, load_spec  # noqa: F401  (load_spec is part of the API)
 
 Progress = Callable[[str, int, int], None]
 
@@ -114,6 +114,7 @@ def protected_paths(ls: LoadedSpec) -> set[Path]:
 @dataclass
 class EditOptions:
     out_dir: Path | None = None
+    out_root: Path | None = None  # with out_dir: mirror spec paths relative to this (default: their common folder)
     model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -154,7 +155,7 @@ def edit(paths: Iterable[str | Path], opts: EditOptions | None = None, progress:
     specs = expand_specs(paths)
     reports: list[SpecReport] = []
     loaded: list[tuple[Path, LoadedSpec | None, EditInputs | None, Path | None, str | None]] = []
-    root = common_folder(specs) if opts.out_dir is not None else None
+    root = (opts.out_root or common_folder(specs)) if opts.out_dir is not None else None
     for p in specs:
         try:
             ls, inp = load(p, model=opts.model, seed=opts.seed)

@@ -48,6 +48,8 @@ cache_app = typer.Typer(help="Inspect or clear the inversion cache.", no_args_is
 app.add_typer(cache_app, name="cache")
 bench_app = typer.Typer(help="Benchmarks: edit quality on the shapes world, speed and memory.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+import_app = typer.Typer(help="Import specs from other formats.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 
 def _err(msg: str) -> None:
@@ -297,6 +299,46 @@ def bench_quality(
     summary = quality.run(out, modes, cases, model, seed, overrides, log=lambda m: _err(m))
     typer.echo(quality.table(summary))
     _err(f"wrote {out / 'quality.json'} and sheet_<mode>.png")
+
+
+@import_app.command("dragbench")
+def import_dragbench(
+    src: Path = typer.Argument(..., help="DragBench folder: <category>/<sample>/ (converted or original layout)."),
+    out: Path = typer.Argument(..., help="Where to write <category>/<sample>.yaml (may exist already)."),
+) -> None:
+    """Turn each DragBench sample into one drag spec (prompt, mask, handle → target pairs)."""
+    from dragonctl.dragbench import import_dragbench as do_import
+
+    if not src.is_dir():
+        _usage(f"{src} is not a folder")
+    written, failed = do_import(src, out)
+    for line in failed:
+        _err(f"failed: {line}")
+    _err(f"imported {len(written)} samples into {out}, {len(failed)} failed")
+    if not written and not failed:
+        _usage(f"no DragBench samples under {src}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@bench_app.command("dragbench")
+def bench_dragbench(
+    specs_dir: Path = typer.Argument(..., help="Specs written by `dragonctl import dragbench`."),
+    out: Path = typer.Option(Path("runs/dragbench"), "--out", "-o", help="Results folder."),
+    model: str | None = typer.Option(None, help="Model for every sample (e.g. shapes)."),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+    steps: int | None = typer.Option(None, help="Override the number of steps (plumbing runs)."),
+    limit: int | None = typer.Option(None, help="Only the first N specs."),
+) -> None:
+    """Run imported DragBench specs; write results.json (seconds, peak memory, outputs) and the
+    Mean Distance / Image Fidelity protocol's inputs (md_if_inputs.json)."""
+    from dragonctl.bench.dragbench import run as run_bench
+
+    rows, failed = run_bench(specs_dir, out, model, device, dtype, steps, limit, log=_err)
+    _err(f"{len(rows) - len(failed)} done, {len(failed)} failed; wrote {out / 'results.json'}")
+    for r in failed:
+        _err(f"failed: {r['spec']}: {r['error']}")
+    raise typer.Exit(1 if failed else 0)
 
 
 def main() -> None:
