@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dragonctl.errors import DragonError, SpecError
+from dragonctl.errors import DragonError, EditInterrupted, SpecError
 from dragonctl.inputs import EditInputs, load_inputs, paste_target
 from dragonctl.spec import MODES, LoadedSpec, load_spec  # noqa: F401  (load_spec is part of the API)
 
@@ -30,6 +30,7 @@ class SpecReport:
     seconds: float = 0.0
     skipped: bool = False
     inversions: int = 0
+    interrupted: bool = False
 
     def as_json(self) -> dict:
         return {"spec": str(self.path), "ok": self.ok, "errors": self.errors, "warnings": self.warnings,
@@ -149,50 +150,100 @@ class Session:
 
 
 def edit(paths: Iterable[str | Path], opts: EditOptions | None = None, progress: Progress | None = None,
-         on_report: Callable[[SpecReport], None] | None = None) -> list[SpecReport]:
-    """Edit every spec; a failing spec is reported and the batch goes on."""
+         on_report: Callable[[SpecReport], None] | None = None, stop: Callable[[], bool] | None = None
+         ) -> list[SpecReport]:
+    """Edit every spec; a failing spec is reported and the batch goes on.
+
+    Specs are checked first (all of them, before any model loads); two specs that would write one
+    file are refused. Then they run grouped by model and source, so each source is inverted once.
+    `stop()` is polled after every sampler step: when it turns true the current edit is abandoned
+    (nothing written) and the remaining specs are reported as not run.
+    """
     opts = opts or EditOptions()
     specs = expand_specs(paths)
-    reports: list[SpecReport] = []
-    loaded: list[tuple[Path, LoadedSpec | None, EditInputs | None, Path | None, str | None]] = []
     root = (opts.out_root or common_folder(specs)) if opts.out_dir is not None else None
+    jobs: list[tuple[Path, LoadedSpec | None, EditInputs | None, Path | None, list[str]]] = []
     for p in specs:
         try:
             ls, inp = load(p, model=opts.model, seed=opts.seed)
-            loaded.append((p, ls, inp, output_path(ls, opts.out_dir, root), None))
+            jobs.append((p, ls, inp, output_path(ls, opts.out_dir, root), []))
         except SpecError as e:
-            loaded.append((p, None, None, None, "\n".join(str(x) for x in e.problems)))
-    # Two specs writing one file would silently lose a result: refuse before anything runs.
+            jobs.append((p, None, None, None, [str(x) for x in e.problems]))
     seen: dict[Path, Path] = {}
-    for p, _ls, _inp, out, _err in loaded:
-        if out is None:
-            continue
-        key = out.resolve()
-        if key in seen:
-            raise DragonError(f"{p}: output {out} is also the output of {seen[key]}; give one of them another "
-                              "`output:` or use --out")
-        seen[key] = p
-    # Group by model, then by source image, so each source is inverted once and then read from cache.
-    order = sorted(range(len(loaded)), key=lambda k: (
-        loaded[k][1].spec.model if loaded[k][1] else "", str(loaded[k][1].resolve(loaded[k][1].spec.image))
-        if loaded[k][1] else ""))
+    for p, _ls, _inp, out, _err in jobs:
+        if out is not None:
+            if out.resolve() in seen:
+                raise DragonError(f"{p}: output {out} is also the output of {seen[out.resolve()]}; give one of them "
+                                  "another `output:` or use --out")
+            seen[out.resolve()] = p
+    devices = [d.strip() for d in opts.device.split(",") if d.strip()]
+    if len(devices) > 1:
+        return _edit_on_devices(jobs, opts, devices, on_report)
+
+    def group(k: int) -> tuple[str, str]:
+        ls = jobs[k][1]
+        return (ls.spec.model, str(ls.resolve(ls.spec.image).resolve())) if ls else ("", "")
+
     session = Session(opts)
     by_index: dict[int, SpecReport] = {}
-    for k in order:
-        p, ls, inp, out, err = loaded[k]
-        if err is not None or ls is None or inp is None or out is None:
-            rep = SpecReport(p, False, errors=(err or "invalid spec").splitlines())
+    interrupted = False
+    for k in sorted(range(len(jobs)), key=group):
+        p, ls, inp, out, errors = jobs[k]
+        if errors or ls is None or inp is None or out is None:
+            rep = SpecReport(p, False, errors=errors)
+        elif interrupted:
+            rep = SpecReport(p, False, errors=[f"{p}: not run (interrupted)"], output=out)
         else:
-            rep = _edit_one(session, ls, inp, out, opts, progress)
+            rep = _edit_one(session, ls, inp, out, opts, progress, stop)
+            interrupted = rep.interrupted
         by_index[k] = rep
         if on_report:
             on_report(rep)
-    reports = [by_index[k] for k in range(len(loaded))]
-    return reports
+    return [by_index[k] for k in range(len(jobs))]
+
+
+def _device_worker(paths: list[str], opts: EditOptions) -> list[SpecReport]:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return edit(paths, opts)
+
+
+def _edit_on_devices(jobs, opts: EditOptions, devices: list[str], on_report) -> list[SpecReport]:
+    """One worker process per device; whole source groups go to one device, largest groups first."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from dataclasses import replace
+
+    groups: dict[tuple[str, str], list[int]] = {}
+    reports: dict[int, SpecReport] = {}
+    for k, (p, ls, _inp, _out, errors) in enumerate(jobs):
+        if errors or ls is None:
+            reports[k] = SpecReport(p, False, errors=errors)
+            continue
+        groups.setdefault((ls.spec.model, str(ls.resolve(ls.spec.image).resolve())), []).append(k)
+    load = {d: 0 for d in devices}
+    assigned: dict[str, list[int]] = {d: [] for d in devices}
+    for idxs in sorted(groups.values(), key=len, reverse=True):
+        d = min(devices, key=lambda x: load[x])
+        assigned[d] += idxs
+        load[d] += len(idxs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=len(devices), mp_context=ctx) as pool:
+        futures = {d: pool.submit(_device_worker, [str(jobs[k][0]) for k in idxs],
+                                  replace(opts, device=d, out_root=opts.out_root or (
+                                      common_folder([j[0] for j in jobs]) if opts.out_dir else None)))
+                   for d, idxs in assigned.items() if idxs}
+        for d, fut in futures.items():
+            for k, rep in zip(assigned[d], fut.result()):
+                reports[k] = rep
+    out = [reports[k] for k in range(len(jobs))]
+    if on_report:
+        for rep in out:
+            on_report(rep)
+    return out
 
 
 def _edit_one(session: Session, ls: LoadedSpec, inp: EditInputs, out: Path, opts: EditOptions,
-              progress: Progress | None) -> SpecReport:
+              progress: Progress | None, stop: Callable[[], bool] | None = None) -> SpecReport:
     from dragonctl import outputs
 
     t0 = time.perf_counter()
@@ -207,7 +258,7 @@ def _edit_one(session: Session, ls: LoadedSpec, inp: EditInputs, out: Path, opts
             return rep
     try:
         editor = session.editor(ls.spec.model)
-        result = editor.edit(ls.spec, inp, progress)
+        result = editor.edit(ls.spec, inp, progress, stop)
         record = None
         if opts.metadata:
             record = outputs.metadata_record(ls.spec, ls.path, editor.bundle.identity, result.timings,
@@ -221,6 +272,9 @@ def _edit_one(session: Session, ls: LoadedSpec, inp: EditInputs, out: Path, opts
         rep.inversions = result.inversions
         rep.warnings += editor.cache.warnings
         editor.cache.warnings.clear()
+    except EditInterrupted as e:
+        rep.errors.append(f"{ls.path}: {e}; nothing written")
+        rep.interrupted = True
     except DragonError as e:
         rep.errors.append(f"{ls.path}: {e}")
     except (FloatingPointError, RuntimeError, ValueError) as e:

@@ -18,8 +18,17 @@ from pathlib import Path
 
 import torch
 
+from dragonctl.files import atomic_write
+
 FORMAT = 1
-DEFAULT_CAP = 4 << 30  # bytes
+DEFAULT_CAP_GB = 4.0  # override with DRAGONCTL_CACHE_MAX_GB
+
+
+def default_cap() -> int:
+    try:
+        return int(float(os.environ.get("DRAGONCTL_CACHE_MAX_GB", DEFAULT_CAP_GB)) * 2**30)
+    except ValueError:
+        return int(DEFAULT_CAP_GB * 2**30)
 
 
 def default_dir() -> Path:
@@ -33,37 +42,6 @@ def default_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "dragonctl"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a dot-prefixed temporary in the same folder, then rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temporaries(folder: Path, older_than_s: float = 3600.0) -> int:
-    """Remove dot-prefixed temporaries left by killed runs (only old ones: another run may be writing)."""
-    n = 0
-    if not folder.is_dir():
-        return 0
-    now = time.time()
-    for p in folder.glob(".*.tmp"):
-        try:
-            if now - p.stat().st_mtime > older_than_s:
-                p.unlink()
-                n += 1
-        except OSError:
-            pass
-    return n
 
 
 def trajectory_key(image_bytes: bytes, identity: dict, work_hw: tuple[int, int], steps: int, prompt: str) -> dict:
@@ -85,9 +63,9 @@ class CacheStats:
 
 
 class TrajectoryCache:
-    def __init__(self, root: Path | None = None, cap_bytes: int = DEFAULT_CAP, enabled: bool = True) -> None:
+    def __init__(self, root: Path | None = None, cap_bytes: int | None = None, enabled: bool = True) -> None:
         self.root = (root or default_dir()).expanduser()
-        self.cap_bytes = cap_bytes
+        self.cap_bytes = default_cap() if cap_bytes is None else cap_bytes
         self.enabled = enabled
         self.stats = CacheStats()
         self.warnings: list[str] = []
@@ -131,7 +109,6 @@ class TrajectoryCache:
         meta = {"key": json.dumps(key, sort_keys=True),
                 "sha256": hashlib.sha256(latents.numpy().tobytes()).hexdigest()}
         path = self._path(key)
-        remove_stale_temporaries(path.parent)
         atomic_write(path, save({"latents": latents}, metadata=meta))
         self.evict()
 

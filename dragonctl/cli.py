@@ -81,6 +81,37 @@ def _progress(enabled: bool):
     return bar, update
 
 
+class _StopOnInterrupt:
+    """First Ctrl-C: finish the current sampler step, then stop; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _err("stopping after the current step (Ctrl-C again to abort)")
+
+    def __enter__(self) -> _StopOnInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 @app.command()
 def edit(
     specs: list[str] = typer.Argument(None, help="Spec files, folders (searched for *.yaml) or globs."),
@@ -122,17 +153,19 @@ def edit(
         for w in rep.warnings:
             _err(f"warning: {rep.path}: {w}")
 
+    stop = _StopOnInterrupt()
     try:
-        if bar:
-            with bar:
-                reports = api.edit(paths, opts, update, on_report)
-        else:
-            reports = api.edit(paths, opts, None, on_report)
+        with stop:
+            if bar:
+                with bar:
+                    reports = api.edit(paths, opts, update, on_report, stop)
+            else:
+                reports = api.edit(paths, opts, None, on_report, stop)
     except DragonError as e:
         _err(f"error: {e}")
         raise typer.Exit(2 if "also the output of" in str(e) else 1) from None
     except KeyboardInterrupt:
-        _err("interrupted")
+        _err("aborted")
         raise typer.Exit(130) from None
     failed = [r for r in reports if not r.ok]
     if not as_json:
@@ -140,6 +173,9 @@ def edit(
     for r in failed:
         for line in r.errors:
             _err(f"failed: {line}")
+    if stop.requested:
+        _err("interrupted: the edit in progress was abandoned (nothing half-written); rerun with --skip-existing to resume")
+        raise typer.Exit(130)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -219,7 +255,7 @@ def init(
         return
     if output.exists() and not force:
         _usage(f"{output} exists; pass --force to overwrite it")
-    from dragonctl.cache import atomic_write
+    from dragonctl.files import atomic_write
 
     atomic_write(output, text.encode())
     typer.echo(str(output))

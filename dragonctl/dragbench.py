@@ -23,8 +23,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from dragonctl.cache import atomic_write
 from dragonctl.errors import DragonError
+from dragonctl.files import atomic_write
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),

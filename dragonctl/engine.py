@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,6 +16,7 @@ import torch
 
 from dragonctl.attention import BankControl
 from dragonctl.cache import TrajectoryCache, trajectory_key
+from dragonctl.errors import EditInterrupted
 from dragonctl.geometry import Frame, working_size
 from dragonctl.inputs import EditInputs
 from dragonctl.inversion import invert
@@ -48,11 +51,14 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 class Editor:
-    def __init__(self, bundle: ModelBundle, cache: TrajectoryCache | None = None) -> None:
+    def __init__(self, bundle: ModelBundle, cache: TrajectoryCache | None = None, memo_size: int = 8) -> None:
         self.bundle = bundle
         self.cache = cache or TrajectoryCache(enabled=False)
         self.inversions = 0
         self.inversion_unet_calls = 0
+        # Recent trajectories stay in memory, so a batch inverts each source once even without a disk cache.
+        self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memo_size = memo_size
 
     def frame_for(self, source: np.ndarray, resolution: int) -> Frame:
         h, w = source.shape[:2]
@@ -64,9 +70,13 @@ class Editor:
         """The inverted latents of an image at working size: from the cache, or by DDIM inversion."""
         b = self.bundle
         key = trajectory_key(image_bytes, b.identity, image_work.shape[:2], schedule.steps, prompt)
+        memo_key = json.dumps(key, sort_keys=True)
+        if memo_key in self._memo:
+            self._memo.move_to_end(memo_key)
+            return self._memo[memo_key]
         cached = self.cache.get(key)
         if cached is not None:
-            return cached.to(b.device)
+            return self._remember(memo_key, cached.to(b.device))
         z0 = b.encode_image(to_tensor(image_work)).float()
         ctx = b.encode_prompt([prompt])
         done = 0
@@ -85,9 +95,16 @@ class Editor:
         latents = invert(eps_fn, z0, schedule, tick)
         self.inversions += 1
         self.cache.put(key, latents)
+        return self._remember(memo_key, latents)
+
+    def _remember(self, key: str, latents: torch.Tensor) -> torch.Tensor:
+        self._memo[key] = latents
+        while len(self._memo) > self._memo_size:
+            self._memo.popitem(last=False)
         return latents
 
-    def edit(self, spec: Spec, inp: EditInputs, progress: Progress | None = None) -> EditResult:
+    def edit(self, spec: Spec, inp: EditInputs, progress: Progress | None = None,
+             should_stop: Callable[[], bool] | None = None) -> EditResult:
         b = self.bundle
         t0 = time.perf_counter()
         inv_before, calls_before = self.inversions, self.inversion_unet_calls
@@ -116,6 +133,8 @@ class Editor:
             done += 1
             if progress:
                 progress("editing", done, schedule.steps)
+            if should_stop and should_stop():
+                raise EditInterrupted(f"interrupted at step {done} of {schedule.steps}")
 
         generator = torch.Generator().manual_seed(spec.seed)
         steps = StepPlan.build(spec.guidance, spec.steps)

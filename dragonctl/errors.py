@@ -32,3 +32,7 @@ class SpecError(DragonError):
 
 class ModelError(DragonError):
     """A model cannot be loaded or lacks what the method needs."""
+
+
+class EditInterrupted(DragonError):
+    """The user asked to stop (Ctrl-C); raised between sampler steps, so nothing is half-written."""

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
-from dragonctl.cache import atomic_write
+from dragonctl.files import atomic_write
 from dragonctl.spec import Spec
 
 

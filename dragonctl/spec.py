@@ -25,6 +25,7 @@ SHAPES_MODEL = "shapes"
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+PathStr = Annotated[str, Field(min_length=1)]
 NonNeg = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 Fraction = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
 Point = Annotated[list[Finite], Field(min_length=2, max_length=2)]
@@ -39,7 +40,7 @@ class _Model(BaseModel):
 class MaskSpec(_Model):
     """A mask: a PNG (white = selected) or an inline shape, in the pixels of the image it belongs to."""
 
-    path: str | None = None
+    path: PathStr | None = None
     box: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None
     polygon: Annotated[list[Point], Field(min_length=3)] | None = None
     circle: Annotated[list[Finite], Field(min_length=3, max_length=3)] | None = None
@@ -63,7 +64,7 @@ class MaskSpec(_Model):
 
 
 class Reference(_Model):
-    image: str
+    image: PathStr
     mask: MaskSpec
     prompt: str = ""
 
@@ -105,7 +106,7 @@ class Spec(_Model):
     """A fully resolved edit spec (defaults merged). Paths are still as written, relative to the file."""
 
     version: Literal[1]
-    image: str
+    image: PathStr
     mode: Mode
     prompt: str = ""
     mask: MaskSpec | None = None
@@ -120,7 +121,7 @@ class Spec(_Model):
     steps: Annotated[int, Field(ge=2, le=1000)]
     resolution: Annotated[int, Field(ge=16, le=4096)]
     guidance: Guidance
-    output: str | None = None
+    output: PathStr | None = None
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Spec:
