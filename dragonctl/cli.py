@@ -337,6 +337,30 @@ def bench_quality(
     _err(f"wrote {out / 'quality.json'} and sheet_<mode>.png")
 
 
+@bench_app.command("speed")
+def bench_speed(
+    out: Path = typer.Option(Path("runs/speed.json"), "--out", "-o", help="JSON results file."),
+    size: str = typer.Option("sd15", help="sd15 (SD 1.5 sizes, random weights) or tiny (CI check)."),
+    resolution: list[int] = typer.Option([512, 768], help="Working resolutions (repeatable)."),
+    mode: list[str] = typer.Option(None, help="Only these modes (repeatable; default all)."),
+    method: list[str] = typer.Option(["dragondiffusion"], help="dragondiffusion and/or diffeditor (repeatable)."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    model: str | None = typer.Option(None, help="A real model instead of random weights."),
+    device: str = typer.Option("auto"),
+    dtype: str = typer.Option("auto"),
+) -> None:
+    """Time full edits per mode: phases, UNet passes, peak memory, ratio against a plain eager loop."""
+    from dragonctl.bench import speed
+
+    if size not in ("sd15", "tiny"):
+        _usage("--size is sd15 or tiny")
+    results = speed.run(size, tuple(resolution), tuple(mode) if mode else speed.MODES, steps, model, device, dtype,
+                        tuple(method), log=_err)
+    speed.save(results, out)
+    typer.echo(speed.table(results))
+    _err(f"wrote {out}")
+
+
 @import_app.command("dragbench")
 def import_dragbench(
     src: Path = typer.Argument(..., help="DragBench folder: <category>/<sample>/ (converted or original layout)."),

@@ -180,7 +180,7 @@ def _load_sd(source: str, dev: torch.device, dt: torch.dtype, local_files_only: 
             raise _hub_error(source, e) from None
         raise ModelError(f"model {source}: not a diffusers Stable Diffusion folder ({str(e).splitlines()[0]})") from None
     weight_files = list(files.glob("unet/*.safetensors")) if files else []
-    return _sd_bundle(source, unet, vae, tokenizer, text_encoder, scheduler.config, dev, dt,
+    return sd_bundle(source, unet, vae, tokenizer, text_encoder, scheduler.config, dev, dt,
                       sampled_hash(weight_files) if weight_files else f"hub:{source}")
 
 
@@ -193,11 +193,13 @@ def _load_single_file(path: Path, dev: torch.device, dt: torch.dtype, local_file
     except Exception as e:  # diffusers raises many types here; all mean "cannot use this file"
         raise ModelError(f"model {path}: cannot load as a single-file SD checkpoint: {str(e).splitlines()[0]}") from None
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    return _sd_bundle(str(path), pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder, dict(sched.config), dev, dt,
+    return sd_bundle(str(path), pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder, dict(sched.config), dev, dt,
                       sampled_hash([path]))
 
 
-def _sd_bundle(name, unet, vae, tokenizer, text_encoder, sched_config, dev, dt, weights_hash) -> ModelBundle:
+def sd_bundle(name: str, unet, vae, tokenizer, text_encoder, sched_config: dict, dev: torch.device, dt: torch.dtype,
+              weights_hash: str) -> ModelBundle:
+    """A bundle from loaded SD components (also used with components built in code)."""
     attn = check_structure(unet, name)
     unet, vae, text_encoder = (m.to(dev).eval().requires_grad_(False) for m in (unet, vae, text_encoder))
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -29,6 +29,7 @@ class SamplerStats:
     unet_backward: int = 0
     guided_steps: int = 0
     energies: list[tuple[int, float, float]] = field(default_factory=list)  # (step, E_edit, E_content)
+    host_syncs: int = 0  # device → host reads inside the step loop (kept at zero: they stall the GPU)
 
 
 @dataclass
@@ -95,14 +96,12 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
             e_edit = plan.edit_energy([f[nb] for f in feats], refs)
             e_content = plan.content_energy([f[nb + 1] for f in feats], refs)
             total = e_edit + e_content
-            if not torch.isfinite(total):
-                raise FloatingPointError(f"the energy is not finite at step {i}")
             if total.requires_grad:
                 stats.unet_backward += 1
                 g_edit, g_content = torch.autograd.grad(total, [z_edit, z_content], allow_unused=True)
             else:
                 g_edit = g_content = None
-        stats.energies.append((i, float(e_edit.detach()), float(e_content.detach())))
+        energy_log.append((i, e_edit.detach(), e_content.detach()))  # read after the loop: no sync here
         g_edit = torch.zeros_like(z) if g_edit is None else g_edit.float()
         g_content = torch.zeros_like(z) if g_content is None else g_content.float()
         return gain * (g_edit * edit_mask + g_content * (1 - edit_mask))
@@ -117,7 +116,7 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
         if i not in steps.sde:
             return ddim_step(z, eps_hat, a, ap, eps_dir=eps)
         var = ddim_variance(a, ap)
-        noise = torch.randn(z.shape, generator=generator).to(dev)
+        noise = sde_noise[i]
         z_in = ddim_step(z, eps_hat, a, ap, eps_dir=eps, sigma=g.sde_strength * var**0.5, noise=noise)
         z_out = ddim_step(z, eps_hat, a, ap, eps_dir=eps, sigma=g.sde_strength_outside * var**0.5, noise=noise)
         return sde_mask * z_in + (1 - sde_mask) * z_out
@@ -131,6 +130,11 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
     z_src_T = branches.bank[0][n]
     z_ref_T = branches.bank[1][n] if nb > 1 else None
     z = plan.init_latent(z_src_T, z_ref_T).float()
+    energy_log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    # All SDE noise is drawn up front from the CPU generator (reproducible on any device) and moved once.
+    sde_steps = sorted(steps.sde)
+    drawn = torch.randn((len(sde_steps), *z.shape), generator=generator).to(dev) if sde_steps else None
+    sde_noise = {i: drawn[k] for k, i in enumerate(sde_steps)} if drawn is not None else {}
     for i in range(n):
         repeats = steps.repeats if i in steps.time_travel else 1
         for r in range(repeats):
@@ -140,4 +144,7 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
         z = z_next
         if progress:
             progress()
+    stats.energies = [(i, float(e), float(c)) for i, e, c in energy_log]
+    if not torch.isfinite(z).all():
+        raise FloatingPointError("the edit diverged (non-finite latent); lower guidance.energy_scale")
     return z, stats

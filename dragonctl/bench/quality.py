@@ -277,7 +277,7 @@ def _median(values: list[float]) -> float:
 
 
 def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: str = "shapes", seed: int = 1000,
-        overrides: dict | None = None, log=print) -> dict:
+        overrides: dict | None = None, log=print, spec_overrides: dict | None = None) -> dict:
     """Run the benchmark; writes specs, results, contact sheets and `quality.json` under out_dir."""
     from dragonctl import api
     from dragonctl.outputs import side_by_side
@@ -292,9 +292,11 @@ def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: st
         rows, per_case = [], []
         for case in mcases:
             path = write_case(case, folder, model)
-            if overrides:
+            if overrides or spec_overrides:
                 data = yaml.safe_load(path.read_text())
-                data.setdefault("guidance", {}).update(overrides)
+                data.update(spec_overrides or {})
+                if overrides:
+                    data.setdefault("guidance", {}).update(overrides)
                 path.write_text(yaml.safe_dump(data, sort_keys=False))
             ls, inp = api.load(path)
             t0 = time.perf_counter()

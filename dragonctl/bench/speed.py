@@ -1,0 +1,190 @@
+"""Speed and memory of full edits: per phase wall time, UNet passes, peak memory, and the ratio against a
+plain eager loop that makes the same UNet calls (the floor our own bookkeeping adds to).
+
+Components are SD 1.5-sized with random weights built in code (timing does not depend on weight
+values, so nothing is downloaded), or a real model given with `--model`. `--size tiny` runs the same
+flow on tiny components so CI can check that the benchmark works on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+
+from dragonctl.bench.quality import MODES
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _peak_reset(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def _peak_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    from dragonctl.dragbench import peak_memory_mb
+
+    return peak_memory_mb()
+
+
+def build_bundle(size: str, model: str | None, device: str, dtype: str):
+    from dragonctl.models import load_bundle, pick_device, pick_dtype, sd_bundle
+    from dragonctl.synthetic import build_components
+
+    if model:
+        return load_bundle(model, device, dtype)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    c = build_components(size)
+    return sd_bundle(f"random-{size}", c["unet"].to(dt), c["vae"].to(dt), c["tokenizer"], c["text_encoder"].to(dt),
+                     dict(c["scheduler"].config), dev, dt, f"random-{size}")
+
+
+def write_specs(folder: Path, resolution: int, steps: int) -> dict[str, Path]:
+    """One spec per mode on a synthetic square source of the given side."""
+    from dragonctl.shapes.world import Scene, Shape, render
+
+    r = resolution
+    sc = Scene(r, ((0.8, 0.7, 0.5),) * 4, (0.02, 1.0, 1.0, 0.0),
+               (Shape("circle", 0.3 * r, 0.35 * r, 0.25 * r, (0.9, 0.1, 0.1)),))
+    Image.fromarray(render(sc).to_uint8()).save(folder / "src.png")
+    ref = Scene(r, ((0.3, 0.4, 0.6),) * 4, (0, 0, 0, 0), (Shape("square", 0.5 * r, 0.5 * r, 0.3 * r, (0.1, 0.8, 0.2)),))
+    Image.fromarray(render(ref).to_uint8()).save(folder / "ref.png")
+    box = [int(0.15 * r), int(0.2 * r), int(0.45 * r), int(0.5 * r)]
+    ref_box = [int(0.33 * r), int(0.33 * r), int(0.67 * r), int(0.67 * r)]
+    per_mode = {
+        "move": {"mask": {"box": box}, "offset": [int(0.3 * r), 0]},
+        "resize": {"mask": {"box": box}, "scale": 1.3},
+        "drag": {"mask": {"box": [0, 0, r // 2, r // 2 + r // 8]}, "points": [[[0.42 * r, 0.35 * r], [0.5 * r, 0.35 * r]]]},
+        "appearance": {"mask": {"box": box}, "reference": {"image": "ref.png", "mask": {"box": ref_box}}},
+        "paste": {"reference": {"image": "ref.png", "mask": {"box": ref_box}}, "at": [0.75 * r, 0.7 * r]},
+    }
+    out = {}
+    for mode, fields in per_mode.items():
+        path = folder / f"{mode}.yaml"
+        path.write_text(yaml.safe_dump({"version": 1, "image": "src.png", "mode": mode, "prompt": "a photo",
+                                        "resolution": r, "steps": steps, **fields}))
+        out[mode] = path
+    return out
+
+
+def plain_eager(bundle, batch_rows: list[int], guided: int, latent_hw: tuple[int, int], steps: int,
+                inversion: bool) -> float:
+    """The same UNet calls (batch sizes, truncated guidance forwards, backwards) with no method logic."""
+    from dragonctl.features import decoder_features
+
+    b = bundle
+    h, w = latent_hw
+    c = b.unet.config.in_channels
+    ctx = b.encode_prompt(["a photo"])
+    dev = b.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if inversion:
+            z = torch.randn(1, c, h, w, device=dev, dtype=b.dtype)
+            for _ in range(steps):
+                b.unet(z, 500, encoder_hidden_states=ctx)
+        for rows in batch_rows:
+            z = torch.randn(rows, c, h, w, device=dev, dtype=b.dtype)
+            b.unet(z, 500, encoder_hidden_states=ctx.expand(rows, -1, -1))
+    for _ in range(guided):
+        z = torch.randn(3, c, h, w, device=dev, dtype=torch.float32, requires_grad=True)
+        with torch.enable_grad():
+            feats = decoder_features(b.unet, z.to(b.dtype), 500, ctx.expand(3, -1, -1))
+            torch.autograd.grad(sum(f.float().mean() for f in feats), [z])
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tuple[str, ...] = MODES,
+        steps: int = 50, model: str | None = None, device: str = "auto", dtype: str = "auto",
+        methods: tuple[str, ...] = ("dragondiffusion",), log=print) -> dict:
+    from dragonctl import api
+    from dragonctl.engine import Editor
+    from dragonctl.schedules import StepPlan
+
+    t0 = time.perf_counter()
+    bundle = build_bundle(size, model, device, dtype)
+    load_s = time.perf_counter() - t0
+    dev = bundle.device
+    results: dict = {"device": str(dev), "dtype": str(bundle.dtype).replace("torch.", ""), "model": bundle.name,
+                     "size": size, "steps": steps, "load_s": round(load_s, 3), "torch": torch.__version__,
+                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for res in resolutions:
+            folder = Path(tmp) / str(res)
+            folder.mkdir()
+            specs = write_specs(folder, res, steps)
+            for method in methods:
+                for mode in modes:
+                    ls, inp = api.load(specs[mode])
+                    spec = ls.spec.model_copy(update={"guidance": ls.spec.guidance.model_copy(update={"method": method})})
+                    editor = Editor(bundle)  # no cache: every run pays its inversion
+                    _peak_reset(dev)
+                    _sync(dev)
+                    t1 = time.perf_counter()
+                    result = editor.edit(spec, inp)
+                    _sync(dev)
+                    wall = time.perf_counter() - t1
+                    peak = _peak_mb(dev)
+                    cached = Editor(bundle)
+                    cached._memo = editor._memo  # a re-edit of an already inverted source
+                    _sync(dev)
+                    t2 = time.perf_counter()
+                    cached.edit(spec, inp)
+                    _sync(dev)
+                    re_edit = time.perf_counter() - t2
+                    st = result.stats
+                    plan = StepPlan.build(spec.guidance, steps)
+                    frame = result.frame
+                    latent_hw = (frame.work_h // bundle.latent_factor, frame.work_w // bundle.latent_factor)
+                    n_bank = 2 if mode in ("appearance", "paste") else 1
+                    gen = 2 if spec.guidance.cfg_scale != 1 else 1
+                    rows = [(n_bank if i in plan.injected else 0) + gen for i in range(steps)]
+                    n_inv = result.inversion_unet_calls
+                    plain = plain_eager(bundle, rows, st.unet_backward, latent_hw, n_inv, True)
+                    row = {"resolution": res, "work_hw": [frame.work_h, frame.work_w], "mode": mode, "method": method,
+                           "inversion_s": round(result.timings["inversion_s"], 3),
+                           "editing_s": round(result.timings["editing_s"], 3),
+                           "decode_s": round(result.timings["decode_s"], 3), "total_s": round(wall, 3),
+                           "re_edit_cached_s": round(re_edit, 3),
+                           "unet_forward": st.unet_forward + n_inv, "unet_backward": st.unet_backward,
+                           "inversion_unet_calls": n_inv, "host_syncs_in_loop": st.host_syncs,
+                           "peak_memory_mb": round(peak, 1), "plain_eager_s": round(plain, 3),
+                           "ratio_vs_plain": round(wall / plain, 3) if plain > 0 else None}
+                    results["runs"].append(row)
+                    log(f"{res}px {mode:10s} {method:15s} total {wall:7.2f} s (inv {row['inversion_s']:.2f}, "
+                        f"edit {row['editing_s']:.2f}, decode {row['decode_s']:.2f}), re-edit {re_edit:.2f} s, "
+                        f"UNet fwd {row['unet_forward']} bwd {row['unet_backward']}, peak {peak:.0f} MiB, "
+                        f"plain {plain:.2f} s")
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"device {results['device']} ({results['gpu'] or 'CPU'}), {results['dtype']}, {results['model']}, "
+             f"{results['steps']} steps, torch {results['torch']}",
+             "| px | mode | method | total s | inversion s | editing s | decode s | re-edit s | UNet fwd/bwd | peak MiB | "
+             "plain eager s | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["runs"]:
+        lines.append(f"| {r['resolution']} | {r['mode']} | {r['method']} | {r['total_s']} | {r['inversion_s']} | "
+                     f"{r['editing_s']} | {r['decode_s']} | {r['re_edit_cached_s']} | {r['unet_forward']}/{r['unet_backward']} | "
+                     f"{r['peak_memory_mb']} | {r['plain_eager_s']} | {r['ratio_vs_plain']} |")
+    return "\n".join(lines)
+
+
+def save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
