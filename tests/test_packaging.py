@@ -24,8 +24,9 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_configs_and_weights(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"dragonctl/configs/sd15.yaml", "dragonctl/configs/shapes.yaml"} <= names
-    assert {"dragonctl/shapes/weights/unet/diffusion_pytorch_model.safetensors", "dragonctl/shapes/weights/unet/config.json",
-            "dragonctl/shapes/weights/null_prompt.safetensors", "dragonctl/shapes/weights/scheduler/scheduler_config.json"} <= names
+    weights = "dragonctl/shapes/weights/"
+    assert {weights + "unet/diffusion_pytorch_model.safetensors", weights + "unet/config.json",
+            weights + "null_prompt.safetensors", weights + "scheduler/scheduler_config.json"} <= names
     assert not any(n.startswith(("tests/", "samples/")) for n in names)
 
 

@@ -138,19 +138,23 @@ def broken_files(workdir):
     return workdir
 
 
-@pytest.mark.parametrize("change,field,reason", BAD, ids=[f"{b[1] or 'spec'}-{i}" for i, b in enumerate(BAD)])
-def test_broken_specs_name_file_field_and_reason(broken_files, spec_for, change, field, reason):
-    fields = {k: v for k, v in change.items()}
-    path = spec_for("move", name="bad.yaml")
+def rewrite(path: Path, change: dict) -> Path:
+    """Apply `change` to a spec file (None removes the field)."""
     import yaml
 
     data = yaml.safe_load(path.read_text())
-    for k, v in fields.items():
+    for k, v in change.items():
         if v is None:
             data.pop(k, None)
         else:
             data[k] = v
     path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("change,field,reason", BAD, ids=[f"{b[1] or 'spec'}-{i}" for i, b in enumerate(BAD)])
+def test_broken_specs_name_file_field_and_reason(broken_files, spec_for, change, field, reason):
+    path = rewrite(spec_for("move", name="bad.yaml"), change)
     errs = problems(path)
     prefix = f"{path}: {field}: " if field else f"{path}: "
     assert any(e.startswith(prefix) and reason in e for e in errs), errs
@@ -169,16 +173,7 @@ def test_broken_specs_name_file_field_and_reason(broken_files, spec_for, change,
     ("resize", dict(scale=None), "", "needs: scale"),
 ])
 def test_mode_specific_errors(workdir, spec_for, mode, change, field, reason):
-    import yaml
-
-    path = spec_for(mode, name="bad.yaml")
-    data = yaml.safe_load(path.read_text())
-    for k, v in change.items():
-        if v is None:
-            data.pop(k)
-        else:
-            data[k] = v
-    path.write_text(yaml.safe_dump(data))
+    path = rewrite(spec_for(mode, name="bad.yaml"), change)
     errs = problems(path)
     prefix = f"{path}: {field}: " if field else f"{path}: "
     assert any(e.startswith(prefix) and reason in e for e in errs), errs

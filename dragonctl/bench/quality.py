@@ -218,6 +218,12 @@ def centroid(m: np.ndarray) -> tuple[float, float] | None:
     return (float(xs.mean() + 0.5), float(ys.mean() + 0.5)) if len(xs) else None
 
 
+def _centroid_error(found: np.ndarray, truth: np.ndarray) -> float:
+    """Distance between centroids; the frame's size when nothing of the object was found."""
+    c, t = centroid(found), centroid(truth)
+    return math.hypot(c[0] - t[0], c[1] - t[1]) if c and t else float(found.shape[0])
+
+
 def score(case: Case, result: np.ndarray) -> dict[str, float]:
     cm = color_mask(result, case.color)
     background = ~_dilate(case.edit_region, 2)
@@ -225,24 +231,16 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
     if case.mode in ("move", "resize", "drag"):
         vacated = case.old_mask & ~case.new_mask
         present = cm & ~vacated
-        c, t = centroid(present), centroid(case.new_mask)
-        out["centroid_error"] = math.hypot(c[0] - t[0], c[1] - t[1]) if c and t else float(case.source.shape[0])
+        out["centroid_error"] = _centroid_error(present, case.new_mask)
         out["iou"] = iou(present, case.new_mask)
         out["residue"] = float(cm[vacated].mean()) if vacated.any() else 0.0
         if case.mode == "resize":
             out["area_ratio_error"] = abs(present.sum() / max(case.new_mask.sum(), 1) - 1.0)
-    if case.mode == "appearance":
-        px = result[case.old_mask].astype(np.float32) / 255
-        out["color_distance"] = float(np.linalg.norm(px.mean(axis=0) - np.asarray(case.color)))
-        out["shape_iou"] = iou(cm, case.old_mask)
-        c, t = centroid(cm), centroid(case.old_mask)
-        out["centroid_error"] = math.hypot(c[0] - t[0], c[1] - t[1]) if c and t else float(case.source.shape[0])
-    if case.mode == "paste":
+    else:  # appearance (the object keeps its place) and paste (it appears at its destination)
         px = result[case.new_mask].astype(np.float32) / 255
         out["color_distance"] = float(np.linalg.norm(px.mean(axis=0) - np.asarray(case.color)))
-        out["iou"] = iou(cm, case.new_mask)
-        c, t = centroid(cm), centroid(case.new_mask)
-        out["centroid_error"] = math.hypot(c[0] - t[0], c[1] - t[1]) if c and t else float(case.source.shape[0])
+        out["shape_iou" if case.mode == "appearance" else "iou"] = iou(cm, case.new_mask)
+        out["centroid_error"] = _centroid_error(cm, case.new_mask)
     return out
 
 
