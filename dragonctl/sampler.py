@@ -29,7 +29,6 @@ class SamplerStats:
     unet_backward: int = 0
     guided_steps: int = 0
     energies: list[tuple[int, float, float]] = field(default_factory=list)  # (step, E_edit, E_content)
-    host_syncs: int = 0  # device → host reads inside the step loop (kept at zero: they stall the GPU)
 
 
 @dataclass
@@ -144,7 +143,9 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
         z = z_next
         if progress:
             progress()
-    stats.energies = [(i, float(e), float(c)) for i, e, c in energy_log]
+    if energy_log:  # one device → host copy for the whole log
+        values = torch.stack([torch.stack([e, c]) for _i, e, c in energy_log]).float().cpu().tolist()
+        stats.energies = [(i, ec[0], ec[1]) for (i, _e, _c), ec in zip(energy_log, values)]
     if not torch.isfinite(z).all():
         raise FloatingPointError("the edit diverged (non-finite latent); lower guidance.energy_scale")
     return z, stats
