@@ -323,6 +323,7 @@ def bench_quality(
     seed: int = typer.Option(1000, help="Case generator seed (training never uses 1000 and up)."),
     method: str | None = typer.Option(None, help="Override guidance.method for every case."),
     energy_scale: float | None = typer.Option(None, help="Override guidance.energy_scale for every case."),
+    steps: int | None = typer.Option(None, help="Override the number of DDIM steps for every case."),
 ) -> None:
     """Run every mode on held-out shapes scenes and score it against the ground truth (JSON + table)."""
     from dragonctl.bench import quality
@@ -332,7 +333,8 @@ def bench_quality(
     bad = [m for m in modes if m not in quality.MODES]
     if bad:
         _usage(f"unknown mode(s): {', '.join(bad)}")
-    summary = quality.run(out, modes, cases, model, seed, overrides, log=lambda m: _err(m))
+    summary = quality.run(out, modes, cases, model, seed, overrides, log=lambda m: _err(m),
+                          spec_overrides={"steps": steps} if steps else None)
     typer.echo(quality.table(summary))
     _err(f"wrote {out / 'quality.json'} and sheet_<mode>.png")
 

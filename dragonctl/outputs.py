@@ -100,6 +100,12 @@ def draw_arrows(image: np.ndarray, pairs: list[tuple[tuple[float, float], tuple[
 
 
 def side_by_side(*images: np.ndarray) -> np.ndarray:
+    """Panels left to right, top-aligned, with 4 px of white between them."""
     h = max(i.shape[0] for i in images)
-    padded = [np.pad(i, ((0, h - i.shape[0]), (0, 4), (0, 0)), constant_values=255) for i in images]
-    return np.concatenate(padded, axis=1)
+    gap = np.full((h, 4, 3), 255, dtype=np.uint8)
+    parts: list[np.ndarray] = []
+    for k, img in enumerate(images):
+        if k:
+            parts.append(gap)
+        parts.append(np.pad(img, ((0, h - img.shape[0]), (0, 0), (0, 0)), constant_values=255))
+    return np.concatenate(parts, axis=1)

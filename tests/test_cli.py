@@ -152,3 +152,12 @@ def test_help_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     r = _cli("edit", "--help")
     assert r.returncode == 0 and "--out" in r.stdout
+
+
+def test_save_preview_writes_overlay_and_side_by_side(tiny_sd, spec_for, workdir):
+    spec = spec_for("move", model=str(tiny_sd), output="res/m.png")
+    assert run("edit", str(spec), "--no-cache", "--save-preview").exit_code == 0
+    from PIL import Image
+
+    assert Image.open(workdir / "res" / "m.overlay.png").size == (56, 40)
+    assert Image.open(workdir / "res" / "m.compare.png").size == (56 * 2 + 4, 40)
