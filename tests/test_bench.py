@@ -29,6 +29,12 @@ def test_quality_metrics_see_an_edit_that_did_nothing():
         assert m["residue"] == 1.0 and m["iou"] < 0.5 and m["centroid_error"] > 4
 
 
+def test_resize_that_did_nothing_is_not_scored_as_success():
+    for case in quality.make_cases("resize", 4):
+        m = quality.score(case, case.source)
+        assert m["area_ratio_error"] > 0.2 and m["iou"] < 0.9
+
+
 def test_cases_are_reproducible_and_held_out():
     a, b = quality.make_cases("paste", 2), quality.make_cases("paste", 2)
     assert all(np.array_equal(x.source, y.source) and x.spec == y.spec for x, y in zip(a, b))

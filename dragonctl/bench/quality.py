@@ -232,10 +232,12 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
         vacated = case.old_mask & ~case.new_mask
         present = cm & ~vacated
         out["centroid_error"] = _centroid_error(present, case.new_mask)
-        out["iou"] = iou(present, case.new_mask)
+        # a resized object is judged whole: an object that failed to shrink must not pass by its core
+        whole = cm if case.mode == "resize" else present
+        out["iou"] = iou(whole, case.new_mask)
         out["residue"] = float(cm[vacated].mean()) if vacated.any() else 0.0
         if case.mode == "resize":
-            out["area_ratio_error"] = abs(present.sum() / max(case.new_mask.sum(), 1) - 1.0)
+            out["area_ratio_error"] = abs(whole.sum() / max(case.new_mask.sum(), 1) - 1.0)
     else:  # appearance (the object keeps its place) and paste (it appears at its destination)
         px = result[case.new_mask].astype(np.float32) / 255
         out["color_distance"] = float(np.linalg.norm(px.mean(axis=0) - np.asarray(case.color)))
