@@ -67,3 +67,16 @@ def test_dtype_policy():
         pick_dtype("int8", torch.device("cpu"))
     with pytest.raises(ModelError, match="not supported on the CPU"):
         load_bundle("shapes", dtype="fp16", device="cpu")
+
+
+def test_a_damaged_single_file_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(ModelError, match="cannot load as a single-file SD checkpoint"):
+        load_bundle(str(bad))
+
+
+def test_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a diffusers Stable Diffusion folder"):
+        load_bundle(str(tmp_path / "empty"))
