@@ -44,8 +44,10 @@ def default_dir() -> Path:
     return base / "dragonctl"
 
 
-def trajectory_key(image_bytes: bytes, identity: dict, work_hw: tuple[int, int], steps: int, prompt: str) -> dict:
+def trajectory_key(image_bytes: bytes, identity: dict, work_hw: tuple[int, int], steps: int, prompt: str,
+                   refine: int = 0) -> dict:
     return {
+        "refine": refine,
         "format": FORMAT,
         "image_sha256": hashlib.sha256(image_bytes).hexdigest(),
         "model": identity,

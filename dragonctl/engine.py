@@ -66,10 +66,10 @@ class Editor:
 
     @torch.no_grad()
     def trajectory(self, image_work: np.ndarray, image_bytes: bytes, prompt: str, schedule: Schedule,
-                   progress: Progress | None = None) -> torch.Tensor:
+                   progress: Progress | None = None, refine: int = 0) -> torch.Tensor:
         """The inverted latents of an image at working size: from the cache, or by DDIM inversion."""
         b = self.bundle
-        key = trajectory_key(image_bytes, b.identity, image_work.shape[:2], schedule.steps, prompt)
+        key = trajectory_key(image_bytes, b.identity, image_work.shape[:2], schedule.steps, prompt, refine)
         memo_key = json.dumps(key, sort_keys=True)
         if memo_key in self._memo:
             self._memo.move_to_end(memo_key)
@@ -92,7 +92,7 @@ class Editor:
             if progress:
                 progress("inversion", done, schedule.steps)
 
-        latents = invert(eps_fn, z0, schedule, tick)
+        latents = invert(eps_fn, z0, schedule, tick, refine)
         self.inversions += 1
         self.cache.put(key, latents)
         return self._remember(memo_key, latents)
@@ -114,14 +114,15 @@ class Editor:
         schedule = Schedule.from_config(b.scheduler_config, spec.steps)
         source_work = frame.image_to_work(inp.source)
 
-        bank = [self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress)]
+        bank = [self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, spec.inversion_refine)]
         with torch.no_grad():
             cond = [b.encode_prompt([spec.prompt])]
             uncond = b.encode_prompt([""])
         if plan.reference_work is not None:
             assert spec.reference is not None
             ref_bytes = plan.reference_work.tobytes() + str(plan.reference_work.shape).encode()
-            bank.append(self.trajectory(plan.reference_work, ref_bytes, spec.reference.prompt, schedule, progress))
+            bank.append(self.trajectory(plan.reference_work, ref_bytes, spec.reference.prompt, schedule, progress,
+                                        spec.inversion_refine))
             with torch.no_grad():
                 cond.append(b.encode_prompt([spec.reference.prompt]))
         t1 = time.perf_counter()

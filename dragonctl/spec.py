@@ -119,6 +119,7 @@ class Spec(_Model):
     model: str
     seed: Annotated[int, Field(ge=0, lt=2**63)]
     steps: Annotated[int, Field(ge=2, le=1000)]
+    inversion_refine: Annotated[int, Field(ge=0, le=10)]
     resolution: Annotated[int, Field(ge=16, le=4096)]
     guidance: Guidance
     output: PathStr | None = None

@@ -236,3 +236,30 @@ def test_large_and_wide_sources_come_back_at_their_size(tiny_sd, workdir):
     from PIL import Image
 
     assert Image.open(rep.output).size == (90, 37)
+
+
+def test_fixed_point_refinement_makes_inversion_retrace_the_trajectory():
+    """For a smooth, non-constant ε model, plain inversion drifts and refinement retraces it."""
+    sched = Schedule.from_config({**SD_SCHED, "prediction_type": "epsilon"}, 10)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.3
+
+    def eps_fn(z, t):  # a smooth nonlinear "network": mixes channels, depends on t
+        return torch.tanh(torch.einsum("oc,bchw->bohw", w, z)) * (0.5 + t / 2000)
+
+    z0 = torch.randn(1, 4, 6, 6, generator=g, dtype=torch.float64)
+    errors = {}
+    for refine in (0, 2, 6):
+        z = invert(eps_fn, z0, sched, refine=refine)[-1]
+        for i, t in enumerate(sched.timesteps):
+            z = ddim_step(z, eps_fn(z, t), sched.alpha[i], sched.alpha_prev[i])
+        errors[refine] = float((z - z0).abs().max())
+    assert errors[2] < errors[0] / 5 and errors[6] < errors[2] / 50, errors
+
+
+def test_refinement_is_part_of_the_cache_key(tiny_sd, spec_for, workdir):
+    bundle = load_bundle(str(tiny_sd))
+    cache = TrajectoryCache(workdir / "cache")
+    for refine, expected in ((0, 1), (0, 0), (1, 1)):
+        ls = load_spec(spec_for("move", model=str(tiny_sd), inversion_refine=refine))
+        assert Editor(bundle, cache).edit(ls.spec, load_inputs(ls)).inversions == expected

@@ -250,7 +250,7 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
 # --- running -------------------------------------------------------------------------------------
 
 
-def reconstruct(editor, image: np.ndarray, steps: int) -> np.ndarray:
+def reconstruct(editor, image: np.ndarray, steps: int, refine: int = 0) -> np.ndarray:
     """The no-guidance baseline: DDIM inversion of the source and plain DDIM back from its noise."""
     import torch
 
@@ -261,7 +261,7 @@ def reconstruct(editor, image: np.ndarray, steps: int) -> np.ndarray:
     frame = editor.frame_for(image, 64)
     schedule = Schedule.from_config(b.scheduler_config, steps)
     work = frame.image_to_work(image)
-    traj = editor.trajectory(work, work.tobytes(), "", schedule)
+    traj = editor.trajectory(work, work.tobytes(), "", schedule, refine=refine)
     ctx = b.encode_prompt([""])
     z = traj[-1]
     with torch.no_grad():
@@ -307,7 +307,7 @@ def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: st
                 log(f"{case.name}: FAILED {rep.errors}")
                 continue
             result = np.asarray(Image.open(rep.output).convert("RGB"))
-            base = reconstruct(session.editor(ls.spec.model), case.source, ls.spec.steps)
+            base = reconstruct(session.editor(ls.spec.model), case.source, ls.spec.steps, ls.spec.inversion_refine)
             m, b = score(case, result), score(case, base)
             per_case.append({"case": case.name, "ok": True, "seconds": round(seconds, 3), "metrics": m, "baseline": b})
             log(f"{case.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) + f" ({seconds:.1f} s)")
