@@ -8,6 +8,10 @@ timestep, same prompt) without the gigabytes of host RAM it re-uploads every ste
 
 Batch layout during an injected forward: rows [0, n_bank) are bank rows (plain self-attention), the
 rest are generation rows whose K/V are replaced, concatenated or composited.
+
+The alternative, `kv_bank: stored`, records the bank's K/V per layer and step in one pass before the
+loop (`BankState.record`) and then reads them (`BankState.stored`) with no bank rows in the batch;
+both give the same result. Recomputing is the default (see README, "Benchmarks").
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ class BankState:
 
     mode: str = "off"  # off | replace | concat | composite
     n_bank: int = 0
+    step: int = 0
+    record: dict | None = None  # when set, every layer saves its K/V here under (layer, step)
+    stored: dict | None = None  # when set, the bank's K/V come from here instead of bank rows
     latent_hw: tuple[int, int] = (0, 0)
     # composite only: working-size masks; token masks are derived per layer resolution
     base_keep: torch.Tensor | None = None  # tokens of the source bank row to keep (outside the object)
@@ -51,8 +58,9 @@ class BankState:
 class MemoryBankAttnProcessor:
     """Self-attention that can swap in the bank rows' K/V for the generation rows (SDPA inside)."""
 
-    def __init__(self, state: BankState) -> None:
+    def __init__(self, state: BankState, name: str = "") -> None:
         self.state = state
+        self.name = name
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs) -> torch.Tensor:
@@ -77,25 +85,33 @@ class MemoryBankAttnProcessor:
 
     def _attend(self, attn, q, k, v, mask) -> torch.Tensor:
         s = self.state
-        nb = s.n_bank
-        if s.mode == "off" or nb == 0 or q.shape[0] <= nb:
-            return _sdpa(attn, q, k, v, mask)
+        if s.record is not None:
+            s.record[(self.name, s.step)] = (k.detach(), v.detach())
+        if s.stored is not None and s.mode != "off":
+            nb = 0
+            kb, vb = s.stored[(self.name, s.step)]
+        else:
+            nb = s.n_bank
+            if s.mode == "off" or nb == 0 or q.shape[0] <= nb:
+                return _sdpa(attn, q, k, v, mask)
+            kb, vb = k[:nb], v[:nb]
         n_gen = q.shape[0] - nb
         if s.mode == "replace":
-            k_gen, v_gen = k[:1].expand(n_gen, -1, -1), v[:1].expand(n_gen, -1, -1)
+            k_gen, v_gen = kb[:1].expand(n_gen, -1, -1), vb[:1].expand(n_gen, -1, -1)
         elif s.mode == "concat":
-            k_gen = torch.cat([k[nb:], k[:1].expand(n_gen, -1, -1)], dim=1)
-            v_gen = torch.cat([v[nb:], v[:1].expand(n_gen, -1, -1)], dim=1)
+            k_gen = torch.cat([k[nb:], kb[:1].expand(n_gen, -1, -1)], dim=1)
+            v_gen = torch.cat([v[nb:], vb[:1].expand(n_gen, -1, -1)], dim=1)
         elif s.mode == "composite":
             base_keep, ref_keep = s.token_masks(k.shape[1], k.device)
-            k_c = torch.cat([k[0, base_keep], k[1, ref_keep]], dim=0)[None]
-            v_c = torch.cat([v[0, base_keep], v[1, ref_keep]], dim=0)[None]
+            k_c = torch.cat([kb[0, base_keep], kb[1, ref_keep]], dim=0)[None]
+            v_c = torch.cat([vb[0, base_keep], vb[1, ref_keep]], dim=0)[None]
             k_gen, v_gen = k_c.expand(n_gen, -1, -1), v_c.expand(n_gen, -1, -1)
         else:
             raise ValueError(f"unknown bank mode {s.mode!r}")
-        bank = _sdpa(attn, q[:nb], k[:nb], v[:nb], None)
         gen = _sdpa(attn, q[nb:], k_gen, v_gen, None)
-        return torch.cat([bank, gen], dim=0)
+        if nb == 0:
+            return gen
+        return torch.cat([_sdpa(attn, q[:nb], k[:nb], v[:nb], None), gen], dim=0)
 
 
 def _sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
@@ -119,9 +135,8 @@ class BankControl:
     def __enter__(self) -> BankState:
         procs = dict(self.unet.attn_processors)
         self._saved = dict(procs)
-        proc = MemoryBankAttnProcessor(self.state)
         for name in self.layer_names:
-            procs[name] = proc
+            procs[name] = MemoryBankAttnProcessor(self.state, name)
         self.unet.set_attn_processor(procs)
         return self.state
 

@@ -346,6 +346,7 @@ def bench_speed(
     resolution: list[int] = typer.Option([512, 768], help="Working resolutions (repeatable)."),
     mode: list[str] = typer.Option(None, help="Only these modes (repeatable; default all)."),
     method: list[str] = typer.Option(["dragondiffusion"], help="dragondiffusion and/or diffeditor (repeatable)."),
+    kv_bank: list[str] = typer.Option(["recompute"], help="recompute and/or stored (repeatable): the memory bank's K/V."),
     steps: int = typer.Option(50, help="DDIM steps."),
     model: str | None = typer.Option(None, help="A real model instead of random weights."),
     device: str = typer.Option("auto"),
@@ -356,8 +357,10 @@ def bench_speed(
 
     if size not in ("sd15", "tiny"):
         _usage("--size is sd15 or tiny")
+    if set(kv_bank) - {"recompute", "stored"}:
+        _usage("--kv-bank is recompute or stored")
     results = speed.run(size, tuple(resolution), tuple(mode) if mode else speed.MODES, steps, model, device, dtype,
-                        tuple(method), log=_err)
+                        tuple(method), log=_err, kv_banks=tuple(kv_bank))
     speed.save(results, out)
     typer.echo(speed.table(results))
     _err(f"wrote {out}")

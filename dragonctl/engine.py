@@ -51,8 +51,10 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 class Editor:
-    def __init__(self, bundle: ModelBundle, cache: TrajectoryCache | None = None, memo_size: int = 8) -> None:
+    def __init__(self, bundle: ModelBundle, cache: TrajectoryCache | None = None, memo_size: int = 8,
+                 kv_bank: str = "recompute") -> None:
         self.bundle = bundle
+        self.kv_bank = kv_bank
         self.cache = cache or TrajectoryCache(enabled=False)
         self.inversions = 0
         self.inversion_unet_calls = 0
@@ -143,7 +145,7 @@ class Editor:
             z0, stats = guided_edit(
                 b.unet, b.dtype, b.prediction_type, schedule, plan, steps, spec.guidance,
                 Branches(bank=bank, cond=cond, uncond=uncond),
-                state, grids, generator, tick)
+                state, grids, generator, tick, self.kv_bank)
         t2 = time.perf_counter()
         with torch.no_grad():
             work = to_uint8(b.decode_latent(z0))

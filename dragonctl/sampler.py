@@ -28,6 +28,7 @@ class SamplerStats:
     unet_forward: int = 0  # UNet calls (any batch size; truncated guidance forwards included)
     unet_backward: int = 0
     guided_steps: int = 0
+    stored_kv_bytes: int = 0  # with kv_bank "stored": the memory the recorded K/V take
     energies: list[tuple[int, float, float]] = field(default_factory=list)  # (step, E_edit, E_content)
 
 
@@ -42,8 +43,8 @@ class Branches:
 
 def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str, schedule: Schedule,
                 plan: EditPlan, steps: StepPlan, g: Guidance, branches: Branches, state: BankState,
-                grids: Grids, generator: torch.Generator, progress: Callable[[], None] | None = None
-                ) -> tuple[torch.Tensor, SamplerStats]:
+                grids: Grids, generator: torch.Generator, progress: Callable[[], None] | None = None,
+                kv_bank: str = "recompute") -> tuple[torch.Tensor, SamplerStats]:
     dev = branches.uncond.device
     n = schedule.steps
     stats = SamplerStats()
@@ -62,18 +63,32 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
         stats.unet_forward += 1
         return unet(z.to(dtype), t, encoder_hidden_states=ctx).sample.float()
 
+    stored: dict | None = None
+    if kv_bank == "stored":
+        # Record the bank's K/V for every injected step in one pass up front (same inputs as the rows).
+        stored = {}
+        state.record = stored
+        for i in sorted(steps.injected):
+            state.step = i
+            with torch.no_grad():
+                unet_out(torch.cat([b[n - 1 - i] for b in branches.bank]), schedule.timesteps[i], torch.cat(branches.cond))
+        state.record = None
+        stats.stored_kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _v in stored.values())
+
     def eps_cfg(z: torch.Tensor, i: int) -> torch.Tensor:
         t = schedule.timesteps[i]
         inject = i in steps.injected
+        bank_rows = inject and stored is None
         rows, ctx = [], []
-        if inject:
+        if bank_rows:
             rows += [b[n - 1 - i] for b in branches.bank]
             ctx += branches.cond
         rows += [z, z] if cfg else [z]
         ctx += [branches.uncond, c_gen] if cfg else [c_gen]
-        state.mode, state.n_bank = (plan.bank_mode, nb) if inject else ("off", 0)
-        out = unet_out(torch.cat(rows), t, torch.cat(ctx))[nb if inject else 0 :]
-        state.mode, state.n_bank = "off", 0
+        state.mode, state.n_bank = (plan.bank_mode, nb if bank_rows else 0) if inject else ("off", 0)
+        state.step, state.stored = i, stored
+        out = unet_out(torch.cat(rows), t, torch.cat(ctx))[nb if bank_rows else 0 :]
+        state.mode, state.n_bank, state.stored = "off", 0, None
         eps = to_eps(out, z.expand_as(out), schedule.alpha[i], prediction_type)
         if cfg:
             return eps[:1] + g.cfg_scale * (eps[1:] - eps[:1])

@@ -60,4 +60,4 @@ def test_speed_benchmark_runs_at_tiny_size_and_counts_passes(tmp_path):
     paste = next(r for r in runs if r["mode"] == "paste")
     assert paste["inversion_unet_calls"] == 12  # the source and the placed reference
     assert all(r["cuda_syncs_per_edit"] is None and r["total_s"] > 0 and r["plain_eager_s"] > 0 for r in runs)
-    assert "| 32 | move |" in speed.table(results)
+    assert "| 32 | move | dragondiffusion | recompute |" in speed.table(results)

@@ -263,3 +263,16 @@ def test_refinement_is_part_of_the_cache_key(tiny_sd, spec_for, workdir):
     for refine, expected in ((0, 1), (0, 0), (1, 1)):
         ls = load_spec(spec_for("move", model=str(tiny_sd), inversion_refine=refine))
         assert Editor(bundle, cache).edit(ls.spec, load_inputs(ls)).inversions == expected
+
+
+@pytest.mark.parametrize("mode", ["move", "drag", "paste"])
+def test_stored_and_recomputed_memory_banks_give_the_same_edit(tiny_sd, spec_for, mode):
+    bundle = load_bundle(str(tiny_sd))
+    ls = load_spec(spec_for(mode, model=str(tiny_sd), steps=6))
+    inp = load_inputs(ls)
+    a = Editor(bundle, kv_bank="recompute").edit(ls.spec, inp)
+    b = Editor(bundle, kv_bank="stored").edit(ls.spec, inp)
+    injected = len(StepPlan.build(ls.spec.guidance, 6).injected)
+    assert b.stats.unet_forward == a.stats.unet_forward + injected  # the recording pass
+    assert b.stats.stored_kv_bytes > 0 and a.stats.stored_kv_bytes == 0
+    assert np.abs(a.work_image.astype(int) - b.work_image.astype(int)).max() <= 1

@@ -8,6 +8,7 @@ flow on tiny components so CI can check that the benchmark works on a CPU.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -134,7 +135,7 @@ def plain_eager(bundle, batch_rows: list[int], guided: int, latent_hw: tuple[int
 
 def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tuple[str, ...] = MODES,
         steps: int = 50, model: str | None = None, device: str = "auto", dtype: str = "auto",
-        methods: tuple[str, ...] = ("dragondiffusion",), log=print) -> dict:
+        methods: tuple[str, ...] = ("dragondiffusion",), log=print, kv_banks: tuple[str, ...] = ("recompute",)) -> dict:
     from dragonctl import api
     from dragonctl.engine import Editor
     from dragonctl.schedules import StepPlan
@@ -151,61 +152,60 @@ def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tu
             folder = Path(tmp) / str(res)
             folder.mkdir()
             specs = write_specs(folder, res, steps)
-            for method in methods:
-                for mode in modes:
-                    ls, inp = api.load(specs[mode])
-                    spec = ls.spec.model_copy(update={"guidance": ls.spec.guidance.model_copy(update={"method": method})})
-                    editor = Editor(bundle)  # no cache: every run pays its inversion
-                    _peak_reset(dev)
-                    _sync(dev)
-                    t1 = time.perf_counter()
-                    with _count_syncs(dev) as syncs:
-                        result = editor.edit(spec, inp)
-                    _sync(dev)
-                    wall = time.perf_counter() - t1
-                    peak = _peak_mb(dev)
-                    cached = Editor(bundle)
-                    cached._memo = editor._memo  # a re-edit of an already inverted source
-                    _sync(dev)
-                    t2 = time.perf_counter()
-                    cached.edit(spec, inp)
-                    _sync(dev)
-                    re_edit = time.perf_counter() - t2
-                    st = result.stats
-                    plan = StepPlan.build(spec.guidance, steps)
-                    frame = result.frame
-                    latent_hw = (frame.work_h // bundle.latent_factor, frame.work_w // bundle.latent_factor)
-                    n_bank = 2 if mode in ("appearance", "paste") else 1
-                    gen = 2 if spec.guidance.cfg_scale != 1 else 1
-                    rows = [(n_bank if i in plan.injected else 0) + gen for i in range(steps)]
-                    n_inv = result.inversion_unet_calls
-                    plain = plain_eager(bundle, rows, st.unet_backward, latent_hw, n_inv, True)
-                    row = {"resolution": res, "work_hw": [frame.work_h, frame.work_w], "mode": mode, "method": method,
-                           "inversion_s": round(result.timings["inversion_s"], 3),
-                           "editing_s": round(result.timings["editing_s"], 3),
-                           "decode_s": round(result.timings["decode_s"], 3), "total_s": round(wall, 3),
-                           "re_edit_cached_s": round(re_edit, 3),
-                           "unet_forward": st.unet_forward + n_inv, "unet_backward": st.unet_backward,
-                           "inversion_unet_calls": n_inv, "cuda_syncs_per_edit": syncs.count,
-                           "peak_memory_mb": round(peak, 1), "plain_eager_s": round(plain, 3),
-                           "ratio_vs_plain": round(wall / plain, 3) if plain > 0 else None}
-                    results["runs"].append(row)
-                    log(f"{res}px {mode:10s} {method:15s} total {wall:7.2f} s (inv {row['inversion_s']:.2f}, "
-                        f"edit {row['editing_s']:.2f}, decode {row['decode_s']:.2f}), re-edit {re_edit:.2f} s, "
-                        f"UNet fwd {row['unet_forward']} bwd {row['unet_backward']}, peak {peak:.0f} MiB, "
-                        f"plain {plain:.2f} s")
+            for method, kv_bank, mode in itertools.product(methods, kv_banks, modes):
+                ls, inp = api.load(specs[mode])
+                spec = ls.spec.model_copy(update={"guidance": ls.spec.guidance.model_copy(update={"method": method})})
+                editor = Editor(bundle, kv_bank=kv_bank)  # no cache: every run pays its inversion
+                _peak_reset(dev)
+                _sync(dev)
+                t1 = time.perf_counter()
+                with _count_syncs(dev) as syncs:
+                    result = editor.edit(spec, inp)
+                _sync(dev)
+                wall = time.perf_counter() - t1
+                peak = _peak_mb(dev)
+                cached = Editor(bundle, kv_bank=kv_bank)
+                cached._memo = editor._memo  # a re-edit of an already inverted source
+                _sync(dev)
+                t2 = time.perf_counter()
+                cached.edit(spec, inp)
+                _sync(dev)
+                re_edit = time.perf_counter() - t2
+                st = result.stats
+                plan = StepPlan.build(spec.guidance, steps)
+                frame = result.frame
+                latent_hw = (frame.work_h // bundle.latent_factor, frame.work_w // bundle.latent_factor)
+                n_bank = 2 if mode in ("appearance", "paste") else 1
+                gen = 2 if spec.guidance.cfg_scale != 1 else 1
+                rows = [(n_bank if i in plan.injected and kv_bank == "recompute" else 0) + gen for i in range(steps)]
+                rows += [n_bank] * (len(plan.injected) if kv_bank == "stored" else 0)
+                n_inv = result.inversion_unet_calls
+                plain = plain_eager(bundle, rows, st.unet_backward, latent_hw, n_inv, True)
+                row = {"resolution": res, "work_hw": [frame.work_h, frame.work_w], "mode": mode, "method": method,
+                       "kv_bank": kv_bank, "stored_kv_mb": round(st.stored_kv_bytes / 2**20, 1),
+                       "inversion_s": round(result.timings["inversion_s"], 3),
+                       "editing_s": round(result.timings["editing_s"], 3),
+                       "decode_s": round(result.timings["decode_s"], 3), "total_s": round(wall, 3),
+                       "re_edit_cached_s": round(re_edit, 3),
+                       "unet_forward": st.unet_forward + n_inv, "unet_backward": st.unet_backward,
+                       "inversion_unet_calls": n_inv, "cuda_syncs_per_edit": syncs.count,
+                       "peak_memory_mb": round(peak, 1), "plain_eager_s": round(plain, 3),
+                       "ratio_vs_plain": round(wall / plain, 3) if plain > 0 else None}
+                results["runs"].append(row)
+                log(f"{res}px {mode:10s} {method:15s} {kv_bank:9s} total {wall:7.2f} s (inv {row['inversion_s']:.2f}, "
+                    f"edit {row['editing_s']:.2f}, decode {row['decode_s']:.2f}), re-edit {re_edit:.2f} s, "
+                    f"UNet fwd {row['unet_forward']} bwd {row['unet_backward']}, peak {peak:.0f} MiB, "
+                    f"plain {plain:.2f} s")
     return results
 
 
 def table(results: dict) -> str:
-    lines = [f"device {results['device']} ({results['gpu'] or 'CPU'}), {results['dtype']}, {results['model']}, "
-             f"{results['steps']} steps, torch {results['torch']}",
-             "| px | mode | method | total s | inversion s | editing s | decode s | re-edit s | UNet fwd/bwd | peak MiB | "
-             "plain eager s | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["runs"]:
-        lines.append(f"| {r['resolution']} | {r['mode']} | {r['method']} | {r['total_s']} | {r['inversion_s']} | "
-                     f"{r['editing_s']} | {r['decode_s']} | {r['re_edit_cached_s']} | {r['unet_forward']}/{r['unet_backward']} | "
-                     f"{r['peak_memory_mb']} | {r['plain_eager_s']} | {r['ratio_vs_plain']} |")
+    cols = ["resolution", "mode", "method", "kv_bank", "total_s", "inversion_s", "editing_s", "decode_s", "re_edit_cached_s",
+            "unet_forward", "unet_backward", "peak_memory_mb", "stored_kv_mb", "plain_eager_s", "ratio_vs_plain"]
+    head = (f"device {results['device']} ({results['gpu'] or 'CPU'}), {results['dtype']}, {results['model']}, "
+            f"{results['steps']} steps, torch {results['torch']}")
+    lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results["runs"]]
     return "\n".join(lines)
 
 
