@@ -393,13 +393,17 @@ def bench_dragbench(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     steps: int | None = typer.Option(None, help="Override the number of steps (plumbing runs)."),
+    resolution: int | None = typer.Option(None, help="Override the working resolution (plumbing runs)."),
     limit: int | None = typer.Option(None, help="Only the first N specs."),
+    dift_model: str | None = typer.Option(None, help="DIFT model for Mean Distance (the protocol uses SD 2.1)."),
+    lpips_weights: Path | None = typer.Option(None, help="LPIPS (AlexNet) weights, safetensors, for Image Fidelity."),
 ) -> None:
     """Run imported DragBench specs; write results.json (seconds, peak memory, outputs) and the
     Mean Distance / Image Fidelity protocol's inputs (md_if_inputs.json)."""
     from dragonctl.bench.dragbench import run as run_bench
 
-    rows, failed = run_bench(specs_dir, out, model, device, dtype, steps, limit, log=_err)
+    rows, failed = run_bench(specs_dir, out, model, device, dtype, steps, limit, log=_err, dift_model=dift_model,
+                             lpips_weights=lpips_weights, resolution=resolution)
     _err(f"{len(rows) - len(failed)} done, {len(failed)} failed; wrote {out / 'results.json'}")
     for r in failed:
         _err(f"failed: {r['spec']}: {r['error']}")

@@ -19,10 +19,10 @@ class _Stop(Exception):
 
 
 def decoder_features(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor | int,
-                     context: torch.Tensor) -> list[torch.Tensor]:
-    """[F_1, F_2]: up_blocks 1 and 2 outputs (after their upsamplers), each B×C×h×w in the UNet's dtype."""
+                     context: torch.Tensor, blocks: tuple[int, ...] = FEATURE_BLOCKS) -> list[torch.Tensor]:
+    """Outputs of the given up_blocks (default 1 and 2; after their upsamplers), each B×C×h×w in the UNet's dtype."""
     captured: dict[int, torch.Tensor] = {}
-    last = max(FEATURE_BLOCKS)
+    last = max(blocks)
 
     def hook(index: int):
         def fn(_module, _inputs, output):
@@ -32,7 +32,7 @@ def decoder_features(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor | i
 
         return fn
 
-    handles = [unet.up_blocks[i].register_forward_hook(hook(i)) for i in FEATURE_BLOCKS]
+    handles = [unet.up_blocks[i].register_forward_hook(hook(i)) for i in blocks]
     try:
         unet(z, t, encoder_hidden_states=context)
     except _Stop:
@@ -40,7 +40,7 @@ def decoder_features(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor | i
     finally:
         for h in handles:
             h.remove()
-    return [captured[i] for i in FEATURE_BLOCKS]
+    return [captured[i] for i in blocks]
 
 
 def to_grid(features: list[torch.Tensor], grid_hw: tuple[int, int]) -> list[torch.Tensor]:

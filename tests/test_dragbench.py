@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -126,3 +127,24 @@ def test_import_cli(tmp_path):
     assert runner.invoke(app, ["import", "dragbench", str(tmp_path / "none"), str(tmp_path / "o")]).exit_code == 2
     (tmp_path / "empty").mkdir()
     assert runner.invoke(app, ["import", "dragbench", str(tmp_path / "empty"), str(tmp_path / "o")]).exit_code == 2
+
+
+@needs_dragbench
+def test_bench_dragbench_reports_times_and_protocol_scores(imported, tiny_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    from dragonctl.bench.dragbench import run
+    from dragonctl.metrics import LPIPS
+
+    lp = tmp_path / "lpips.safetensors"
+    state = LPIPS().state_dict()  # random weights; LPIPS heads are non-negative, like the real ones
+    save_file({k: (v.abs() if k.startswith("heads") else v).contiguous() for k, v in state.items()}, lp)
+    specs_dir = imported[0].parents[1]
+    rows, failed = run(specs_dir, tmp_path / "bench", str(tiny_sd), steps=3, resolution=64, limit=2,
+                       log=lambda m: None, dift_model=str(tiny_sd), lpips_weights=lp, dift_resolution=64)
+    assert not failed and len(rows) == 2
+    for row in rows:
+        assert row["seconds"] > 0 and row["peak_memory_mb"] > 0 and Path(row["output"]).exists()
+        assert row["mean_distance"] >= 0 and 0 <= row["image_fidelity"] <= 1.0 + 1e-6
+    inputs = json.loads((tmp_path / "bench" / "md_if_inputs.json").read_text())
+    assert len(inputs) == 2 and inputs[0]["handles"] and Path(inputs[0]["source"]).exists()

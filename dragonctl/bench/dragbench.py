@@ -14,7 +14,9 @@ from dragonctl.dragbench import peak_memory_mb
 
 
 def run(specs_dir: Path, out: Path, model: str | None, device: str = "auto", dtype: str = "auto",
-        steps: int | None = None, limit: int | None = None, log=print) -> tuple[list[dict], list[dict]]:
+        steps: int | None = None, limit: int | None = None, log=print, dift_model: str | None = None,
+        lpips_weights: Path | None = None, resolution: int | None = None,
+        dift_resolution: int = 768) -> tuple[list[dict], list[dict]]:
     from dragonctl import api
 
     specs = sorted(specs_dir.rglob("*.yaml"))[:limit]
@@ -23,22 +25,23 @@ def run(specs_dir: Path, out: Path, model: str | None, device: str = "auto", dty
     original: dict[Path, Path] = {}
     with tempfile.TemporaryDirectory() as tmp:
         run_specs = []
+        overrides = {k: v for k, v in (("steps", steps), ("resolution", resolution)) if v is not None}
         for spec in specs:
-            if steps is None:
+            if not overrides:
                 run_specs.append(spec)
                 original[spec] = spec
                 continue
-            # a copy with fewer steps, paths made absolute so it can live elsewhere
+            # a copy with the overrides, paths made absolute so it can live elsewhere
             data = yaml.safe_load(spec.read_text())
             for key in ("image", "mask"):
                 data[key] = str((spec.parent / data[key]).resolve())
-            data["steps"] = steps
+            data.update(overrides)
             copy = Path(tmp) / spec.relative_to(specs_dir)
             copy.parent.mkdir(parents=True, exist_ok=True)
             copy.write_text(yaml.safe_dump(data))
             run_specs.append(copy)
             original[copy] = spec
-        opts = api.EditOptions(out_dir=out / "results", out_root=Path(tmp) if steps is not None else specs_dir,
+        opts = api.EditOptions(out_dir=out / "results", out_root=Path(tmp) if overrides else specs_dir,
                                model=model, device=device, dtype=dtype)
 
         def on_report(rep) -> None:
@@ -56,7 +59,52 @@ def run(specs_dir: Path, out: Path, model: str | None, device: str = "auto", dty
             log(f"{'ok ' if rep.ok else 'FAIL'} {rep.path} {rep.seconds:.1f} s")
 
         api.edit(run_specs, opts, None, on_report)
+    if dift_model or lpips_weights:
+        scores = protocol_scores(inputs, dift_model, lpips_weights, device, dtype, dift_resolution)
+        for row in rows:
+            row.update(scores.get(row["output"], {}))
+        valid = [r for r in rows if "mean_distance" in r or "image_fidelity" in r]
+        for key in ("mean_distance", "image_fidelity"):
+            vals = [r[key] for r in valid if key in r]
+            if vals:
+                log(f"{key}: {sum(vals) / len(vals):.4f} over {len(vals)} samples")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "md_if_inputs.json").write_text(json.dumps(inputs, indent=2) + "\n")
     return rows, [r for r in rows if not r["ok"]]
+
+
+def protocol_scores(inputs: list[dict], dift_model: str | None, lpips_weights: Path | None, device: str = "auto",
+                    dtype: str = "auto", resolution: int = 768) -> dict[str, dict]:
+    """Mean Distance (with a DIFT model, e.g. SD 2.1) and Image Fidelity (with LPIPS weights) per output."""
+    import numpy as np
+    from PIL import Image
+
+    from dragonctl import metrics
+    from dragonctl.geometry import Frame, working_size
+
+    bundle = lpips = None
+    if dift_model:
+        from dragonctl.models import load_bundle
+
+        bundle = load_bundle(dift_model, device, dtype)
+    if lpips_weights:
+        lpips = metrics.LPIPS.from_file(lpips_weights)
+    scores: dict[str, dict] = {}
+    for rec in inputs:
+        src = np.asarray(Image.open(rec["source"]).convert("RGB"))
+        edited = np.asarray(Image.open(rec["result"]).convert("RGB"))
+        row: dict = {}
+        if bundle is not None:
+            h, w = src.shape[:2]
+            frame = Frame(h, w, *working_size(h, w, resolution, bundle.size_multiple))
+            fs = metrics.dift_features(bundle, frame.image_to_work(src), rec["prompt"])
+            fe = metrics.dift_features(bundle, frame.image_to_work(edited), rec["prompt"])
+            moved = [(hnd, tgt) for hnd, tgt in zip(rec["handles"], rec["targets"])]
+            row["mean_distance"] = metrics.match_distance(
+                fs, fe, [tuple(frame.to_work(*p)) for p, _ in moved], [tuple(frame.to_work(*q)) for _, q in moved],
+                (frame.work_h, frame.work_w)) / frame.sx
+        if lpips is not None:
+            row["image_fidelity"] = metrics.image_fidelity(lpips, src, edited)
+        scores[rec["result"]] = row
+    return scores
