@@ -154,23 +154,24 @@ def edit(paths: Iterable[str | Path], opts: EditOptions | None = None, progress:
          ) -> list[SpecReport]:
     """Edit every spec; a failing spec is reported and the batch goes on.
 
-    Specs are checked first (all of them, before any model loads); two specs that would write one
-    file are refused. Then they run grouped by model and source, so each source is inverted once.
+    Specs are checked first (all of them, inputs fully decoded, before any model loads; the decoded
+    images are not kept, so a batch of thousands stays small); two specs that would write one file
+    are refused. Then they run grouped by model and source, so each source is inverted once.
     `stop()` is polled after every sampler step: when it turns true the current edit is abandoned
     (nothing written) and the remaining specs are reported as not run.
     """
     opts = opts or EditOptions()
     specs = expand_specs(paths)
     root = (opts.out_root or common_folder(specs)) if opts.out_dir is not None else None
-    jobs: list[tuple[Path, LoadedSpec | None, EditInputs | None, Path | None, list[str]]] = []
+    jobs: list[tuple[Path, LoadedSpec | None, Path | None, list[str]]] = []
     for p in specs:
         try:
-            ls, inp = load(p, model=opts.model, seed=opts.seed)
-            jobs.append((p, ls, inp, output_path(ls, opts.out_dir, root), []))
+            ls, _inp = load(p, model=opts.model, seed=opts.seed)
+            jobs.append((p, ls, output_path(ls, opts.out_dir, root), []))
         except SpecError as e:
-            jobs.append((p, None, None, None, [str(x) for x in e.problems]))
+            jobs.append((p, None, None, [str(x) for x in e.problems]))
     seen: dict[Path, Path] = {}
-    for p, _ls, _inp, out, _err in jobs:
+    for p, _ls, out, _err in jobs:
         if out is not None:
             if out.resolve() in seen:
                 raise DragonError(f"{p}: output {out} is also the output of {seen[out.resolve()]}; give one of them "
@@ -188,14 +189,19 @@ def edit(paths: Iterable[str | Path], opts: EditOptions | None = None, progress:
     by_index: dict[int, SpecReport] = {}
     interrupted = False
     for k in sorted(range(len(jobs)), key=group):
-        p, ls, inp, out, errors = jobs[k]
-        if errors or ls is None or inp is None or out is None:
+        p, ls, out, errors = jobs[k]
+        if errors or ls is None or out is None:
             rep = SpecReport(p, False, errors=errors)
         elif interrupted:
             rep = SpecReport(p, False, errors=[f"{p}: not run (interrupted)"], output=out)
         else:
-            rep = _edit_one(session, ls, inp, out, opts, progress, stop)
-            interrupted = rep.interrupted
+            try:
+                inp = load_inputs(ls)  # decoded again: a file changed since the check fails cleanly here
+            except SpecError as e:
+                rep = SpecReport(p, False, errors=[str(x) for x in e.problems])
+            else:
+                rep = _edit_one(session, ls, inp, out, opts, progress, stop)
+                interrupted = rep.interrupted
         by_index[k] = rep
         if on_report:
             on_report(rep)
@@ -215,7 +221,7 @@ def _edit_on_devices(jobs, opts: EditOptions, devices: list[str], on_report) -> 
 
     groups: dict[tuple[str, str], list[int]] = {}
     reports: dict[int, SpecReport] = {}
-    for k, (p, ls, _inp, _out, errors) in enumerate(jobs):
+    for k, (p, ls, _out, errors) in enumerate(jobs):
         if errors or ls is None:
             reports[k] = SpecReport(p, False, errors=errors)
             continue

@@ -152,8 +152,3 @@ def load_inputs(ls: LoadedSpec) -> EditInputs:
 def paste_target(ref_mask: np.ndarray, scale: float, at: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
     return geometry.warp_mask(ref_mask, scale, geometry.bbox_center(ref_mask), at, shape)
 
-
-def check(ls: LoadedSpec) -> list[str]:
-    """Validate a loaded spec's inputs; returns warnings or raises SpecError."""
-    return load_inputs(ls).warnings
-

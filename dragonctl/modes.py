@@ -104,12 +104,11 @@ def _warp_latent(z: torch.Tensor, src_mask: torch.Tensor, scale: float, center: 
 
 def build_plan(spec: Spec, inp: EditInputs, frame: Frame, latent_factor: int) -> EditPlan:
     grids = Grids((frame.work_h, frame.work_w), latent_factor)
-    g = spec.guidance
     if spec.mode in ("move", "resize"):
         return _move_plan(spec, inp, frame, grids)
     if spec.mode == "drag":
         return _drag_plan(spec, inp, frame, grids)
-    return _two_image_plan(spec, inp, frame, grids, g.w_edit, g.w_content)
+    return _two_image_plan(spec, inp, frame, grids)
 
 
 def _move_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditPlan:
@@ -205,9 +204,9 @@ def _drag_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditP
                     edit_energy=edit_energy, content_energy=content_energy, init_latent=init_latent)
 
 
-def _two_image_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, w_edit: float,
-                    w_content: float) -> EditPlan:
+def _two_image_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditPlan:
     assert inp.reference is not None and inp.reference_mask is not None
+    w_edit, w_content = spec.guidance.w_edit, spec.guidance.w_content
     h, w = inp.source.shape[:2]
     if spec.mode == "paste":
         assert spec.at is not None

@@ -9,7 +9,6 @@ spec file. This module only checks the structure; `inputs.py` decodes the files 
 from __future__ import annotations
 
 import copy
-import math
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -265,6 +264,3 @@ def load_spec(path: str | Path, model: str | None = None, seed: int | None = Non
         raise SpecError(_problems(path, e)) from None
     return LoadedSpec(path=path, spec=spec, raw=raw)
 
-
-def is_finite(*values: float) -> bool:
-    return all(math.isfinite(v) for v in values)
