@@ -200,7 +200,7 @@ def edit(paths: Iterable[str | Path], opts: EditOptions | None = None, progress:
             except SpecError as e:
                 rep = SpecReport(p, False, errors=[str(x) for x in e.problems])
             else:
-                rep = _edit_one(session, ls, inp, out, opts, progress, stop)
+                rep = edit_one(session, ls, inp, out, opts, progress, stop)
                 interrupted = rep.interrupted
         by_index[k] = rep
         if on_report:
@@ -248,7 +248,7 @@ def _edit_on_devices(jobs, opts: EditOptions, devices: list[str], on_report) -> 
     return out
 
 
-def _edit_one(session: Session, ls: LoadedSpec, inp: EditInputs, out: Path, opts: EditOptions,
+def edit_one(session: Session, ls: LoadedSpec, inp: EditInputs, out: Path, opts: EditOptions,
               progress: Progress | None, stop: Callable[[], bool] | None = None) -> SpecReport:
     from dragonctl import outputs
 

@@ -324,11 +324,19 @@ def bench_quality(
     method: str | None = typer.Option(None, help="Override guidance.method for every case."),
     energy_scale: float | None = typer.Option(None, help="Override guidance.energy_scale for every case."),
     steps: int | None = typer.Option(None, help="Override the number of DDIM steps for every case."),
+    guidance: list[str] = typer.Option(None, help="Any guidance setting for every case, KEY=VALUE (repeatable)."),
 ) -> None:
     """Run every mode on held-out shapes scenes and score it against the ground truth (JSON + table)."""
+    import yaml
+
     from dragonctl.bench import quality
 
     overrides = {k: v for k, v in (("method", method), ("energy_scale", energy_scale)) if v is not None}
+    for item in guidance or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _usage(f"--guidance takes KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
     modes = tuple(mode) if mode else quality.MODES
     bad = [m for m in modes if m not in quality.MODES]
     if bad:

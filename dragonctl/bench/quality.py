@@ -300,7 +300,7 @@ def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: st
                 path.write_text(yaml.safe_dump(data, sort_keys=False))
             ls, inp = api.load(path)
             t0 = time.perf_counter()
-            rep = api._edit_one(session, ls, inp, api.output_path(ls, None, None), opts, None)
+            rep = api.edit_one(session, ls, inp, api.output_path(ls, None, None), opts, None)
             seconds = time.perf_counter() - t0
             if not rep.ok:
                 per_case.append({"case": case.name, "ok": False, "errors": rep.errors})
