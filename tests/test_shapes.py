@@ -1,0 +1,61 @@
+"""The shapes world and the embedded model: ground truth, shipped weights, a real offline edit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dragonctl import api
+from dragonctl.models import load_bundle
+from dragonctl.shapes import model as shapes_model
+from dragonctl.shapes.world import Scene, Shape, random_scene, render
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+def test_world_is_reproducible_and_its_ground_truth_exact():
+    a, b = random_scene(np.random.default_rng(5)), random_scene(np.random.default_rng(5))
+    assert a == b and 1 <= len(a.shapes) <= 3
+    sq = Scene(64, ((0.5, 0.5, 0.5),) * 4, (0, 0, 0, 0), (Shape("square", 20, 30, 10, (1.0, 0.0, 0.0)),))
+    r = render(sq)
+    assert r.masks[0].sum() == 100 and r.centroids[0] == (20.0, 30.0)
+    assert np.allclose(r.image[r.masks[0]], [1, 0, 0]) and np.allclose(r.image[~r.masks[0]], 0.5)
+    moved = render(sq.with_shape(0, sq.shapes[0].moved(7, -3)))
+    assert moved.centroids[0] == (27.0, 27.0)
+
+
+def test_shipped_weights_fit_the_budget_and_load_through_the_bundle():
+    weights = shapes_model.WEIGHTS_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 16 * 2**20
+    b = load_bundle("shapes")
+    assert sum(p.numel() for p in b.unet.parameters()) <= 5_000_000
+    assert b.prediction_type == "v_prediction" and b.latent_factor == 4 and b.size_multiple == 16
+    assert len(b.decoder_self_attention) == 4  # up_blocks 1 and 2, two transformer layers each
+    assert torch.equal(b.encode_prompt(["a cat"]), b.encode_prompt([""]))  # prompts are ignored
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert torch.equal(b.decode_latent(b.encode_image(x)), x)  # the latent is lossless
+    meta = json.loads((shapes_model.WEIGHTS_DIR / "training.json").read_text())
+    assert meta["step"] > 0 and meta["history"]
+
+
+def _color_centroid(img: np.ndarray, color) -> tuple[float, float, int]:
+    m = np.linalg.norm(img.astype(float) / 255 - np.asarray(color), axis=-1) < 0.25
+    ys, xs = np.nonzero(m)
+    return float(xs.mean()), float(ys.mean()), int(m.sum())
+
+
+def test_the_sample_move_really_moves_the_circle(tmp_path):
+    """The README's first command, checked: the embedded model moves the red circle 44 px right."""
+    reports = api.edit([SAMPLES / "move.yaml"], api.EditOptions(out_dir=tmp_path, no_cache=True))
+    assert reports[0].ok, reports[0].errors
+    result = np.asarray(Image.open(reports[0].output).convert("RGB"))
+    source = np.asarray(Image.open(SAMPLES / "images" / "scene.png").convert("RGB"))
+    assert result.shape == source.shape
+    sx, sy, sn = _color_centroid(source, (0.85, 0.15, 0.2))
+    rx, ry, rn = _color_centroid(result, (0.85, 0.15, 0.2))
+    assert abs(rx - (sx + 44)) < 6 and abs(ry - sy) < 4, (rx, ry)
+    assert rn > 0.5 * sn
