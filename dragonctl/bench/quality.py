@@ -250,19 +250,23 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
 # --- running -------------------------------------------------------------------------------------
 
 
-def reconstruct(editor, image: np.ndarray, steps: int, refine: int = 0) -> np.ndarray:
-    """The no-guidance baseline: DDIM inversion of the source and plain DDIM back from its noise."""
+def reconstruct(editor, image: np.ndarray, steps: int, refine: int = 0, resolution: int = 64,
+                image_bytes: bytes | None = None, prompt: str = "") -> np.ndarray:
+    """The no-guidance baseline: DDIM inversion of the source and plain DDIM back from its noise.
+
+    Given the source file's bytes and the edit's prompt, the edit's own inversion is reused (no second pass).
+    """
     import torch
 
     from dragonctl.engine import to_uint8
     from dragonctl.schedules import Schedule, ddim_step, to_eps
 
     b = editor.bundle
-    frame = editor.frame_for(image, 64)
+    frame = editor.frame_for(image, resolution)
     schedule = Schedule.from_config(b.scheduler_config, steps)
     work = frame.image_to_work(image)
-    traj = editor.trajectory(work, work.tobytes(), "", schedule, refine=refine)
-    ctx = b.encode_prompt([""])
+    traj = editor.trajectory(work, image_bytes or work.tobytes(), prompt, schedule, refine=refine)
+    ctx = b.encode_prompt([prompt])
     z = traj[-1]
     with torch.no_grad():
         for i, t in enumerate(schedule.timesteps):
@@ -307,7 +311,8 @@ def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: st
                 log(f"{case.name}: FAILED {rep.errors}")
                 continue
             result = np.asarray(Image.open(rep.output).convert("RGB"))
-            base = reconstruct(session.editor(ls.spec.model), case.source, ls.spec.steps, ls.spec.inversion_refine)
+            base = reconstruct(session.editor(ls.spec.model), case.source, ls.spec.steps, ls.spec.inversion_refine,
+                               ls.spec.resolution, inp.source_bytes, ls.spec.prompt)
             m, b = score(case, result), score(case, base)
             per_case.append({"case": case.name, "ok": True, "seconds": round(seconds, 3), "metrics": m, "baseline": b})
             log(f"{case.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) + f" ({seconds:.1f} s)")
