@@ -318,13 +318,8 @@ def invert(paths: Iterable[str | Path], opts: EditOptions | None = None, progres
             before = ed.inversions
             frame = ed.frame_for(inp.source, ls.spec.resolution)
             schedule = Schedule.from_config(ed.bundle.scheduler_config, ls.spec.steps)
-            ed.trajectory(frame.image_to_work(inp.source), inp.source_bytes, ls.spec.prompt, schedule, progress,
-                          ls.spec.inversion_refine)
             plan = build_plan(ls.spec, inp, frame, ed.bundle.latent_factor)
-            if plan.reference_work is not None and ls.spec.reference is not None:
-                ref_bytes = plan.reference_work.tobytes() + str(plan.reference_work.shape).encode()
-                ed.trajectory(plan.reference_work, ref_bytes, ls.spec.reference.prompt, schedule, progress,
-                              ls.spec.inversion_refine)
+            ed.memory_bank(ls.spec, inp, frame.image_to_work(inp.source), plan.reference_work, schedule, progress)
             reports.append(SpecReport(p, True, seconds=time.perf_counter() - t0, inversions=ed.inversions - before))
         except SpecError as e:
             reports.append(SpecReport(p, False, errors=[str(x) for x in e.problems]))

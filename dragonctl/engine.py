@@ -99,6 +99,16 @@ class Editor:
         self.cache.put(key, latents)
         return self._remember(memo_key, latents)
 
+    def memory_bank(self, spec: Spec, inp: EditInputs, source_work: np.ndarray, reference_work: np.ndarray | None,
+                    schedule: Schedule, progress: Progress | None = None) -> list[torch.Tensor]:
+        """The trajectories the edit reads: the source's, and the placed reference's for two-image modes."""
+        bank = [self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, spec.inversion_refine)]
+        if reference_work is not None and spec.reference is not None:
+            ref_bytes = reference_work.tobytes() + str(reference_work.shape).encode()
+            bank.append(self.trajectory(reference_work, ref_bytes, spec.reference.prompt, schedule, progress,
+                                        spec.inversion_refine))
+        return bank
+
     def _remember(self, key: str, latents: torch.Tensor) -> torch.Tensor:
         self._memo[key] = latents
         while len(self._memo) > self._memo_size:
@@ -116,17 +126,11 @@ class Editor:
         schedule = Schedule.from_config(b.scheduler_config, spec.steps)
         source_work = frame.image_to_work(inp.source)
 
-        bank = [self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, spec.inversion_refine)]
+        bank = self.memory_bank(spec, inp, source_work, plan.reference_work, schedule, progress)
+        prompts = [spec.prompt] + ([spec.reference.prompt] if len(bank) > 1 and spec.reference else [])
         with torch.no_grad():
-            cond = [b.encode_prompt([spec.prompt])]
+            cond = [b.encode_prompt([p]) for p in prompts]
             uncond = b.encode_prompt([""])
-        if plan.reference_work is not None:
-            assert spec.reference is not None
-            ref_bytes = plan.reference_work.tobytes() + str(plan.reference_work.shape).encode()
-            bank.append(self.trajectory(plan.reference_work, ref_bytes, spec.reference.prompt, schedule, progress,
-                                        spec.inversion_refine))
-            with torch.no_grad():
-                cond.append(b.encode_prompt([spec.reference.prompt]))
         t1 = time.perf_counter()
 
         done = 0

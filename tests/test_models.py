@@ -39,10 +39,14 @@ def test_unet_without_the_decoder_the_method_needs(tmp_path, tiny_sd):
         load_bundle(str(folder))
 
 
-def test_pickle_checkpoints_are_refused_without_allow_pickle(tmp_path):
-    ckpt = tmp_path / "model.ckpt"
-    ckpt.write_bytes(b"not loaded")
-    with pytest.raises(ModelError, match="--allow-pickle"):
+@pytest.mark.parametrize("name,data,message", [
+    ("model.ckpt", b"not loaded", "--allow-pickle"),  # pickle formats are refused before any read
+    ("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}", "cannot load as a single-file SD checkpoint"),
+])
+def test_bad_checkpoint_files_are_clear_errors(tmp_path, name, data, message):
+    ckpt = tmp_path / name
+    ckpt.write_bytes(data)
+    with pytest.raises(ModelError, match=message):
         load_bundle(str(ckpt))
 
 
@@ -67,13 +71,6 @@ def test_dtype_policy():
         pick_dtype("int8", torch.device("cpu"))
     with pytest.raises(ModelError, match="not supported on the CPU"):
         load_bundle("shapes", dtype="fp16", device="cpu")
-
-
-def test_a_damaged_single_file_checkpoint_is_a_clear_error(tmp_path):
-    bad = tmp_path / "model.safetensors"
-    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
-    with pytest.raises(ModelError, match="cannot load as a single-file SD checkpoint"):
-        load_bundle(str(bad))
 
 
 def test_a_folder_that_is_not_a_model(tmp_path):
