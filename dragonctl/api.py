@@ -127,6 +127,7 @@ class EditOptions:
     metadata: bool = True
     save_preview: bool = False
     skip_existing: bool = False
+    compile: str = "off"  # off | on | a torch.compile mode: the step loop's UNet forward
 
 
 class Session:
@@ -140,12 +141,12 @@ class Session:
         if model not in self._editors:
             from dragonctl.cache import TrajectoryCache
             from dragonctl.engine import Editor
-            from dragonctl.models import load_bundle
+            from dragonctl.models import load_bundle, resolve_compile
 
             bundle = load_bundle(model, self.opts.device, self.opts.dtype, self.opts.local_files_only,
                                  self.opts.allow_pickle)
             cache = TrajectoryCache(self.opts.cache_dir, enabled=not self.opts.no_cache)
-            self._editors[model] = Editor(bundle, cache)
+            self._editors[model] = Editor(bundle, cache, compile=resolve_compile(self.opts.compile, bundle.device))
         return self._editors[model]
 
 

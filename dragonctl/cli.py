@@ -127,6 +127,10 @@ def edit(
     no_metadata: bool = typer.Option(False, "--no-metadata", help="Write no PNG metadata and no sidecar JSON."),
     save_preview: bool = typer.Option(False, "--save-preview", help="Also write an overlay and a side-by-side."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip specs whose output exists with the same spec."),
+    compile: bool = typer.Option(False, "--compile",
+                                 help="Compile the UNet's step-loop forward (CUDA graphs on a GPU). Costs a one-off "
+                                      "warm-up per image size (seconds to a minute), then each edit runs faster: "
+                                      "for batches, not single edits. Same results."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec on stdout."),
 ) -> None:
     """Run edits. Example: dragonctl edit samples/move.yaml --out results/"""
@@ -140,7 +144,8 @@ def edit(
         _usage(f"no spec files found in: {' '.join(specs)}")
     opts = api.EditOptions(out_dir=out, model=model, device=device, dtype=dtype, seed=seed, cache_dir=cache_dir,
                            no_cache=no_cache, local_files_only=local_files_only, allow_pickle=allow_pickle,
-                           metadata=not no_metadata, save_preview=save_preview, skip_existing=skip_existing)
+                           metadata=not no_metadata, save_preview=save_preview, skip_existing=skip_existing,
+                           compile="on" if compile else "off")
     bar, update = _progress(not as_json)
 
     def on_report(rep) -> None:
@@ -355,6 +360,9 @@ def bench_speed(
     mode: list[str] = typer.Option(None, help="Only these modes (repeatable; default all)."),
     method: list[str] = typer.Option(["dragondiffusion"], help="dragondiffusion and/or diffeditor (repeatable)."),
     kv_bank: list[str] = typer.Option(["recompute"], help="recompute and/or stored (repeatable): the memory bank's K/V."),
+    compile: list[str] = typer.Option(["off"], "--compile",
+                                      help="off, on (CUDA graphs on a GPU) or a torch.compile mode (repeatable: "
+                                           "--compile off --compile on gives eager and compiled rows)."),
     steps: int = typer.Option(50, help="DDIM steps."),
     model: str | None = typer.Option(None, help="A real model instead of random weights."),
     device: str = typer.Option("auto"),
@@ -367,8 +375,12 @@ def bench_speed(
         _usage("--size is sd15 or tiny")
     if set(kv_bank) - {"recompute", "stored"}:
         _usage("--kv-bank is recompute or stored")
+    from dragonctl.models import COMPILE_MODES
+
+    if set(compile) - {"on", *COMPILE_MODES}:
+        _usage(f"--compile is on or one of {', '.join(COMPILE_MODES)}")
     results = speed.run(size, tuple(resolution), tuple(mode) if mode else speed.MODES, steps, model, device, dtype,
-                        tuple(method), log=_err, kv_banks=tuple(kv_bank))
+                        tuple(method), log=_err, kv_banks=tuple(kv_bank), compiles=tuple(compile))
     speed.save(results, out)
     typer.echo(speed.table(results))
     _err(f"wrote {out}")

@@ -20,7 +20,7 @@ from dragonctl.errors import EditInterrupted
 from dragonctl.geometry import Frame, working_size
 from dragonctl.inputs import EditInputs
 from dragonctl.inversion import invert
-from dragonctl.models import ModelBundle
+from dragonctl.models import ModelBundle, unet_forward
 from dragonctl.modes import Grids, build_plan
 from dragonctl.sampler import Branches, SamplerStats, guided_edit
 from dragonctl.schedules import Schedule, StepPlan, to_eps
@@ -52,9 +52,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 class Editor:
     def __init__(self, bundle: ModelBundle, cache: TrajectoryCache | None = None, memo_size: int = 8,
-                 kv_bank: str = "recompute") -> None:
+                 kv_bank: str = "recompute", compile: str = "off", compile_backend: str | Callable = "inductor") -> None:
+        if compile != "off" and kv_bank == "stored":
+            # stored K/V are looked up per step inside the forward: a compiled forward would recompile every step
+            raise ValueError("compile works with kv_bank 'recompute' only")
         self.bundle = bundle
         self.kv_bank = kv_bank
+        # The step loop's full UNet calls (inversion, CFG and bank rows), compiled on request.
+        self.forward = unet_forward(bundle.unet, bundle.dtype, compile, compile_backend)
+        self.bank_control = BankControl(bundle.unet, bundle.decoder_self_attention)
         self.cache = cache or TrajectoryCache(enabled=False)
         self.inversions = 0
         self.inversion_unet_calls = 0
@@ -83,10 +89,13 @@ class Editor:
         ctx = b.encode_prompt([prompt])
         done = 0
 
+        t_dev = torch.tensor(schedule.timesteps, device=b.device)
+
         def eps_fn(z: torch.Tensor, t: int) -> torch.Tensor:
             self.inversion_unet_calls += 1
-            out = b.unet(z.to(b.dtype), t, encoder_hidden_states=ctx).sample.float()
-            return to_eps(out, z, _alpha_at(schedule, t), b.prediction_type)
+            k = schedule.timesteps.index(t)
+            out = self.forward(z, t_dev[k], ctx)
+            return to_eps(out, z, schedule.alpha[k], b.prediction_type)
 
         def tick() -> None:
             nonlocal done
@@ -145,9 +154,9 @@ class Editor:
 
         generator = torch.Generator().manual_seed(spec.seed)
         steps = StepPlan.build(spec.guidance, spec.steps)
-        with BankControl(b.unet, b.decoder_self_attention) as state:
+        with self.bank_control as state:
             z0, stats = guided_edit(
-                b.unet, b.dtype, b.prediction_type, schedule, plan, steps, spec.guidance,
+                b.unet, self.forward, b.dtype, b.prediction_type, schedule, plan, steps, spec.guidance,
                 Branches(bank=bank, cond=cond, uncond=uncond),
                 state, grids, generator, tick, self.kv_bank)
         t2 = time.perf_counter()
@@ -160,7 +169,3 @@ class Editor:
             timings={"inversion_s": t1 - t0, "editing_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0},
             stats=stats, inversions=self.inversions - inv_before,
             inversion_unet_calls=self.inversion_unet_calls - calls_before, warnings=list(inp.warnings))
-
-
-def _alpha_at(schedule: Schedule, t: int) -> float:
-    return schedule.alpha[schedule.timesteps.index(t)]

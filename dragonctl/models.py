@@ -248,3 +248,45 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
         encode_image=lambda x: codec.encode(x.to(dev, dt)), decode_latent=lambda z: codec.decode(z.to(dev, dt)),
         encode_prompt=encode_prompt, weights_hash=sampled_hash([weights]), decoder_self_attention=attn,
         notes=["the shapes model ignores prompts (it has a learned null prompt)"])
+
+
+UNetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t, context) → fp32 output
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+
+
+def resolve_compile(setting: str, device: torch.device) -> str:
+    """`on` means CUDA graphs on a GPU and inductor's default elsewhere; other values are torch.compile modes."""
+    if setting == "on":
+        return "reduce-overhead" if device.type == "cuda" else "default"
+    return setting
+
+
+def unet_forward(unet: torch.nn.Module, dtype: torch.dtype, compile: str = "off",
+                 backend: str | Callable = "inductor") -> UNetForward:
+    """The full UNet call of the step loop (CFG rows, memory-bank rows, inversion), optionally compiled.
+
+    Timesteps arrive as device tensors: a Python int would make diffusers build a tensor on the host
+    and copy it every call (and make torch.compile specialise, i.e. recompile, on every timestep).
+    Shapes are compiled static (`dynamic=False`): a handful of batch sizes per edit, each captured
+    once; under "reduce-overhead" on CUDA each becomes a CUDA graph. Outputs are copied out of the
+    graph's buffers, which the next replay overwrites. The guidance forward (truncated after
+    up_blocks[2], with a backward) stays eager.
+    """
+
+    def forward(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return unet(z.to(dtype), t, encoder_hidden_states=context).sample
+
+    if compile == "off":
+        return lambda z, t, context: forward(z, t, context).float()
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
+    # `mode` is an inductor option; other backends (tests use a counting one) take none
+    options = {"mode": compile} if backend == "inductor" else {}
+    compiled = torch.compile(forward, dynamic=False, backend=backend, **options)
+
+    def call(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if z.device.type == "cuda" and compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(z, t, context).to(torch.float32, copy=True)
+
+    return call

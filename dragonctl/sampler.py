@@ -16,6 +16,7 @@ import torch
 
 from dragonctl.attention import BankState
 from dragonctl.features import decoder_features, to_grid
+from dragonctl.models import UNetForward
 from dragonctl.modes import EditPlan, Grids
 from dragonctl.schedules import Schedule, StepPlan, ddim_step, ddim_variance, inversion_step, to_eps
 from dragonctl.spec import Guidance
@@ -41,10 +42,12 @@ class Branches:
     uncond: torch.Tensor
 
 
-def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str, schedule: Schedule,
-                plan: EditPlan, steps: StepPlan, g: Guidance, branches: Branches, state: BankState,
-                grids: Grids, generator: torch.Generator, progress: Callable[[], None] | None = None,
+def guided_edit(unet: torch.nn.Module, forward: UNetForward, dtype: torch.dtype, prediction_type: str,
+                schedule: Schedule, plan: EditPlan, steps: StepPlan, g: Guidance, branches: Branches,
+                state: BankState, grids: Grids, generator: torch.Generator,
+                progress: Callable[[], None] | None = None,
                 kv_bank: str = "recompute") -> tuple[torch.Tensor, SamplerStats]:
+    """Run the edit loop; `forward` is the (possibly compiled) full UNet call, `unet` serves the guidance forward."""
     dev = branches.uncond.device
     n = schedule.steps
     stats = SamplerStats()
@@ -54,14 +57,20 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
     if plan.bank_mode == "composite":
         state.base_keep = torch.from_numpy(plan.composite_base_keep)
         state.ref_keep = torch.from_numpy(plan.composite_ref_keep)
+        state.query_region = torch.from_numpy(plan.target_work) if g.regional_attention else None
+        state.prepare(dev)
     edit_mask = plan.edit_latent_mask.to(dev, torch.float32)
     sde_mask = plan.sde_latent_mask.to(dev, torch.float32)
     gain = g.gradient_scale * ENERGY_UNIT * g.energy_scale
     c_gen = branches.cond[0]
 
-    def unet_out(z: torch.Tensor, t: int, ctx: torch.Tensor) -> torch.Tensor:
+    # All timesteps go to the device once: a Python int per call would be a host→device copy per call.
+    t_dev = torch.tensor(schedule.timesteps, device=dev)
+
+    def unet_out(z: torch.Tensor, k: int, ctx: torch.Tensor) -> torch.Tensor:
         stats.unet_forward += 1
-        return unet(z.to(dtype), t, encoder_hidden_states=ctx).sample.float()
+        with torch.no_grad():
+            return forward(z, t_dev[k], ctx)
 
     stored: dict | None = None
     if kv_bank == "stored":
@@ -71,12 +80,11 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
         for i in sorted(steps.injected):
             state.step = i
             with torch.no_grad():
-                unet_out(torch.cat([b[n - 1 - i] for b in branches.bank]), schedule.timesteps[i], torch.cat(branches.cond))
+                unet_out(torch.cat([b[n - 1 - i] for b in branches.bank]), i, torch.cat(branches.cond))
         state.record = None
         stats.stored_kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _v in stored.values())
 
     def eps_cfg(z: torch.Tensor, i: int) -> torch.Tensor:
-        t = schedule.timesteps[i]
         inject = i in steps.injected
         bank_rows = inject and stored is None
         rows, ctx = [], []
@@ -87,7 +95,7 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
         ctx += [branches.uncond, c_gen] if cfg else [c_gen]
         state.mode, state.n_bank = (plan.bank_mode, nb if bank_rows else 0) if inject else ("off", 0)
         state.step, state.stored = i, stored
-        out = unet_out(torch.cat(rows), t, torch.cat(ctx))[nb if bank_rows else 0 :]
+        out = unet_out(torch.cat(rows), i, torch.cat(ctx))[nb if bank_rows else 0 :]
         state.mode, state.n_bank, state.stored = "off", 0, None
         eps = to_eps(out, z.expand_as(out), schedule.alpha[i], prediction_type)
         if cfg:
@@ -95,7 +103,6 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
         return eps
 
     def energy_gradient(z: torch.Tensor, i: int) -> torch.Tensor:
-        t = schedule.timesteps[i]
         z_edit = z.detach().clone().requires_grad_(True)
         z_content = z.detach().clone().requires_grad_(True)
         # One truncated forward for the bank's features and two copies of z: the edit energy is read
@@ -105,7 +112,7 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
         ctx = torch.cat(branches.cond + [c_gen, c_gen])
         with torch.enable_grad():
             stats.unet_forward += 1
-            feats = to_grid(decoder_features(unet, torch.cat(rows).to(dtype), t, ctx), grids.feature_hw)
+            feats = to_grid(decoder_features(unet, torch.cat(rows).to(dtype), t_dev[i], ctx), grids.feature_hw)
             refs = [[f[k] for f in feats] for k in range(nb)]
             e_edit = plan.edit_energy([f[nb] for f in feats], refs)
             e_content = plan.content_energy([f[nb + 1] for f in feats], refs)
@@ -137,7 +144,7 @@ def guided_edit(unet: torch.nn.Module, dtype: torch.dtype, prediction_type: str,
 
     def renoise(z_prev: torch.Tensor, i: int) -> torch.Tensor:
         # Time travel's rollback: one deterministic inversion step, no CFG, no bank, no guidance.
-        out = unet_out(z_prev, schedule.timesteps[i + 1], c_gen)
+        out = unet_out(z_prev, i + 1, c_gen)
         eps = to_eps(out, z_prev, schedule.alpha_prev[i], prediction_type)
         return inversion_step(z_prev, eps, schedule.alpha[i], schedule.alpha_prev[i])
 

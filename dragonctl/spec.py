@@ -88,6 +88,7 @@ class Guidance(_Model):
     time_travel_from: Fraction
     time_travel_until: Fraction
     time_travel_repeats: Annotated[int, Field(ge=0, le=10)]
+    regional_attention: bool
 
 
 # Which optional fields each mode needs (required) and accepts.

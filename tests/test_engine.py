@@ -68,7 +68,7 @@ def _run_sampler(bundle, spec, inp, cache=None):
     with torch.no_grad():
         branches = Branches(bank, [bundle.encode_prompt([spec.prompt])], bundle.encode_prompt([""]))
     with BankControl(bundle.unet, bundle.decoder_self_attention) as state:
-        z, stats = guided_edit(bundle.unet, bundle.dtype, bundle.prediction_type, schedule, plan,
+        z, stats = guided_edit(bundle.unet, editor.forward, bundle.dtype, bundle.prediction_type, schedule, plan,
                                StepPlan.build(spec.guidance, spec.steps), spec.guidance, branches, state,
                                Grids((frame.work_h, frame.work_w), bundle.latent_factor), torch.Generator().manual_seed(0))
     return z, stats, bank, branches
@@ -145,6 +145,63 @@ def test_replace_reads_the_bank_rows_kv(tiny_sd):
     expected = attn.to_out[0](expected.transpose(1, 2).reshape(1, 24, -1))
     assert torch.allclose(out[1], expected[0], atol=1e-5)
     assert not torch.allclose(out[1], AttnProcessor2_0()(attn, gen)[0], atol=1e-3)
+
+
+def test_regional_composite_confines_object_queries_to_the_reference_object(tiny_sd):
+    attn = _attn_layer(tiny_sd)
+    base, ref, gen = torch.randn(3, 1, 24, attn.to_q.in_features)
+    obj = torch.zeros(4, 6, dtype=torch.bool)
+    obj[1:3, 2:4] = True  # the generation's object: 4 of 24 tokens
+    ref_obj = torch.zeros(4, 6, dtype=torch.bool)
+    ref_obj[0:2, 0:3] = True  # the reference object: 6 tokens elsewhere
+    h = attn.heads
+    split = lambda t: t.view(1, -1, h, t.shape[-1] // h).transpose(1, 2)  # noqa: E731
+
+    def attend(q_rows, kv_rows):
+        q, k, v = attn.to_q(q_rows), attn.to_k(kv_rows), attn.to_v(kv_rows)
+        o = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+        return attn.to_out[0](o.transpose(1, 2).reshape(1, q_rows.shape[1], -1))[0]
+
+    shared = BankState(mode="composite", n_bank=2, latent_hw=(4, 6), base_keep=~obj, ref_keep=ref_obj)
+    regional = BankState(mode="composite", n_bank=2, latent_hw=(4, 6), base_keep=~obj, ref_keep=ref_obj,
+                         query_region=obj)
+    rows = torch.cat([base, ref, gen])
+    out_shared = MemoryBankAttnProcessor(shared)(attn, rows)[2]
+    out = MemoryBankAttnProcessor(regional)(attn, rows)[2]
+    inside, outside = obj.flatten(), ~obj.flatten()
+    ref_tokens = ref[:, ref_obj.flatten()]
+    base_tokens = base[:, outside]
+    for region, kv in ((inside, ref_tokens), (outside, base_tokens)):
+        assert torch.allclose(out[region], attend(gen, kv)[region], atol=1e-5)
+    shared_kv = torch.cat([base_tokens, ref_tokens], dim=1)
+    assert torch.allclose(out_shared, attend(gen, shared_kv), atol=1e-5)
+    assert not torch.allclose(out[inside], out_shared[inside], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode,guidance", [("move", {}), ("appearance", {"regional_attention": True})])
+def test_compiled_forward_edits_the_same_and_compiles_per_shape_not_per_step(tiny_sd, spec_for, mode, guidance):
+    """`--compile` must capture each batch shape once: timesteps are tensors and the bank's token
+    indices are fixed before the loop, so neither the step nor a second edit triggers a recompile."""
+    graphs = []
+
+    def counting_backend(gm, _example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    bundle = load_bundle(str(tiny_sd))
+    editor = Editor(bundle, compile="default", compile_backend=counting_backend)
+    counts = []
+    for steps in (6, 12, 12):
+        ls = load_spec(spec_for(mode, model=str(tiny_sd), steps=steps, guidance=guidance))
+        inp = load_inputs(ls)
+        compiled = editor.edit(ls.spec, inp)
+        eager = Editor(bundle).edit(ls.spec, inp)
+        assert np.array_equal(compiled.work_image, eager.work_image)
+        counts.append(len(graphs))
+    # inversion (batch 1), plain CFG rows (2), CFG + bank rows (3 or 4): nothing more, however many steps
+    assert 1 <= counts[0] == counts[1] == counts[2] <= 4, counts
+    torch._dynamo.reset()
 
 
 def test_count_of_unet_calls_follows_the_diffeditor_schedule(tiny_sd, spec_for):

@@ -135,9 +135,18 @@ def plain_eager(bundle, batch_rows: list[int], guided: int, latent_hw: tuple[int
 
 def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tuple[str, ...] = MODES,
         steps: int = 50, model: str | None = None, device: str = "auto", dtype: str = "auto",
-        methods: tuple[str, ...] = ("dragondiffusion",), log=print, kv_banks: tuple[str, ...] = ("recompute",)) -> dict:
+        methods: tuple[str, ...] = ("dragondiffusion",), log=print, kv_banks: tuple[str, ...] = ("recompute",),
+        compiles: tuple[str, ...] = ("off",)) -> dict:
+    """Time full edits per resolution × mode × method × K/V bank × compile setting.
+
+    One `Editor` per (K/V bank, compile) setting serves every edit, as a batch would: a compiled
+    forward keeps its graphs across edits. Each fresh edit starts with an empty trajectory memo (it
+    pays its inversion); the re-edit reuses it. With compilation, one untimed warm-up edit per row
+    compiles the graphs its shapes need; its time is reported as `compile_warmup_s`.
+    """
     from dragonctl import api
     from dragonctl.engine import Editor
+    from dragonctl.models import resolve_compile
     from dragonctl.schedules import StepPlan
 
     t0 = time.perf_counter()
@@ -147,15 +156,27 @@ def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tu
     results: dict = {"device": str(dev), "dtype": str(bundle.dtype).replace("torch.", ""), "model": bundle.name,
                      "size": size, "steps": steps, "load_s": round(load_s, 3), "torch": torch.__version__,
                      "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None, "runs": []}
+    editors: dict[tuple[str, str], Editor] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for res in resolutions:
             folder = Path(tmp) / str(res)
             folder.mkdir()
             specs = write_specs(folder, res, steps)
-            for method, kv_bank, mode in itertools.product(methods, kv_banks, modes):
+            for method, kv_bank, compile_mode, mode in itertools.product(methods, kv_banks, compiles, modes):
                 ls, inp = api.load(specs[mode])
                 spec = ls.spec.model_copy(update={"guidance": ls.spec.guidance.model_copy(update={"method": method})})
-                editor = Editor(bundle, kv_bank=kv_bank)  # no cache: every run pays its inversion
+                if (kv_bank, compile_mode) not in editors:
+                    editors[(kv_bank, compile_mode)] = Editor(bundle, kv_bank=kv_bank, compile=resolve_compile(compile_mode, dev))
+                editor = editors[(kv_bank, compile_mode)]  # no disk cache
+                warmup = 0.0
+                if compile_mode != "off":
+                    editor._memo.clear()
+                    _sync(dev)
+                    tw = time.perf_counter()
+                    editor.edit(spec, inp)
+                    _sync(dev)
+                    warmup = time.perf_counter() - tw
+                editor._memo.clear()  # a fresh source: this edit pays its inversion
                 _peak_reset(dev)
                 _sync(dev)
                 t1 = time.perf_counter()
@@ -164,11 +185,9 @@ def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tu
                 _sync(dev)
                 wall = time.perf_counter() - t1
                 peak = _peak_mb(dev)
-                cached = Editor(bundle, kv_bank=kv_bank)
-                cached._memo = editor._memo  # a re-edit of an already inverted source
                 _sync(dev)
                 t2 = time.perf_counter()
-                cached.edit(spec, inp)
+                editor.edit(spec, inp)  # a re-edit of the source just inverted
                 _sync(dev)
                 re_edit = time.perf_counter() - t2
                 st = result.stats
@@ -182,7 +201,8 @@ def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tu
                 n_inv = result.inversion_unet_calls
                 plain = plain_eager(bundle, rows, st.unet_backward, latent_hw, n_inv, True)
                 row = {"resolution": res, "work_hw": [frame.work_h, frame.work_w], "mode": mode, "method": method,
-                       "kv_bank": kv_bank, "stored_kv_mb": round(st.stored_kv_bytes / 2**20, 1),
+                       "kv_bank": kv_bank, "compile": compile_mode, "compile_warmup_s": round(warmup, 3),
+                       "stored_kv_mb": round(st.stored_kv_bytes / 2**20, 1),
                        "inversion_s": round(result.timings["inversion_s"], 3),
                        "editing_s": round(result.timings["editing_s"], 3),
                        "decode_s": round(result.timings["decode_s"], 3), "total_s": round(wall, 3),
@@ -192,16 +212,19 @@ def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tu
                        "peak_memory_mb": round(peak, 1), "plain_eager_s": round(plain, 3),
                        "ratio_vs_plain": round(wall / plain, 3) if plain > 0 else None}
                 results["runs"].append(row)
-                log(f"{res}px {mode:10s} {method:15s} {kv_bank:9s} total {wall:7.2f} s (inv {row['inversion_s']:.2f}, "
+                log(f"{res}px {mode:10s} {method:15s} {kv_bank:9s} compile {compile_mode:15s} "
+                    f"total {wall:7.2f} s (inv {row['inversion_s']:.2f}, "
                     f"edit {row['editing_s']:.2f}, decode {row['decode_s']:.2f}), re-edit {re_edit:.2f} s, "
                     f"UNet fwd {row['unet_forward']} bwd {row['unet_backward']}, peak {peak:.0f} MiB, "
-                    f"plain {plain:.2f} s")
+                    f"plain {plain:.2f} s" + (f", compile warm-up {warmup:.1f} s" if compile_mode != "off" else ""))
     return results
 
 
 def table(results: dict) -> str:
-    cols = ["resolution", "mode", "method", "kv_bank", "total_s", "inversion_s", "editing_s", "decode_s", "re_edit_cached_s",
-            "unet_forward", "unet_backward", "peak_memory_mb", "stored_kv_mb", "plain_eager_s", "ratio_vs_plain"]
+    cols = ["resolution", "mode", "method", "kv_bank", "compile", "total_s", "inversion_s", "editing_s", "decode_s",
+            "re_edit_cached_s",
+            "unet_forward", "unet_backward", "peak_memory_mb", "stored_kv_mb", "plain_eager_s", "ratio_vs_plain",
+            "compile_warmup_s"]
     head = (f"device {results['device']} ({results['gpu'] or 'CPU'}), {results['dtype']}, {results['model']}, "
             f"{results['steps']} steps, torch {results['torch']}")
     lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
