@@ -46,15 +46,15 @@ def local_match(cur: Features, ref: Features, cur_idx: torch.Tensor, ref_idx: to
     return total
 
 
-def global_match(cur: Features, ref: Features, cur_mask: torch.Tensor, ref_mask: torch.Tensor,
+def global_match(cur: Features, ref: Features, cur_idx: torch.Tensor, ref_idx: torch.Tensor,
                  weight: float, layer_weight: float = 1.0) -> torch.Tensor:
-    """Σ_f w / (1 + 4·s̃(mean over cur_mask of cur, mean over ref_mask of ref)): region-level appearance."""
+    """Σ_f w / (1 + 4·s̃(mean over cur_idx of cur, mean over ref_idx of ref)): region-level appearance."""
     total = cur[0].new_zeros(())
-    if weight == 0 or not cur_mask.any() or not ref_mask.any():
+    if weight == 0 or cur_idx.numel() == 0 or ref_idx.numel() == 0:
         return total
     for fc, fr in zip(cur, ref):
-        a = fc.flatten(1)[:, cur_mask.flatten()].mean(dim=1, keepdim=True)
-        b = fr.flatten(1)[:, ref_mask.flatten()].mean(dim=1, keepdim=True)
+        a = _cells(fc, cur_idx).mean(dim=1, keepdim=True)
+        b = _cells(fr, ref_idx).mean(dim=1, keepdim=True)
         total = total + layer_weight * weight / (1.0 + 4.0 * shifted_cosine(a, b).mean())
     return total
 
@@ -69,8 +69,18 @@ def contrast(cur: Features, ref: Features, idx: torch.Tensor, weight: float, lay
     return total
 
 
-def flat(mask: torch.Tensor) -> torch.Tensor:
-    return mask.flatten().nonzero().flatten()
+def cells(mask: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A mask's flat cell indices, on the device the features live on.
+
+    Plans convert their masks once, before the loop: a boolean mask or a host index inside the loop
+    would cost a device sync (or a host→device copy) on every guided step.
+    """
+    return mask.flatten().nonzero().flatten().to(device)
+
+
+def drag_pair(handle: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(handle, target, vacated): the handle cells the target does not cover are the ones to vacate."""
+    return handle, target, handle[~torch.isin(handle, target)]
 
 
 # --- per mode ------------------------------------------------------------------------------------
@@ -84,44 +94,42 @@ def move_edit_energy(cur: Features, ref: Features, target_idx: torch.Tensor, sou
 
 def move_content_energy(cur: Features, ref: Features, unchanged: torch.Tensor, vacated: torch.Tensor,
                         fill: torch.Tensor, w_content: float, w_contrast: float, w_inpaint: float) -> torch.Tensor:
-    """Keep the unchanged region, make the vacated region stop looking like the object and look like `fill`."""
-    idx = flat(unchanged)
-    e = local_match(cur, ref, idx, idx, w_content, raw=True, layer_weight=0.5)
-    e = e + contrast(cur, ref, flat(vacated), w_contrast, layer_weight=0.5)
+    """Keep the unchanged cells, make the vacated cells stop looking like the object and look like `fill`."""
+    e = local_match(cur, ref, unchanged, unchanged, w_content, raw=True, layer_weight=0.5)
+    e = e + contrast(cur, ref, vacated, w_contrast, layer_weight=0.5)
     return e + global_match(cur, ref, vacated, fill, w_inpaint)
 
 
-def drag_edit_energy(cur: Features, ref: Features, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+def drag_edit_energy(cur: Features, ref: Features, pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                      w_edit: float, w_inpaint: float) -> torch.Tensor:
     """Each handle patch's features should appear at its target patch; the handle's old place should change.
 
-    Zero-length pairs are skipped by the caller; a pair whose patches overlap fully has no
-    contrast cells and contributes only its match term (the reference produced NaN there).
+    `pairs` are (handle, target, vacated) cell sets (`drag_pair`). Zero-length pairs are skipped by
+    the caller; a pair whose patches overlap fully has no vacated cells and contributes only its
+    match term (the reference produced NaN there).
     """
     total = cur[0].new_zeros(())
     if not pairs:
         return total
     n = len(pairs) * len(cur)
-    for handle, target in pairs:
+    for handle, target, vacated in pairs:
         total = total + local_match(cur, ref, target, handle, w_edit) / n
-        vacated = handle[~torch.isin(handle, target)]
         total = total + contrast(cur, ref, vacated, w_inpaint) / n
     return total
 
 
 def content_energy(cur: Features, ref: Features, keep: torch.Tensor, w_content: float,
                    layer_weight: float = 1.0) -> torch.Tensor:
-    """Features outside the edit should stay those of the source."""
-    idx = flat(keep)
-    return local_match(cur, ref, idx, idx, w_content, layer_weight=layer_weight)
+    """Features at the kept cells (outside the edit) should stay those of the source."""
+    return local_match(cur, ref, keep, keep, w_content, layer_weight=layer_weight)
 
 
-def appearance_edit_energy(cur: Features, ref: Features, object_mask: torch.Tensor, ref_mask: torch.Tensor,
+def appearance_edit_energy(cur: Features, ref: Features, object_idx: torch.Tensor, ref_idx: torch.Tensor,
                            w_edit: float) -> torch.Tensor:
-    return global_match(cur, ref, object_mask, ref_mask, w_edit)
+    """The object's mean feature should be the reference object's (global, mean-pooled appearance)."""
+    return global_match(cur, ref, object_idx, ref_idx, w_edit)
 
 
-def paste_edit_energy(cur: Features, ref: Features, object_mask: torch.Tensor, w_edit: float) -> torch.Tensor:
+def paste_edit_energy(cur: Features, ref: Features, object_idx: torch.Tensor, w_edit: float) -> torch.Tensor:
     """The placed reference is pixel-aligned with the destination, so cells pair with themselves."""
-    idx = flat(object_mask)
-    return local_match(cur, ref, idx, idx, w_edit)
+    return local_match(cur, ref, object_idx, object_idx, w_edit)

@@ -131,7 +131,7 @@ class Editor:
         inv_before, calls_before = self.inversions, self.inversion_unet_calls
         frame = self.frame_for(inp.source, spec.resolution)
         grids = Grids((frame.work_h, frame.work_w), b.latent_factor)
-        plan = build_plan(spec, inp, frame, b.latent_factor)
+        plan = build_plan(spec, inp, frame, b.latent_factor, b.device)
         schedule = Schedule.from_config(b.scheduler_config, spec.steps)
         source_work = frame.image_to_work(inp.source)
 

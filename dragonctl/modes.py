@@ -102,16 +102,19 @@ def _warp_latent(z: torch.Tensor, src_mask: torch.Tensor, scale: float, center: 
     return out, take
 
 
-def build_plan(spec: Spec, inp: EditInputs, frame: Frame, latent_factor: int) -> EditPlan:
+def build_plan(spec: Spec, inp: EditInputs, frame: Frame, latent_factor: int,
+               device: torch.device | str = "cpu") -> EditPlan:
+    """The mode's plan; the energies' cell indices are put on `device` (the features' device) here, once."""
     grids = Grids((frame.work_h, frame.work_w), latent_factor)
+    dev = torch.device(device)
     if spec.mode in ("move", "resize"):
-        return _move_plan(spec, inp, frame, grids)
+        return _move_plan(spec, inp, frame, grids, dev)
     if spec.mode == "drag":
-        return _drag_plan(spec, inp, frame, grids)
-    return _two_image_plan(spec, inp, frame, grids)
+        return _drag_plan(spec, inp, frame, grids, dev)
+    return _two_image_plan(spec, inp, frame, grids, dev)
 
 
-def _move_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditPlan:
+def _move_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device) -> EditPlan:
     g = spec.guidance
     assert inp.mask is not None
     obj_w = frame.mask_to_work(inp.mask)
@@ -131,12 +134,13 @@ def _move_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditP
     valid = iy >= 0
     tgt_f = np.zeros((hf, wf), dtype=bool)
     tgt_f[valid] = obj_f.numpy()[iy[valid], ix[valid]]
-    target_idx = torch.from_numpy(np.flatnonzero(tgt_f))
-    source_idx = torch.from_numpy((iy * wf + ix).flatten()[np.flatnonzero(tgt_f)])
+    target_idx = torch.from_numpy(np.flatnonzero(tgt_f)).to(dev)
+    source_idx = torch.from_numpy((iy * wf + ix).flatten()[np.flatnonzero(tgt_f)]).to(dev)
     tgt_f_t = torch.from_numpy(tgt_f)
-    unchanged = ~(tgt_f_t | obj_f)
-    vacated = obj_f & ~tgt_f_t
-    fill = grids.feature(frame.mask_to_work(inp.fill_region)) if inp.fill_region is not None else unchanged
+    unchanged = energies.cells(~(tgt_f_t | obj_f), dev)
+    vacated = energies.cells(obj_f & ~tgt_f_t, dev)
+    fill = energies.cells(grids.feature(frame.mask_to_work(inp.fill_region)), dev) if inp.fill_region is not None \
+        else unchanged
 
     def edit_energy(cur, refs):
         return energies.move_edit_energy(cur, refs[0], target_idx, source_idx, g.w_edit)
@@ -166,7 +170,7 @@ def patch_indices(x: float, y: float, cell: float, hw: tuple[int, int]) -> torch
     return torch.tensor([(cy + dy) * w + (cx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
 
 
-def _drag_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditPlan:
+def _drag_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device) -> EditPlan:
     g = spec.guidance
     assert inp.mask is not None
     region_w = frame.mask_to_work(inp.mask)
@@ -178,8 +182,9 @@ def _drag_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditP
             continue  # zero-length: nothing to move (the reference produced NaN here)
         h_w, t_w = frame.to_work(hx, hy), frame.to_work(tx, ty)
         work_pairs.append((h_w, t_w))
-        pairs.append((patch_indices(*h_w, cell, grids.feature_hw), patch_indices(*t_w, cell, grids.feature_hw)))
-    keep = ~grids.feature(region_w)
+        pair = energies.drag_pair(patch_indices(*h_w, cell, grids.feature_hw), patch_indices(*t_w, cell, grids.feature_hw))
+        pairs.append(tuple(t.to(dev) for t in pair))
+    keep = energies.cells(~grids.feature(region_w), dev)
 
     def edit_energy(cur, refs):
         return energies.drag_edit_energy(cur, refs[0], pairs, g.w_edit, g.w_inpaint)
@@ -204,7 +209,7 @@ def _drag_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditP
                     edit_energy=edit_energy, content_energy=content_energy, init_latent=init_latent)
 
 
-def _two_image_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> EditPlan:
+def _two_image_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device) -> EditPlan:
     assert inp.reference is not None and inp.reference_mask is not None
     w_edit, w_content = spec.guidance.w_edit, spec.guidance.w_content
     h, w = inp.source.shape[:2]
@@ -220,15 +225,16 @@ def _two_image_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids) -> 
     ref_obj_w = frame.mask_to_work(placed_mask)
     obj_w = ref_obj_w if spec.mode == "paste" else frame.mask_to_work(inp.mask)  # type: ignore[arg-type]
     obj_f = grids.feature(obj_w)
-    ref_f = grids.feature(ref_obj_w)
-    keep = ~obj_f
+    obj_idx = energies.cells(obj_f, dev)
+    ref_idx = energies.cells(grids.feature(ref_obj_w), dev)
+    keep = energies.cells(~obj_f, dev)
 
     if spec.mode == "paste":
         def edit_energy(cur, refs):
-            return energies.paste_edit_energy(cur, refs[1], ref_f, w_edit)
+            return energies.paste_edit_energy(cur, refs[1], ref_idx, w_edit)
     else:
         def edit_energy(cur, refs):
-            return energies.appearance_edit_energy(cur, refs[1], obj_f, ref_f, w_edit)
+            return energies.appearance_edit_energy(cur, refs[1], obj_idx, ref_idx, w_edit)
 
     def content_energy(cur, refs):
         return energies.content_energy(cur, refs[0], keep, w_content)

@@ -28,10 +28,11 @@ def descend(fn, cur, steps: int = 5, lr: float = 0.5) -> list[float]:
 
 
 def mask(h=6, w=7, cells=()) -> torch.Tensor:
+    """The flat cell indices of the given (y, x) cells, as plans pass them."""
     m = torch.zeros(h, w, dtype=torch.bool)
     for y, x in cells:
         m[y, x] = True
-    return m
+    return E.cells(m)
 
 
 CASES = {
@@ -40,7 +41,7 @@ CASES = {
         cur, ref, mask(cells=[(5, 5), (5, 6), (4, 6)]), mask(cells=[(0, 0), (0, 1)]), mask(cells=[(5, 5), (5, 6)]),
         6.0, 0.2, 0.8),
     "drag_edit": lambda ref: lambda cur: E.drag_edit_energy(
-        cur, ref, [(torch.tensor([0, 1, 7, 8]), torch.tensor([2, 3, 9, 10]))], 4.0, 0.2),
+        cur, ref, [E.drag_pair(torch.tensor([0, 1, 7, 8]), torch.tensor([2, 3, 9, 10]))], 4.0, 0.2),
     "content": lambda ref: lambda cur: E.content_energy(cur, ref, mask(cells=[(3, 3), (4, 4)]), 6.0),
     "appearance_edit": lambda ref: lambda cur: E.appearance_edit_energy(
         cur, ref, mask(cells=[(1, 1), (1, 2)]), mask(cells=[(4, 4), (5, 5)]), 3.5),
@@ -91,5 +92,11 @@ def test_degenerate_sets_are_finite_and_zero():
     assert float(E.global_match(cur, ref, mask(), mask(cells=[(1, 1)]), 2.0)) == 0.0
     # fully overlapping handle and target patches: no contrast cells, no NaN
     same = torch.tensor([0, 1, 7, 8])
-    e = E.drag_edit_energy(cur, ref, [(same, same)], 4.0, 0.2)
+    e = E.drag_edit_energy(cur, ref, [E.drag_pair(same, same)], 4.0, 0.2)
     assert torch.isfinite(e) and float(e) > 0
+
+
+def test_drag_pair_vacates_only_the_handle_cells_the_target_leaves():
+    handle, target, vacated = E.drag_pair(torch.tensor([0, 1, 7, 8]), torch.tensor([1, 2, 8, 9]))
+    assert vacated.tolist() == [0, 7]
+    assert E.cells(torch.tensor([[False, True], [True, False]])).tolist() == [1, 2]
