@@ -163,7 +163,17 @@ def configs_dir() -> Path:
 
 
 def family_for_model(model: str) -> str:
-    return "shapes" if model == SHAPES_MODEL else "sd15"
+    """Which `configs/` family a model's defaults come from: the embedded model, or a folder of one
+    trained with `python -m dragonctl.shapes.train --export-dir` (it has a null prompt), is "shapes"."""
+    if model == SHAPES_MODEL:
+        return "shapes"
+    try:
+        folder = Path(model).expanduser()
+        if folder.is_dir() and (folder / "null_prompt.safetensors").is_file():
+            return "shapes"
+    except (OSError, ValueError):
+        pass
+    return "sd15"
 
 
 @cache

@@ -40,6 +40,14 @@ def test_sd_defaults_follow_the_reference():
     assert defaults_for("x/y", "drag")["guidance"]["energy_scale"] == 2.0
 
 
+def test_a_trained_shapes_folder_gets_the_shapes_defaults(tmp_path):
+    folder = tmp_path / "my_shapes"
+    folder.mkdir()
+    assert defaults_for(str(folder), "move")["resolution"] == 512  # any folder: SD's defaults
+    (folder / "null_prompt.safetensors").write_bytes(b"")
+    assert defaults_for(str(folder), "move") == defaults_for("shapes", "move")
+
+
 def test_spec_values_override_defaults_and_cli_overrides_spec(spec_for):
     path = spec_for("move", seed=7, guidance={"energy_scale": 0.25, "method": "diffeditor"})
     ls = load_spec(path)
