@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -59,3 +60,39 @@ def test_the_sample_move_really_moves_the_circle(tmp_path):
     rx, ry, rn = _color_centroid(result, (0.85, 0.15, 0.2))
     assert abs(rx - (sx + 44)) < 6 and abs(ry - sy) < 4, (rx, ry)
     assert rn > 0.5 * sn
+
+
+def test_training_resumes_from_the_package_weights_then_from_its_checkpoint(tmp_path):
+    """Two optimiser steps at batch 2: a fresh machine starts from the shipped fp16 weights, a second
+    run resumes from the full checkpoint, and the exported folder loads as a model with shapes defaults."""
+    import signal
+
+    from dragonctl.shapes import train
+    from dragonctl.spec import defaults_for
+
+    start = json.loads((shapes_model.WEIGHTS_DIR / "training.json").read_text())["step"]
+    handler = signal.getsignal(signal.SIGTERM)
+    common = ["--batch", "2", "--threads", "1", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck"),
+              "--export-dir", str(tmp_path / "model")]
+    assert train.main(["--steps", str(start + 2), *common]) == 0
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["step"] == start + 2
+    assert (tmp_path / "ck" / "state.pt").exists()
+    assert train.main(["--steps", str(start + 3), *common]) == 0
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["step"] == start + 3
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+    b = load_bundle(str(tmp_path / "model"))
+    assert b.prediction_type == "v_prediction"
+    assert defaults_for(str(tmp_path / "model"), "move") == defaults_for("shapes", "move")
+
+
+def test_learning_rate_warms_up_from_a_fresh_optimiser_and_cools_down():
+    import argparse
+
+    from dragonctl.shapes.train import learning_rate
+
+    args = argparse.Namespace(lr=1e-3, warmup=100, steps=1000, cooldown=200)
+    assert learning_rate(0, args) == pytest.approx(1e-5)
+    assert learning_rate(500, args) == pytest.approx(1e-3)
+    assert learning_rate(600, args, optimiser_start=600) == pytest.approx(1e-5)  # fresh optimiser: warm up again
+    assert learning_rate(900, args) == pytest.approx(1e-3 * (1 - 0.9 * 0.5))
+    assert learning_rate(1000, args) == learning_rate(2000, args) == pytest.approx(1e-4)

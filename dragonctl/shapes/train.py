@@ -70,11 +70,12 @@ def export(unet, null, out: Path, meta: dict) -> None:
     tmp.rmdir()
 
 
-def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """Warm-up, a constant plateau, then an optional linear cool-down to a tenth (it lowers the loss floor)."""
-    scale = min(1.0, (step + 1) / args.warmup)
+def learning_rate(step: int, args: argparse.Namespace, optimiser_start: int = 0) -> float:
+    """Warm-up (from the step a fresh optimiser started at), a constant plateau, then an optional
+    linear cool-down to a tenth (it lowers the loss floor)."""
+    scale = min(1.0, (step - optimiser_start + 1) / args.warmup)
     if args.cooldown and step > args.steps - args.cooldown:
-        scale *= 1.0 - 0.9 * (step - (args.steps - args.cooldown)) / args.cooldown
+        scale *= 1.0 - 0.9 * min(1.0, (step - (args.steps - args.cooldown)) / args.cooldown)
     return args.lr * scale
 
 
@@ -98,9 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export-dir", type=Path, default=shapes_model.WEIGHTS_DIR)
     args = ap.parse_args(argv)
     # Background jobs ignore SIGINT, so SIGTERM also means "save and stop".
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
+
+def train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     params = list(unet.parameters()) + list(null.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     step = 0
+    optimiser_start = 0
     history: list[dict] = []
 
     state_path = args.checkpoint_dir / "state.pt"
@@ -122,15 +130,18 @@ def main(argv: list[str] | None = None) -> int:
         step = int(state["step"])
         history = json.loads(state["history"])
         print(f"resumed from {state_path} at step {step}", flush=True)
-    elif (args.export_dir / "unet" / "diffusion_pytorch_model.safetensors").exists():
-        w = load_file(args.export_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    elif init_dir := next((d for d in (args.export_dir, shapes_model.WEIGHTS_DIR)
+                           if (d / "unet" / "diffusion_pytorch_model.safetensors").exists()), None):
+        # no checkpoint (a fresh machine): start from exported weights, the package's if none are there yet
+        w = load_file(init_dir / "unet" / "diffusion_pytorch_model.safetensors")
         unet.load_state_dict({k: v.float() for k, v in w.items()})
-        null.embedding.data.copy_(load_file(args.export_dir / "null_prompt.safetensors")["embedding"].float())
+        null.embedding.data.copy_(load_file(init_dir / "null_prompt.safetensors")["embedding"].float())
         ema_unet.load_state_dict(unet.state_dict())
         ema_null.load_state_dict(null.state_dict())
-        meta = json.loads((args.export_dir / "training.json").read_text())
+        meta = json.loads((init_dir / "training.json").read_text())
         step, history = int(meta["step"]), meta.get("history", [])
-        print(f"resumed from exported fp16 weights at step {step} (fresh optimiser)", flush=True)
+        optimiser_start = step
+        print(f"resumed from the fp16 weights in {init_dir} at step {step} (fresh optimiser)", flush=True)
 
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"shapes model: {n_params / 1e6:.2f} M parameters, device {device}, batch {args.batch}", flush=True)
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
             v = a.sqrt() * noise - (1 - a).sqrt() * z0
             for group in opt.param_groups:
-                group["lr"] = learning_rate(step, args)
+                group["lr"] = learning_rate(step, args, optimiser_start)
             with autocast:
                 pred = unet(zt, t, null(x0.shape[0])).sample
             loss = torch.nn.functional.mse_loss(pred.float(), v)
