@@ -333,3 +333,40 @@ def test_stored_and_recomputed_memory_banks_give_the_same_edit(tiny_sd, spec_for
     assert b.stats.unet_forward == a.stats.unet_forward + injected  # the recording pass
     assert b.stats.stored_kv_bytes > 0 and a.stats.stored_kv_bytes == 0
     assert np.abs(a.work_image.astype(int) - b.work_image.astype(int)).max() <= 1
+
+
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique2", "unique_dim",
+               "unique_consecutive", "item"}
+
+
+@pytest.mark.parametrize("mode", ["move", "drag", "appearance"])
+def test_the_step_loops_make_no_host_round_trips(tiny_sd, spec_for, mode):
+    """On a GPU these ops wait for the device (a value read to the host, or a data-dependent shape):
+    none may run inside the inversion and edit loops. Checked on the CPU with a dispatch mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        active = False
+        seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.active:
+                name = func.overloadpacket.__name__
+                bool_index = name in ("index", "index_put", "index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+                if name in SYNCING_OPS or bool_index:
+                    self.seen.append(f"{name} in {self.phase}")
+            return func(*args, **(kwargs or {}))
+
+    rec = Recorder()
+
+    def progress(phase: str, done: int, total: int) -> None:
+        # from the end of each loop's first step to its last: every later step runs inside
+        rec.phase, rec.active = phase, done < total
+
+    bundle = load_bundle(str(tiny_sd))
+    ls = load_spec(spec_for(mode, model=str(tiny_sd), steps=12, guidance={"method": "diffeditor", "time_travel_repeats": 2}))
+    with rec:
+        result = Editor(bundle).edit(ls.spec, load_inputs(ls), progress=progress)
+    assert result.stats.guided_steps > 0 and result.inversions >= 1
+    assert rec.seen == []
