@@ -251,7 +251,8 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
 
 
 UNetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t, context) → fp32 output
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# torch.compile modes, plus "eager": TorchDynamo capture without code generation (checks the graphs, fast to build)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "eager")
 
 
 def resolve_compile(setting: str, device: torch.device) -> str:
@@ -280,6 +281,8 @@ def unet_forward(unet: torch.nn.Module, dtype: torch.dtype, compile: str = "off"
         return lambda z, t, context: forward(z, t, context).float()
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
+    if compile == "eager":
+        backend = "eager"
     # `mode` is an inductor option; other backends (tests use a counting one) take none
     options = {"mode": compile} if backend == "inductor" else {}
     compiled = torch.compile(forward, dynamic=False, backend=backend, **options)

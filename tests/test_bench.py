@@ -61,3 +61,12 @@ def test_speed_benchmark_runs_at_tiny_size_and_counts_passes(tmp_path):
     assert paste["inversion_unet_calls"] == 12  # the source and the placed reference
     assert all(r["cuda_syncs_per_edit"] is None and r["total_s"] > 0 and r["plain_eager_s"] > 0 for r in runs)
     assert "| 32 | move | dragondiffusion | recompute |" in speed.table(results)
+
+
+def test_speed_benchmark_reports_compiled_rows_with_their_warm_up(tmp_path):
+    results = speed.run("tiny", (32,), ("move",), steps=4, device="cpu", log=lambda m: None, compiles=("off", "eager"))
+    eager, compiled = results["runs"]
+    assert (eager["compile"], compiled["compile"]) == ("off", "eager")
+    assert eager["compile_warmup_s"] == 0 and compiled["compile_warmup_s"] > 0
+    # the same schedule either way
+    assert (compiled["unet_forward"], compiled["unet_backward"]) == (eager["unet_forward"], eager["unet_backward"])

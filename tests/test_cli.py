@@ -35,6 +35,13 @@ def test_validate_exit_codes(spec_for, workdir):
     assert run("validate", str(workdir / "nothing-*.yaml")).exit_code == 2
 
 
+def test_bench_speed_refuses_unknown_settings_before_building_anything():
+    r = run("bench", "speed", "--size", "tiny", "--compile", "fast")
+    assert r.exit_code == 2 and "--compile is on or one of off, default, reduce-overhead" in r.output
+    assert run("bench", "speed", "--size", "tiny", "--kv-bank", "disk").exit_code == 2
+    assert "--compile" in run("edit", "--help").output
+
+
 def test_validate_json_records(spec_for):
     r = run("validate", "--json", str(spec_for("drag")))
     rec = json.loads(r.stdout.splitlines()[0])
