@@ -319,7 +319,7 @@ def invert(paths: Iterable[str | Path], opts: EditOptions | None = None, progres
             before = ed.inversions
             frame = ed.frame_for(inp.source, ls.spec.resolution)
             schedule = Schedule.from_config(ed.bundle.scheduler_config, ls.spec.steps)
-            plan = build_plan(ls.spec, inp, frame, ed.bundle.latent_factor, ed.bundle.device)
+            plan = build_plan(ls.spec, inp, frame, ed.bundle.latent_factor)  # for the placed reference only
             ed.memory_bank(ls.spec, inp, frame.image_to_work(inp.source), plan.reference_work, schedule, progress)
             reports.append(SpecReport(p, True, seconds=time.perf_counter() - t0, inversions=ed.inversions - before))
         except SpecError as e:

@@ -118,6 +118,10 @@ class Editor:
                                         spec.inversion_refine))
         return bank
 
+    def forget_trajectories(self) -> None:
+        """Drop the in-memory trajectories (the disk cache stays): the next edit of a source inverts it again."""
+        self._memo.clear()
+
     def _remember(self, key: str, latents: torch.Tensor) -> torch.Tensor:
         self._memo[key] = latents
         while len(self._memo) > self._memo_size:

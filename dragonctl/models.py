@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dragonctl.errors import ModelError
-from dragonctl.spec import SD15_MODEL, SHAPES_MODEL
+from dragonctl.spec import SD15_MODEL, SHAPES_MODEL, is_shapes_folder
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 FEATURE_BLOCKS = (1, 2)  # up_blocks whose outputs are the guidance features ("decoder layers 2 and 3")
@@ -133,7 +133,7 @@ def load_bundle(model: str = SD15_MODEL, device: str = "auto", dtype: str = "aut
         raise ModelError(f"model {model}: pickle checkpoints ({path.suffix}) can run code when loaded; "
                          "convert it to .safetensors or pass --allow-pickle if you trust it")
     if path.exists():
-        if path.is_dir() and (path / "null_prompt.safetensors").exists():
+        if is_shapes_folder(path):
             return _load_shapes(path, str(path), dev, dt)
         if path.is_file():
             return _load_single_file(path, dev, dt, local_files_only)

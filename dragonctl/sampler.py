@@ -79,8 +79,7 @@ def guided_edit(unet: torch.nn.Module, forward: UNetForward, dtype: torch.dtype,
         state.record = stored
         for i in sorted(steps.injected):
             state.step = i
-            with torch.no_grad():
-                unet_out(torch.cat([b[n - 1 - i] for b in branches.bank]), i, torch.cat(branches.cond))
+            unet_out(torch.cat([b[n - 1 - i] for b in branches.bank]), i, torch.cat(branches.cond))
         state.record = None
         stats.stored_kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _v in stored.values())
 

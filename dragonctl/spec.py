@@ -165,15 +165,15 @@ def configs_dir() -> Path:
 def family_for_model(model: str) -> str:
     """Which `configs/` family a model's defaults come from: the embedded model, or a folder of one
     trained with `python -m dragonctl.shapes.train --export-dir` (it has a null prompt), is "shapes"."""
-    if model == SHAPES_MODEL:
-        return "shapes"
+    return "shapes" if model == SHAPES_MODEL or is_shapes_folder(Path(model).expanduser()) else "sd15"
+
+
+def is_shapes_folder(path: Path) -> bool:
+    """A shapes-model folder (the package's, or one exported by the trainer): it holds a null prompt."""
     try:
-        folder = Path(model).expanduser()
-        if folder.is_dir() and (folder / "null_prompt.safetensors").is_file():
-            return "shapes"
+        return path.is_dir() and (path / "null_prompt.safetensors").is_file()
     except (OSError, ValueError):
-        pass
-    return "sd15"
+        return False
 
 
 @cache

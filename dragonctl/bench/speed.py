@@ -170,13 +170,13 @@ def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tu
                 editor = editors[(kv_bank, compile_mode)]  # no disk cache
                 warmup = 0.0
                 if compile_mode != "off":
-                    editor._memo.clear()
+                    editor.forget_trajectories()
                     _sync(dev)
                     tw = time.perf_counter()
                     editor.edit(spec, inp)
                     _sync(dev)
                     warmup = time.perf_counter() - tw
-                editor._memo.clear()  # a fresh source: this edit pays its inversion
+                editor.forget_trajectories()  # a fresh source: this edit pays its inversion
                 _peak_reset(dev)
                 _sync(dev)
                 t1 = time.perf_counter()
