@@ -3,6 +3,8 @@
 #   bash benchmarks/device.sh speed          the speed table: move at 512² and 768², eager and --compile on,
 #                                            then every mode at 512² eager (about 5-7 minutes on an H100)
 #   bash benchmarks/device.sh train MINUTES  a shapes-training chunk (batch 256), resumed from the package weights
+#   bash benchmarks/device.sh all SECONDS    one call for a whole lease: the eager table, the compiled move
+#                                            rows, then training for what is left of SECONDS
 # Carry `.whl` (diffusers and pydantic are not installed there). Results land in $OUT: speed.json and
 # speed_modes.json, or the exported model (copy it into dragonctl/shapes/weights/ and commit it).
 # At most 8 files come back from $OUT, so logs go to stdout only.
@@ -25,11 +27,25 @@ case "${1:-speed}" in
     python3 -m dragonctl bench speed --resolution 512 --out "$OUT/speed_modes.json"
     ;;
   train)
-    python3 -m dragonctl.shapes.train --device cuda --batch 256 --workers 12 --steps 1000000 \
-      --minutes "${2:-6}" --export-dir "$OUT/weights" 2>&1 | tail -40
+    python3 -m dragonctl.shapes.train --device cuda --batch 256 --workers 12 --steps 1000000 --lr 5e-4 \
+      --minutes "${2:-6}" --cooldown-share 0.5 --save-every 1000 --export-dir "$OUT/weights" 2>&1 | tail -40
+    ;;
+  all)
+    # Each stage is capped so that the next still runs; bench speed saves its JSON after every row.
+    budget=${2:-540}
+    timeout 170 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
+      --mode drag --mode appearance --mode paste --out "$OUT/speed_eager.json" 2>&1 | grep -v Warning
+    timeout 220 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --compile on \
+      --out "$OUT/speed_compiled.json" 2>&1 | grep -v Warning
+    left=$((budget - SECONDS - 45))
+    if [ "$left" -gt 60 ]; then
+      python3 -m dragonctl.shapes.train --device cuda --batch 256 --workers 12 --steps 1000000 --lr 5e-4 \
+        --minutes "$(python3 -c "print($left / 60)")" --cooldown-share 0.5 --save-every 1000 \
+        --export-dir "$OUT/weights" 2>&1 | grep -v "^step .*[1-9]25/\|^step .*[0-9]50/\|^step .*75/" | tail -40
+    fi
     ;;
   *)
-    echo "usage: bash benchmarks/device.sh speed | train MINUTES" >&2
+    echo "usage: bash benchmarks/device.sh speed | train MINUTES | all SECONDS" >&2
     exit 2
     ;;
 esac

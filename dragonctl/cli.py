@@ -380,7 +380,8 @@ def bench_speed(
     if set(compile) - {"on", *COMPILE_MODES}:
         _usage(f"--compile is on or one of {', '.join(COMPILE_MODES)}")
     results = speed.run(size, tuple(resolution), tuple(mode) if mode else speed.MODES, steps, model, device, dtype,
-                        tuple(method), log=_err, kv_banks=tuple(kv_bank), compiles=tuple(compile))
+                        tuple(method), log=_err, kv_banks=tuple(kv_bank), compiles=tuple(compile),
+                        on_row=lambda partial: speed.save(partial, out))  # finished rows survive an interrupted run
     speed.save(results, out)
     typer.echo(speed.table(results))
     _err(f"wrote {out}")

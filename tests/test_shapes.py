@@ -96,3 +96,19 @@ def test_learning_rate_warms_up_from_a_fresh_optimiser_and_cools_down():
     assert learning_rate(600, args, optimiser_start=600) == pytest.approx(1e-5)  # fresh optimiser: warm up again
     assert learning_rate(900, args) == pytest.approx(1e-3 * (1 - 0.9 * 0.5))
     assert learning_rate(1000, args) == learning_rate(2000, args) == pytest.approx(1e-4)
+
+
+def test_a_timed_chunk_ends_where_its_measured_speed_reaches_and_cools_down_over_its_share():
+    import argparse
+
+    from dragonctl.shapes.train import learning_rate, plan_end
+
+    args = argparse.Namespace(lr=1e-3, warmup=100, steps=1_000_000, cooldown=0, cooldown_share=0.5)
+    plan_end(args, run_start=18_500, step=18_600, steps_per_s=20.0, seconds_left=100.0)
+    assert args.steps == 18_600 + int(20 * 100 * 0.95)  # a 5 % margin for the save at the end
+    assert args.cooldown == (args.steps - 18_500) // 2
+    assert learning_rate(args.steps - args.cooldown, args, optimiser_start=18_500) == pytest.approx(1e-3)
+    assert learning_rate(args.steps, args, optimiser_start=18_500) == pytest.approx(1e-4)
+    args = argparse.Namespace(lr=1e-3, warmup=100, steps=19_000, cooldown=0, cooldown_share=0.5)
+    plan_end(args, run_start=18_500, step=18_600, steps_per_s=20.0, seconds_left=100.0)
+    assert args.steps == 19_000  # never past --steps

@@ -71,7 +71,8 @@ def build_bundle(size: str, model: str | None, device: str, dtype: str):
         return load_bundle(model, device, dtype)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    c = build_components(size)
+    with dev:  # random initialisation of ~1 B parameters takes seconds on a GPU, tens of seconds on CPU cores
+        c = build_components(size)
     return sd_bundle(f"random-{size}", c["unet"].to(dt), c["vae"].to(dt), c["tokenizer"], c["text_encoder"].to(dt),
                      dict(c["scheduler"].config), dev, dt, f"random-{size}")
 
@@ -136,7 +137,7 @@ def plain_eager(bundle, batch_rows: list[int], guided: int, latent_hw: tuple[int
 def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tuple[str, ...] = MODES,
         steps: int = 50, model: str | None = None, device: str = "auto", dtype: str = "auto",
         methods: tuple[str, ...] = ("dragondiffusion",), log=print, kv_banks: tuple[str, ...] = ("recompute",),
-        compiles: tuple[str, ...] = ("off",)) -> dict:
+        compiles: tuple[str, ...] = ("off",), on_row=None) -> dict:
     """Time full edits per resolution × mode × method × K/V bank × compile setting.
 
     One `Editor` per (K/V bank, compile) setting serves every edit, as a batch would: a compiled
@@ -212,6 +213,8 @@ def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tu
                        "peak_memory_mb": round(peak, 1), "plain_eager_s": round(plain, 3),
                        "ratio_vs_plain": round(wall / plain, 3) if plain > 0 else None}
                 results["runs"].append(row)
+                if on_row is not None:
+                    on_row(results)
                 log(f"{res}px {mode:10s} {method:15s} {kv_bank:9s} compile {compile_mode:15s} "
                     f"total {wall:7.2f} s (inv {row['inversion_s']:.2f}, "
                     f"edit {row['editing_s']:.2f}, decode {row['decode_s']:.2f}), re-edit {re_edit:.2f} s, "
@@ -233,6 +236,8 @@ def table(results: dict) -> str:
 
 
 def save(results: dict, path: Path) -> None:
+    from dragonctl.files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write(path, (json.dumps(results, indent=2) + "\n").encode())
 

@@ -79,6 +79,14 @@ def learning_rate(step: int, args: argparse.Namespace, optimiser_start: int = 0)
     return args.lr * scale
 
 
+def plan_end(args: argparse.Namespace, run_start: int, step: int, steps_per_s: float, seconds_left: float) -> None:
+    """Fix a timed run's last step from its measured speed, and its cool-down as a share of the run."""
+    end = min(args.steps, step + max(1, int(steps_per_s * seconds_left * 0.95)))
+    args.cooldown = max(1, int(args.cooldown_share * (end - run_start)))
+    args.steps = end
+    print(f"{steps_per_s:.1f} steps/s: ending at step {end}, cooling down over the last {args.cooldown}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dragonctl.shapes.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--cooldown", type=int, default=0,
                     help="decay the learning rate linearly to 10%% over the last N steps before --steps")
+    ap.add_argument("--cooldown-share", type=float, default=0.0,
+                    help="with --minutes: end at the step the measured speed reaches in that time, cooling down "
+                         "over this share of the run's steps (a timed chunk, e.g. on a lent GPU)")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +163,7 @@ def train(args: argparse.Namespace) -> int:
     batches = pool.imap(make_batch, jobs, chunksize=4) if pool else map(make_batch, jobs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     running = None
+    run_start, timed_from = step, None
 
     def save() -> None:
         meta = {"step": step, "seed": args.seed, "batch": args.batch, "lr": args.lr, "history": history}
@@ -188,6 +200,10 @@ def train(args: argparse.Namespace) -> int:
                 for e, p in zip(list(ema_unet.parameters()) + list(ema_null.parameters()), params):
                     e.lerp_(p, 1 - decay)
             step += 1
+            if args.minutes is not None and args.cooldown_share > 0 and step - run_start == 50:
+                timed_from = timed_from or time.time()
+            if timed_from is not None and step - run_start == 100:
+                plan_end(args, run_start, step, 50 / (time.time() - timed_from), args.minutes * 60 - (time.time() - t_start))
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if step % 25 == 0:
                 el = time.time() - t_start
@@ -196,7 +212,7 @@ def train(args: argparse.Namespace) -> int:
                 history.append({"step": step, "loss": round(running, 5)})
             if step % args.save_every == 0:
                 save()
-            if args.minutes is not None and time.time() - t_start > args.minutes * 60:
+            if step >= args.steps or (args.minutes is not None and time.time() - t_start > args.minutes * 60):
                 break
     except KeyboardInterrupt:
         print("interrupted: saving", flush=True)
