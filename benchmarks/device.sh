@@ -32,16 +32,19 @@ case "${1:-speed}" in
     ;;
   all)
     # Each stage is capped so that the next still runs; bench speed saves its JSON after every row.
+    # Output goes to files, not pipes: inductor's compile workers outlive a killed stage and would hold
+    # a pipe open (a first lease lost 75 s that way).
     budget=${2:-540}
-    timeout 170 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
-      --mode drag --mode appearance --mode paste --out "$OUT/speed_eager.json" 2>&1 | grep -v Warning
-    timeout 220 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --compile on \
-      --out "$OUT/speed_compiled.json" 2>&1 | grep -v Warning
-    left=$((budget - SECONDS - 45))
+    stage() { local cap=$1; shift; timeout -k 5 "$cap" "$@" >/tmp/stage.log 2>&1; grep -v "Warning\|should be kept in float32" /tmp/stage.log | tail -30; }
+    stage 170 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
+      --mode drag --mode appearance --mode paste --out "$OUT/speed_eager.json"
+    stage 220 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --compile on \
+      --out "$OUT/speed_compiled.json"
+    left=$((budget - SECONDS - 60))
     if [ "$left" -gt 60 ]; then
-      python3 -m dragonctl.shapes.train --device cuda --batch 256 --workers 12 --steps 1000000 --lr 5e-4 \
-        --minutes "$(python3 -c "print($left / 60)")" --cooldown-share 0.5 --save-every 1000 \
-        --export-dir "$OUT/weights" 2>&1 | grep -v "^step .*[1-9]25/\|^step .*[0-9]50/\|^step .*75/" | tail -40
+      stage $((left + 50)) python3 -m dragonctl.shapes.train --device cuda --batch 256 --workers 12 --steps 1000000 \
+        --lr 5e-4 --minutes "$(python3 -c "print($left / 60)")" --cooldown-share 0.5 --save-every 1000 \
+        --export-dir "$OUT/weights"
     fi
     ;;
   *)

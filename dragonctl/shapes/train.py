@@ -164,6 +164,7 @@ def train(args: argparse.Namespace) -> int:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     running = None
     run_start, timed_from = step, None
+    waited, ready = 0.0, time.time()  # time spent waiting for batches: is the run data-bound?
 
     def save() -> None:
         meta = {"step": step, "seed": args.seed, "batch": args.batch, "lr": args.lr, "history": history}
@@ -177,6 +178,7 @@ def train(args: argparse.Namespace) -> int:
 
     try:
         for x_np in batches:
+            waited += time.time() - ready
             x0 = torch.from_numpy(x_np).to(device)
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             noise = torch.randn(x0.shape, generator=g).to(device)
@@ -207,11 +209,13 @@ def train(args: argparse.Namespace) -> int:
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if step % 25 == 0:
                 el = time.time() - t_start
-                print(f"step {step}/{args.steps} loss {running:.4f} {el / 60:.1f} min", flush=True)
+                print(f"step {step}/{args.steps} loss {running:.4f} {el / 60:.1f} min, "
+                      f"{100 * waited / el:.0f} % waiting for data", flush=True)
             if step % 100 == 0:
                 history.append({"step": step, "loss": round(running, 5)})
             if step % args.save_every == 0:
                 save()
+            ready = time.time()
             if step >= args.steps or (args.minutes is not None and time.time() - t_start > args.minutes * 60):
                 break
     except KeyboardInterrupt:
