@@ -17,6 +17,7 @@ import torch
 from dragonctl.attention import BankControl
 from dragonctl.cache import TrajectoryCache, trajectory_key
 from dragonctl.errors import EditInterrupted
+from dragonctl.features import feature_forward
 from dragonctl.geometry import Frame, working_size
 from dragonctl.inputs import EditInputs
 from dragonctl.inversion import invert
@@ -58,8 +59,10 @@ class Editor:
             raise ValueError("compile works with kv_bank 'recompute' only")
         self.bundle = bundle
         self.kv_bank = kv_bank
-        # The step loop's full UNet calls (inversion, CFG and bank rows), compiled on request.
+        # The step loop's full UNet calls (inversion, CFG and bank rows) and the guided steps' truncated
+        # forward with its backward, compiled on request.
         self.forward = unet_forward(bundle.unet, bundle.dtype, compile, compile_backend)
+        self.features = feature_forward(bundle.unet, compile, compile_backend)
         self.bank_control = BankControl(bundle.unet, bundle.decoder_self_attention)
         self.cache = cache or TrajectoryCache(enabled=False)
         self.inversions = 0
@@ -160,7 +163,7 @@ class Editor:
         steps = StepPlan.build(spec.guidance, spec.steps)
         with self.bank_control as state:
             z0, stats = guided_edit(
-                b.unet, self.forward, b.dtype, b.prediction_type, schedule, plan, steps, spec.guidance,
+                self.features, self.forward, b.dtype, b.prediction_type, schedule, plan, steps, spec.guidance,
                 Branches(bank=bank, cond=cond, uncond=uncond),
                 state, grids, generator, tick, self.kv_bank)
         t2 = time.perf_counter()

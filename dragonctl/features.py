@@ -1,46 +1,86 @@
 """Decoder features for the energies: outputs of up_blocks 1 and 2, from a forward that stops there.
 
-Forward hooks capture the two blocks' outputs and the second hook stops the forward by raising, so
-the rest of the decoder never runs (and never enters the autograd graph). No UNet code is copied.
+The truncated forward calls the UNet's own modules in the order of diffusers'
+`UNet2DConditionModel.forward` (time embedding, conv_in, down blocks, mid block, up blocks) and
+returns after the last block asked for, so the rest of the decoder never runs and never enters the
+autograd graph. It is plain module calls with no hooks and no exceptions, so `torch.compile` can
+capture it whole, forward and backward (CUDA graphs for the guided steps under `--compile`). It
+covers the UNets the method runs on (SD 1.x/2.x and the shapes model): no class or added embeddings.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from dragonctl.models import FEATURE_BLOCKS
+from dragonctl.models import FEATURE_BLOCKS, compile_call, unsupported_embeddings
+
+FeatureForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]  # (z, t, context) → features
 
 FEATURE_UPSCALE = 2  # the common feature grid is twice the latent grid (H/4 × W/4 for SD), as in the reference
 
 
-class _Stop(Exception):
-    pass
+def check_truncatable(unet: torch.nn.Module) -> None:
+    """Refuse UNets whose forward has inputs the truncated forward does not reproduce."""
+    if extras := unsupported_embeddings(unet):
+        raise ValueError(f"decoder features: UNets with {', '.join(extras)} are not supported")
 
 
 def decoder_features(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor | int,
                      context: torch.Tensor, blocks: tuple[int, ...] = FEATURE_BLOCKS) -> list[torch.Tensor]:
     """Outputs of the given up_blocks (default 1 and 2; after their upsamplers), each B×C×h×w in the UNet's dtype."""
-    captured: dict[int, torch.Tensor] = {}
+    check_truncatable(unet)
     last = max(blocks)
+    # sizes the upsamplers cannot reach by doubling are passed on explicitly, as diffusers does
+    odd_size = any(s % 2**unet.num_upsamplers for s in z.shape[-2:])
+    emb = unet.time_embedding(unet.get_time_embed(sample=z, timestep=t), None)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    context = unet.process_encoder_hidden_states(encoder_hidden_states=context, added_cond_kwargs=None)
 
-    def hook(index: int):
-        def fn(_module, _inputs, output):
-            captured[index] = output
-            if index == last:
-                raise _Stop
+    h = unet.conv_in(z)
+    skips: tuple[torch.Tensor, ...] = (h,)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=context)
+        else:
+            h, res = block(hidden_states=h, temb=emb)
+        skips += res
+    if unet.mid_block is not None:
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            h = unet.mid_block(h, emb, encoder_hidden_states=context)
+        else:
+            h = unet.mid_block(h, emb)
 
-        return fn
+    out: dict[int, torch.Tensor] = {}
+    n_up = len(unet.up_blocks)
+    for i, block in enumerate(unet.up_blocks[: last + 1]):
+        n = len(block.resnets)
+        res, skips = skips[-n:], skips[:-n]
+        size = skips[-1].shape[2:] if odd_size and i < n_up - 1 else None
+        if getattr(block, "has_cross_attention", False):
+            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=context,
+                      upsample_size=size)
+        else:
+            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
+        out[i] = h
+    return [out[i] for i in blocks]
 
-    handles = [unet.up_blocks[i].register_forward_hook(hook(i)) for i in blocks]
-    try:
-        unet(z, t, encoder_hidden_states=context)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return [captured[i] for i in blocks]
+
+def feature_forward(unet: torch.nn.Module, compile: str = "off", backend: str | Callable = "inductor") -> FeatureForward:
+    """The guided steps' truncated forward (up_blocks 1 and 2), optionally compiled with its backward.
+
+    The features feed the energies and the backward right away, before the next compiled call
+    starts a new CUDA-graph step, so they need no copy.
+    """
+    check_truncatable(unet)
+
+    def forward(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        return decoder_features(unet, z, t, context)
+
+    return forward if compile == "off" else compile_call(forward, compile, backend)
 
 
 def to_grid(features: list[torch.Tensor], grid_hw: tuple[int, int]) -> list[torch.Tensor]:

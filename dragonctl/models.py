@@ -107,11 +107,22 @@ def find_decoder_self_attention(unet: torch.nn.Module) -> list[str]:
     return names
 
 
+def unsupported_embeddings(unet: torch.nn.Module) -> list[str]:
+    """UNet inputs the truncated feature forward does not reproduce (SD 1.x/2.x and the shapes model have none)."""
+    cfg = unet.config
+    return [what for what, present in (("class embeddings", getattr(unet, "class_embedding", None) is not None),
+                                       ("added embeddings", cfg.get("addition_embed_type") is not None),
+                                       ("center_input_sample", bool(cfg.get("center_input_sample")))) if present]
+
+
 def check_structure(unet: torch.nn.Module, name: str) -> list[str]:
     ups = getattr(unet, "up_blocks", None)
     if ups is None or len(ups) <= max(FEATURE_BLOCKS):
         raise ModelError(f"model {name}: the method needs a UNet decoder with at least {max(FEATURE_BLOCKS) + 1} "
                          "up blocks (features come from up_blocks 1 and 2)")
+    if extras := unsupported_embeddings(unet):
+        raise ModelError(f"model {name}: UNets with {', '.join(extras)} are not supported (the guidance features "
+                         "come from a truncated forward that has no such inputs)")
     attn = find_decoder_self_attention(unet)
     if not attn:
         raise ModelError(f"model {name}: the UNet decoder has no self-attention layers, so there is no memory bank")
@@ -262,16 +273,33 @@ def resolve_compile(setting: str, device: torch.device) -> str:
     return setting
 
 
+def compile_call(fn: Callable, compile: str, backend: str | Callable = "inductor") -> Callable:
+    """`fn` under torch.compile with static shapes (`dynamic=False`): each batch shape is captured once;
+    under "reduce-overhead" on CUDA each becomes a CUDA graph, and every call starts a new graph step
+    (the previous call's outputs may be overwritten from then on, so callers copy or consume them)."""
+    if compile not in COMPILE_MODES or compile == "off":
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES[1:])}, not {compile!r}")
+    if compile == "eager":
+        backend = "eager"
+    # `mode` is an inductor option; other backends (tests use a counting one) take none
+    options = {"mode": compile} if backend == "inductor" else {}
+    compiled = torch.compile(fn, dynamic=False, backend=backend, **options)
+
+    def call(z: torch.Tensor, *args):
+        if z.device.type == "cuda" and compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(z, *args)
+
+    return call
+
+
 def unet_forward(unet: torch.nn.Module, dtype: torch.dtype, compile: str = "off",
                  backend: str | Callable = "inductor") -> UNetForward:
     """The full UNet call of the step loop (CFG rows, memory-bank rows, inversion), optionally compiled.
 
     Timesteps arrive as device tensors: a Python int would make diffusers build a tensor on the host
     and copy it every call (and make torch.compile specialise, i.e. recompile, on every timestep).
-    Shapes are compiled static (`dynamic=False`): a handful of batch sizes per edit, each captured
-    once; under "reduce-overhead" on CUDA each becomes a CUDA graph. Outputs are copied out of the
-    graph's buffers, which the next replay overwrites. The guidance forward (truncated after
-    up_blocks[2], with a backward) stays eager.
+    Outputs are copied out of the graph's buffers, which the next replay overwrites.
     """
 
     def forward(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -279,17 +307,5 @@ def unet_forward(unet: torch.nn.Module, dtype: torch.dtype, compile: str = "off"
 
     if compile == "off":
         return lambda z, t, context: forward(z, t, context).float()
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {compile!r}")
-    if compile == "eager":
-        backend = "eager"
-    # `mode` is an inductor option; other backends (tests use a counting one) take none
-    options = {"mode": compile} if backend == "inductor" else {}
-    compiled = torch.compile(forward, dynamic=False, backend=backend, **options)
-
-    def call(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        if z.device.type == "cuda" and compile == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        return compiled(z, t, context).to(torch.float32, copy=True)
-
-    return call
+    compiled = compile_call(forward, compile, backend)
+    return lambda z, t, context: compiled(z, t, context).to(torch.float32, copy=True)

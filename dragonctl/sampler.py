@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dragonctl.attention import BankState
-from dragonctl.features import decoder_features, to_grid
+from dragonctl.features import FeatureForward, to_grid
 from dragonctl.models import UNetForward
 from dragonctl.modes import EditPlan, Grids
 from dragonctl.schedules import Schedule, StepPlan, ddim_step, ddim_variance, inversion_step, to_eps
@@ -42,12 +42,13 @@ class Branches:
     uncond: torch.Tensor
 
 
-def guided_edit(unet: torch.nn.Module, forward: UNetForward, dtype: torch.dtype, prediction_type: str,
+def guided_edit(features: FeatureForward, forward: UNetForward, dtype: torch.dtype, prediction_type: str,
                 schedule: Schedule, plan: EditPlan, steps: StepPlan, g: Guidance, branches: Branches,
                 state: BankState, grids: Grids, generator: torch.Generator,
                 progress: Callable[[], None] | None = None,
                 kv_bank: str = "recompute") -> tuple[torch.Tensor, SamplerStats]:
-    """Run the edit loop; `forward` is the (possibly compiled) full UNet call, `unet` serves the guidance forward."""
+    """Run the edit loop; `forward` is the full UNet call, `features` the guided steps' truncated one
+    (both possibly compiled)."""
     dev = branches.uncond.device
     n = schedule.steps
     stats = SamplerStats()
@@ -111,7 +112,7 @@ def guided_edit(unet: torch.nn.Module, forward: UNetForward, dtype: torch.dtype,
         ctx = torch.cat(branches.cond + [c_gen, c_gen])
         with torch.enable_grad():
             stats.unet_forward += 1
-            feats = to_grid(decoder_features(unet, torch.cat(rows).to(dtype), t_dev[i], ctx), grids.feature_hw)
+            feats = to_grid(features(torch.cat(rows).to(dtype), t_dev[i], ctx), grids.feature_hw)
             refs = [[f[k] for f in feats] for k in range(nb)]
             e_edit = plan.edit_energy([f[nb] for f in feats], refs)
             e_content = plan.content_energy([f[nb + 1] for f in feats], refs)

@@ -39,6 +39,20 @@ def test_unet_without_the_decoder_the_method_needs(tmp_path, tiny_sd):
         load_bundle(str(folder))
 
 
+def test_unet_with_inputs_the_feature_forward_lacks_is_refused_at_load(tmp_path, tiny_sd):
+    import json
+    import shutil
+
+    folder = tmp_path / "classy"
+    shutil.copytree(tiny_sd, folder)
+    cfg_path = folder / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["center_input_sample"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="center_input_sample are not supported"):
+        load_bundle(str(folder))
+
+
 @pytest.mark.parametrize("name,data,message", [
     ("model.ckpt", b"not loaded", "--allow-pickle"),  # pickle formats are refused before any read
     ("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}", "cannot load as a single-file SD checkpoint"),
