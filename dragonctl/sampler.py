@@ -103,19 +103,23 @@ def guided_edit(features: FeatureForward, forward: UNetForward, dtype: torch.dty
         return eps
 
     def energy_gradient(z: torch.Tensor, i: int) -> torch.Tensor:
+        # The bank's features need no gradient: a forward of their own, so the backward (and the
+        # activations it keeps) covers only the two rows that need one. to_grid copies them out of a
+        # compiled call's buffers before the next call.
+        stats.unet_forward += 2
+        with torch.no_grad():
+            bank_rows = torch.cat([b[n - i] for b in branches.bank]).to(dtype)
+            bank_feats = to_grid(features(bank_rows, t_dev[i], torch.cat(branches.cond)), grids.feature_hw)
+        refs = [[f[k] for f in bank_feats] for k in range(nb)]
+        # Two copies of z: the edit energy is read from one and the content energy from the other, so
+        # a single backward gives both gradients of the regional rule.
         z_edit = z.detach().clone().requires_grad_(True)
         z_content = z.detach().clone().requires_grad_(True)
-        # One truncated forward for the bank's features and two copies of z: the edit energy is read
-        # from one copy and the content energy from the other, so a single backward gives both
-        # gradients of the regional rule.
-        rows = [b[n - i] for b in branches.bank] + [z_edit, z_content]
-        ctx = torch.cat(branches.cond + [c_gen, c_gen])
         with torch.enable_grad():
-            stats.unet_forward += 1
-            feats = to_grid(features(torch.cat(rows).to(dtype), t_dev[i], ctx), grids.feature_hw)
-            refs = [[f[k] for f in feats] for k in range(nb)]
-            e_edit = plan.edit_energy([f[nb] for f in feats], refs)
-            e_content = plan.content_energy([f[nb + 1] for f in feats], refs)
+            feats = to_grid(features(torch.cat([z_edit, z_content]).to(dtype), t_dev[i], c_gen.expand(2, -1, -1)),
+                            grids.feature_hw)
+            e_edit = plan.edit_energy([f[0] for f in feats], refs)
+            e_content = plan.content_energy([f[1] for f in feats], refs)
             total = e_edit + e_content
             if total.requires_grad:
                 stats.unet_backward += 1

@@ -55,8 +55,9 @@ def test_speed_benchmark_runs_at_tiny_size_and_counts_passes(tmp_path):
     speed.save(results, tmp_path / "speed.json")
     runs = json.loads((tmp_path / "speed.json").read_text())["runs"]
     move = next(r for r in runs if r["mode"] == "move")
-    # 6 inversion calls, 6 edit steps, 4 guided steps (i < 0.6·6) each one truncated forward + one backward
-    assert (move["inversion_unet_calls"], move["unet_forward"], move["unet_backward"]) == (6, 16, 4)
+    # 6 inversion calls, 6 edit steps, 4 guided steps (i < 0.6·6), each two truncated forwards (the bank's
+    # without grad, the edited latent's with) and one backward
+    assert (move["inversion_unet_calls"], move["unet_forward"], move["unet_backward"]) == (6, 20, 4)
     paste = next(r for r in runs if r["mode"] == "paste")
     assert paste["inversion_unet_calls"] == 12  # the source and the placed reference
     assert all(r["cuda_syncs_per_edit"] is None and r["total_s"] > 0 and r["plain_eager_s"] > 0 for r in runs)

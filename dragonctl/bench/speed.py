@@ -105,7 +105,7 @@ def write_specs(folder: Path, resolution: int, steps: int) -> dict[str, Path]:
     return out
 
 
-def plain_eager(bundle, batch_rows: list[int], guided: int, latent_hw: tuple[int, int], steps: int,
+def plain_eager(bundle, batch_rows: list[int], guided: int, n_bank: int, latent_hw: tuple[int, int], steps: int,
                 inversion: bool) -> float:
     """The same UNet calls (batch sizes, truncated guidance forwards, backwards) with no method logic."""
     from dragonctl.features import decoder_features
@@ -126,9 +126,11 @@ def plain_eager(bundle, batch_rows: list[int], guided: int, latent_hw: tuple[int
             z = torch.randn(rows, c, h, w, device=dev, dtype=b.dtype)
             b.unet(z, 500, encoder_hidden_states=ctx.expand(rows, -1, -1))
     for _ in range(guided):
-        z = torch.randn(3, c, h, w, device=dev, dtype=torch.float32, requires_grad=True)
+        with torch.no_grad():
+            decoder_features(b.unet, torch.randn(n_bank, c, h, w, device=dev, dtype=b.dtype), 500, ctx.expand(n_bank, -1, -1))
+        z = torch.randn(2, c, h, w, device=dev, dtype=torch.float32, requires_grad=True)
         with torch.enable_grad():
-            feats = decoder_features(b.unet, z.to(b.dtype), 500, ctx.expand(3, -1, -1))
+            feats = decoder_features(b.unet, z.to(b.dtype), 500, ctx.expand(2, -1, -1))
             torch.autograd.grad(sum(f.float().mean() for f in feats), [z])
     _sync(dev)
     return time.perf_counter() - t0
@@ -201,7 +203,7 @@ def run(size: str = "sd15", resolutions: tuple[int, ...] = (512, 768), modes: tu
                 rows += [n_bank] * (len(plan.injected) if kv_bank == "stored" else 0)
                 n_inv = result.inversion_unet_calls
                 # the better of two runs: the baseline is a floor, and GPU clocks vary between runs
-                plain = min(plain_eager(bundle, rows, st.unet_backward, latent_hw, n_inv, True) for _ in range(2))
+                plain = min(plain_eager(bundle, rows, st.unet_backward, n_bank, latent_hw, n_inv, True) for _ in range(2))
                 row = {"resolution": res, "work_hw": [frame.work_h, frame.work_w], "mode": mode, "method": method,
                        "kv_bank": kv_bank, "compile": compile_mode, "warmup_s": round(warmup, 3),
                        "stored_kv_mb": round(st.stored_kv_bytes / 2**20, 1),
