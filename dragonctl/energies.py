@@ -69,6 +69,36 @@ def contrast(cur: Features, ref: Features, idx: torch.Tensor, weight: float, lay
     return total
 
 
+# The structure term compares cell-by-cell similarity matrices: at most this many cells (evenly
+# spread over the region) keep them small (1024² entries per stage) on any image size.
+STRUCTURE_CELLS = 1024
+
+
+def self_similarity(f: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity between every pair of cells of a C×K feature set → K×K."""
+    n = F.normalize(f, dim=0, eps=1e-6)
+    return n.T @ n
+
+
+def structure(cur: Features, ref: Features, idx: torch.Tensor, weight: float) -> torch.Tensor:
+    """Σ_f w·mean |SS(cur[idx]) − SS(ref[idx])|: the region keeps its layout (which of its cells look
+    alike: the object's cells one another, unlike the background's). It depends on how alike cells
+    are, not on what they look like, so it holds the shape while the appearance term recolours it."""
+    total = cur[0].new_zeros(())
+    if idx.numel() < 2 or weight == 0:
+        return total
+    for fc, fr in zip(cur, ref):
+        total = total + weight * (self_similarity(_cells(fc, idx)) - self_similarity(_cells(fr, idx))).abs().mean()
+    return total
+
+
+def spread(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """At most n of the indices, evenly spaced (all of them when there are fewer)."""
+    if idx.numel() <= n:
+        return idx
+    return idx[torch.linspace(0, idx.numel() - 1, n, device=idx.device).round().long()]
+
+
 def cells(mask: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """A mask's flat cell indices, on the device the features live on.
 
@@ -124,10 +154,12 @@ def content_energy(cur: Features, ref: Features, keep: torch.Tensor, w_content: 
     return local_match(cur, ref, keep, keep, w_content, layer_weight=layer_weight)
 
 
-def appearance_edit_energy(cur: Features, ref: Features, object_idx: torch.Tensor, ref_idx: torch.Tensor,
-                           w_edit: float) -> torch.Tensor:
-    """The object's mean feature should be the reference object's (global, mean-pooled appearance)."""
-    return global_match(cur, ref, object_idx, ref_idx, w_edit)
+def appearance_edit_energy(cur: Features, ref: Features, src: Features, object_idx: torch.Tensor,
+                           ref_idx: torch.Tensor, structure_idx: torch.Tensor, w_edit: float,
+                           w_structure: float) -> torch.Tensor:
+    """The object's mean feature should be the reference object's (global, mean-pooled appearance),
+    while its region keeps the source's layout (the structure term; mean pooling has no shape)."""
+    return global_match(cur, ref, object_idx, ref_idx, w_edit) + structure(cur, src, structure_idx, w_structure)
 
 
 def paste_edit_energy(cur: Features, ref: Features, object_idx: torch.Tensor, w_edit: float) -> torch.Tensor:

@@ -233,8 +233,12 @@ def _two_image_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev
         def edit_energy(cur, refs):
             return energies.paste_edit_energy(cur, refs[1], ref_idx, w_edit)
     else:
+        structure_idx = energies.spread(obj_idx, energies.STRUCTURE_CELLS)
+        w_structure = spec.guidance.w_structure
+
         def edit_energy(cur, refs):
-            return energies.appearance_edit_energy(cur, refs[1], obj_idx, ref_idx, w_edit)
+            return energies.appearance_edit_energy(cur, refs[1], refs[0], obj_idx, ref_idx, structure_idx, w_edit,
+                                                   w_structure)
 
     def content_energy(cur, refs):
         return energies.content_energy(cur, refs[0], keep, w_content)

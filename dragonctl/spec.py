@@ -77,6 +77,7 @@ class Guidance(_Model):
     w_content: NonNeg
     w_contrast: NonNeg
     w_inpaint: NonNeg
+    w_structure: NonNeg
     guide_until: Fraction
     dense_until: Fraction
     inject_from: Fraction

@@ -44,7 +44,9 @@ CASES = {
         cur, ref, [E.drag_pair(torch.tensor([0, 1, 7, 8]), torch.tensor([2, 3, 9, 10]))], 4.0, 0.2),
     "content": lambda ref: lambda cur: E.content_energy(cur, ref, mask(cells=[(3, 3), (4, 4)]), 6.0),
     "appearance_edit": lambda ref: lambda cur: E.appearance_edit_energy(
-        cur, ref, mask(cells=[(1, 1), (1, 2)]), mask(cells=[(4, 4), (5, 5)]), 3.5),
+        cur, ref, feats(5), mask(cells=[(1, 1), (1, 2)]), mask(cells=[(4, 4), (5, 5)]),
+        mask(cells=[(1, 1), (1, 2), (2, 1)]), 3.5, 1.0),
+    "structure": lambda ref: lambda cur: E.structure(cur, ref, mask(cells=[(1, 1), (1, 2), (2, 1), (2, 2)]), 1.0),
     "paste_edit": lambda ref: lambda cur: E.paste_edit_energy(cur, ref, mask(cells=[(2, 2), (2, 3), (3, 2)]), 4.0),
 }
 
@@ -100,3 +102,31 @@ def test_drag_pair_vacates_only_the_handle_cells_the_target_leaves():
     handle, target, vacated = E.drag_pair(torch.tensor([0, 1, 7, 8]), torch.tensor([1, 2, 8, 9]))
     assert vacated.tolist() == [0, 7]
     assert E.cells(torch.tensor([[False, True], [True, False]])).tolist() == [1, 2]
+
+
+def test_structure_sees_layout_not_appearance():
+    """Two-cell-kind regions (an object on a background): new looks for both kinds, as unlike each
+    other as before, keep the structure energy at zero; moving the object's boundary does not."""
+    c, h, w = 8, 4, 4
+    obj_a, bg_a, obj_b, bg_b = torch.eye(c)[:4] * torch.tensor([1.0, 2.0, 3.0, 0.5])[:, None]
+
+    def scene(obj, bg, object_cells):
+        f = bg[:, None, None].expand(c, h, w).clone()
+        for y, x in object_cells:
+            f[:, y, x] = obj
+        return [f, f * 2]
+
+    region = E.cells(torch.ones(h, w, dtype=torch.bool))
+    src = scene(obj_a, bg_a, [(1, 1), (1, 2), (2, 1), (2, 2)])
+    recoloured = scene(obj_b, bg_b, [(1, 1), (1, 2), (2, 1), (2, 2)])
+    reshaped = scene(obj_a, bg_a, [(0, 0), (0, 1), (1, 0), (1, 1)])
+    assert float(E.structure(recoloured, src, region, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(E.structure(reshaped, src, region, 1.0)) > 0.1
+    assert float(E.structure(reshaped, src, region, 0.0)) == 0.0
+
+
+def test_spread_keeps_at_most_n_evenly_spaced_indices():
+    idx = torch.arange(10, 110)
+    assert E.spread(idx, 200) is idx
+    sub = E.spread(idx, 5)
+    assert sub.tolist() == [10, 35, 60, 84, 109]
