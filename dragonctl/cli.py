@@ -7,6 +7,7 @@ inside the commands that need them, so `--help` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -59,6 +60,18 @@ def _err(msg: str) -> None:
 def _usage(msg: str) -> None:
     _err(f"error: {msg}")
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _reported_errors():
+    """A command's own errors (bad model, device or dtype, unreadable inputs) as one line and exit 1."""
+    from dragonctl.errors import DragonError
+
+    try:
+        yield
+    except DragonError as e:
+        _err(f"error: {e}")
+        raise typer.Exit(1) from None
 
 
 def _progress(enabled: bool):
@@ -346,10 +359,15 @@ def bench_quality(
     bad = [m for m in modes if m not in quality.MODES]
     if bad:
         _usage(f"unknown mode(s): {', '.join(bad)}")
-    summary = quality.run(out, modes, cases, model, seed, overrides, log=lambda m: _err(m),
-                          spec_overrides={"steps": steps} if steps else None)
+    with _reported_errors():
+        summary = quality.run(out, modes, cases, model, seed, overrides, log=lambda m: _err(m),
+                              spec_overrides={"steps": steps} if steps else None)
     typer.echo(quality.table(summary))
     _err(f"wrote {out / 'quality.json'} and sheet_<mode>.png")
+    failed = sum(m["cases"] - m["completed"] for m in summary["modes"].values())
+    if failed:  # "every edit completes" is part of the bar
+        _err(f"{failed} case(s) failed")
+        raise typer.Exit(1)
 
 
 @bench_app.command("speed")
@@ -379,9 +397,10 @@ def bench_speed(
 
     if set(compile) - {"on", *COMPILE_MODES}:
         _usage(f"--compile is on or one of {', '.join(COMPILE_MODES)}")
-    results = speed.run(size, tuple(resolution), tuple(mode) if mode else speed.MODES, steps, model, device, dtype,
-                        tuple(method), log=_err, kv_banks=tuple(kv_bank), compiles=tuple(compile),
-                        on_row=lambda partial: speed.save(partial, out))  # finished rows survive an interrupted run
+    with _reported_errors():
+        results = speed.run(size, tuple(resolution), tuple(mode) if mode else speed.MODES, steps, model, device,
+                            dtype, tuple(method), log=_err, kv_banks=tuple(kv_bank), compiles=tuple(compile),
+                            on_row=lambda partial: speed.save(partial, out))  # finished rows survive an interrupted run
     speed.save(results, out)
     typer.echo(speed.table(results))
     _err(f"wrote {out}")
@@ -423,8 +442,9 @@ def bench_dragbench(
     Mean Distance / Image Fidelity protocol's inputs (md_if_inputs.json)."""
     from dragonctl.bench.dragbench import run as run_bench
 
-    rows, failed = run_bench(specs_dir, out, model, device, dtype, steps, limit, log=_err, dift_model=dift_model,
-                             lpips_weights=lpips_weights, resolution=resolution)
+    with _reported_errors():
+        rows, failed = run_bench(specs_dir, out, model, device, dtype, steps, limit, log=_err, dift_model=dift_model,
+                                 lpips_weights=lpips_weights, resolution=resolution)
     _err(f"{len(rows) - len(failed)} done, {len(failed)} failed; wrote {out / 'results.json'}")
     for r in failed:
         _err(f"failed: {r['spec']}: {r['error']}")

@@ -42,6 +42,14 @@ def test_bench_speed_refuses_unknown_settings_before_building_anything():
     assert "--compile" in run("edit", "--help").output
 
 
+def test_bench_errors_are_one_line_not_a_traceback(tmp_path):
+    r = run("bench", "speed", "--size", "tiny", "--dtype", "float16", "--out", str(tmp_path / "s.json"))
+    assert r.exit_code == 1 and "error: --dtype: unknown dtype 'float16'" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "s.json").exists()
+    r = run("bench", "quality", str(tmp_path / "q"), "--model", str(tmp_path / "no-such-model"), "--mode", "move")
+    assert r.exit_code == 1 and r.output.count("\n") <= 3 and "no-such-model" in r.output, r.output
+
+
 def test_validate_json_records(spec_for):
     r = run("validate", "--json", str(spec_for("drag")))
     rec = json.loads(r.stdout.splitlines()[0])

@@ -284,11 +284,13 @@ def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: st
         overrides: dict | None = None, log=print, spec_overrides: dict | None = None) -> dict:
     """Run the benchmark; writes specs, results, contact sheets and `quality.json` under out_dir."""
     from dragonctl import api
+    from dragonctl.files import atomic_write
     from dragonctl.outputs import side_by_side
 
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = api.EditOptions(no_cache=True, metadata=False)
     session = api.Session(opts)
+    session.editor(model)  # a model that does not load fails the run here, not once per case
     summary: dict = {"model": model, "cases_per_mode": cases, "seed": seed, "modes": {}}
     for mode in modes:
         mcases = make_cases(mode, cases, seed)
@@ -331,7 +333,7 @@ def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: st
             "seconds_per_edit": _median([c["seconds"] for c in done]),
             "per_case": per_case,
         }
-    (out_dir / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out_dir / "quality.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
