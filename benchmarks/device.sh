@@ -4,7 +4,8 @@
 #                                            then every mode at 512² eager (about 5-7 minutes on an H100)
 #   bash benchmarks/device.sh train MINUTES  a shapes-training chunk (batch 256), resumed from the package weights
 #   bash benchmarks/device.sh all SECONDS    one call for a whole lease: the eager table, the compiled move
-#                                            rows, then training for what is left of SECONDS
+#                                            rows (cudagraphs, then inductor's reduce-overhead), then training
+#                                            for what is left of SECONDS
 # Carry `.whl` (diffusers and pydantic are not installed there). Results land in $OUT: speed.json and
 # speed_modes.json, or the exported model (copy it into dragonctl/shapes/weights/ and commit it).
 # At most 8 files come back from $OUT, so logs go to stdout only.
@@ -38,7 +39,10 @@ case "${1:-speed}" in
     stage() { local cap=$1; shift; timeout -k 5 "$cap" "$@" >/tmp/stage.log 2>&1; grep -v "Warning\|should be kept in float32" /tmp/stage.log | tail -30; }
     stage 170 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
       --mode drag --mode appearance --mode paste --out "$OUT/speed_eager.json"
-    stage 220 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --compile on \
+    # CUDA graphs of the eager kernels: seconds to build; then inductor's (minutes to build)
+    stage 150 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --compile cudagraphs \
+      --out "$OUT/speed_cudagraphs.json"
+    stage 220 python3 -m dragonctl bench speed --mode move --resolution 512 --compile on \
       --out "$OUT/speed_compiled.json"
     left=$((budget - SECONDS - 60))
     if [ "$left" -gt 60 ]; then

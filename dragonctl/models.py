@@ -262,8 +262,10 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
 
 
 UNetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t, context) → fp32 output
-# torch.compile modes, plus "eager": TorchDynamo capture without code generation (checks the graphs, fast to build)
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "eager")
+# torch.compile modes, plus "cudagraphs": CUDA graphs of the eager kernels (no code generation, so seconds
+# to build instead of minutes), and "eager": TorchDynamo capture alone (checks the graphs, fast to build)
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "cudagraphs", "eager")
+CUDA_GRAPH_MODES = ("reduce-overhead", "cudagraphs")
 
 
 def resolve_compile(setting: str, device: torch.device) -> str:
@@ -279,14 +281,14 @@ def compile_call(fn: Callable, compile: str, backend: str | Callable = "inductor
     (the previous call's outputs may be overwritten from then on, so callers copy or consume them)."""
     if compile not in COMPILE_MODES or compile == "off":
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES[1:])}, not {compile!r}")
-    if compile == "eager":
-        backend = "eager"
+    if compile in ("eager", "cudagraphs"):
+        backend = compile
     # `mode` is an inductor option; other backends (tests use a counting one) take none
     options = {"mode": compile} if backend == "inductor" else {}
     compiled = torch.compile(fn, dynamic=False, backend=backend, **options)
 
     def call(z: torch.Tensor, *args):
-        if z.device.type == "cuda" and compile == "reduce-overhead":
+        if z.device.type == "cuda" and compile in CUDA_GRAPH_MODES:
             torch.compiler.cudagraph_mark_step_begin()
         return compiled(z, *args)
 

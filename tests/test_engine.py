@@ -205,6 +205,19 @@ def test_compiled_forward_edits_the_same_and_compiles_per_shape_not_per_step(tin
     torch._dynamo.reset()
 
 
+def test_cuda_graph_compile_mode_edits_the_same(tiny_sd, spec_for):
+    """`cudagraphs` (dynamo + AOT autograd, CUDA graphs of eager kernels) captures the full and the
+    guided forwards with their backward; on a CPU the graphs run without CUDA graphs, same result."""
+    torch._dynamo.reset()
+    bundle = load_bundle(str(tiny_sd))
+    ls = load_spec(spec_for("move", model=str(tiny_sd), steps=4))
+    inp = load_inputs(ls)
+    compiled = Editor(bundle, compile="cudagraphs").edit(ls.spec, inp)
+    eager = Editor(bundle).edit(ls.spec, inp)
+    assert np.abs(compiled.work_image.astype(int) - eager.work_image.astype(int)).max() <= 1
+    torch._dynamo.reset()
+
+
 def test_count_of_unet_calls_follows_the_diffeditor_schedule(tiny_sd, spec_for):
     bundle = load_bundle(str(tiny_sd))
     ls = load_spec(spec_for("move", model=str(tiny_sd), steps=20, guidance={"method": "diffeditor"}))

@@ -122,6 +122,8 @@ def train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one batch shape throughout: pick the fastest kernels once
     unet, null, sched = build(device)
     ema_unet, ema_null = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(null).requires_grad_(False)
     params = list(unet.parameters()) + list(null.parameters())
