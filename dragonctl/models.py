@@ -277,7 +277,7 @@ def resolve_compile(setting: str, device: torch.device) -> str:
 
 def compile_call(fn: Callable, compile: str, backend: str | Callable = "inductor") -> Callable:
     """`fn` under torch.compile with static shapes (`dynamic=False`): each batch shape is captured once;
-    under "reduce-overhead" on CUDA each becomes a CUDA graph, and every call starts a new graph step
+    under "reduce-overhead" or "cudagraphs" on CUDA each becomes a CUDA graph, and every call starts a new graph step
     (the previous call's outputs may be overwritten from then on, so callers copy or consume them)."""
     if compile not in COMPILE_MODES or compile == "off":
         raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES[1:])}, not {compile!r}")
