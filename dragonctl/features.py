@@ -75,7 +75,6 @@ def feature_forward(unet: torch.nn.Module, compile: str = "off", backend: str | 
     The features feed the energies and the backward right away, before the next compiled call
     starts a new CUDA-graph step, so they need no copy.
     """
-    check_truncatable(unet)
 
     def forward(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
         return decoder_features(unet, z, t, context)

@@ -64,6 +64,11 @@ def guided_edit(features: FeatureForward, forward: UNetForward, dtype: torch.dty
     sde_mask = plan.sde_latent_mask.to(dev, torch.float32)
     gain = g.gradient_scale * ENERGY_UNIT * g.energy_scale
     c_gen = branches.cond[0]
+    # Every prompt batch the loop uses, built once per edit rather than once per step.
+    bank_ctx = torch.cat(branches.cond)
+    gen_ctx = torch.cat([branches.uncond, c_gen]) if cfg else c_gen
+    bank_gen_ctx = torch.cat([bank_ctx, gen_ctx])
+    gen_ctx_pair = c_gen.expand(2, -1, -1)
 
     # All timesteps go to the device once: a Python int per call would be a host→device copy per call.
     t_dev = torch.tensor(schedule.timesteps, device=dev)
@@ -80,22 +85,18 @@ def guided_edit(features: FeatureForward, forward: UNetForward, dtype: torch.dty
         state.record = stored
         for i in sorted(steps.injected):
             state.step = i
-            unet_out(torch.cat([b[n - 1 - i] for b in branches.bank]), i, torch.cat(branches.cond))
+            unet_out(torch.cat([b[n - 1 - i] for b in branches.bank]), i, bank_ctx)
         state.record = None
         stats.stored_kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _v in stored.values())
 
     def eps_cfg(z: torch.Tensor, i: int) -> torch.Tensor:
         inject = i in steps.injected
         bank_rows = inject and stored is None
-        rows, ctx = [], []
-        if bank_rows:
-            rows += [b[n - 1 - i] for b in branches.bank]
-            ctx += branches.cond
+        rows = [b[n - 1 - i] for b in branches.bank] if bank_rows else []
         rows += [z, z] if cfg else [z]
-        ctx += [branches.uncond, c_gen] if cfg else [c_gen]
         state.mode, state.n_bank = (plan.bank_mode, nb if bank_rows else 0) if inject else ("off", 0)
         state.step, state.stored = i, stored
-        out = unet_out(torch.cat(rows), i, torch.cat(ctx))[nb if bank_rows else 0 :]
+        out = unet_out(torch.cat(rows), i, bank_gen_ctx if bank_rows else gen_ctx)[nb if bank_rows else 0 :]
         state.mode, state.n_bank, state.stored = "off", 0, None
         eps = to_eps(out, z.expand_as(out), schedule.alpha[i], prediction_type)
         if cfg:
@@ -109,15 +110,14 @@ def guided_edit(features: FeatureForward, forward: UNetForward, dtype: torch.dty
         stats.unet_forward += 2
         with torch.no_grad():
             bank_rows = torch.cat([b[n - i] for b in branches.bank]).to(dtype)
-            bank_feats = to_grid(features(bank_rows, t_dev[i], torch.cat(branches.cond)), grids.feature_hw)
+            bank_feats = to_grid(features(bank_rows, t_dev[i], bank_ctx), grids.feature_hw)
         refs = [[f[k] for f in bank_feats] for k in range(nb)]
         # Two copies of z: the edit energy is read from one and the content energy from the other, so
         # a single backward gives both gradients of the regional rule.
         z_edit = z.detach().clone().requires_grad_(True)
         z_content = z.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            feats = to_grid(features(torch.cat([z_edit, z_content]).to(dtype), t_dev[i], c_gen.expand(2, -1, -1)),
-                            grids.feature_hw)
+            feats = to_grid(features(torch.cat([z_edit, z_content]).to(dtype), t_dev[i], gen_ctx_pair), grids.feature_hw)
             e_edit = plan.edit_energy([f[0] for f in feats], refs)
             e_content = plan.content_energy([f[1] for f in feats], refs)
             total = e_edit + e_content

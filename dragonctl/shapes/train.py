@@ -205,7 +205,7 @@ def train(args: argparse.Namespace) -> int:
                     e.lerp_(p, 1 - decay)
             step += 1
             if args.minutes is not None and args.cooldown_share > 0 and step - run_start == 50:
-                timed_from = timed_from or time.time()
+                timed_from = time.time()
             if timed_from is not None and step - run_start == 100:
                 plan_end(args, run_start, step, 50 / (time.time() - timed_from), args.minutes * 60 - (time.time() - t_start))
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
