@@ -115,9 +115,10 @@ class Editor:
                     schedule: Schedule, progress: Progress | None = None) -> list[torch.Tensor]:
         """The trajectories the edit reads: the source's, and the placed reference's for two-image modes."""
         bank = [self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, spec.inversion_refine)]
-        if reference_work is not None and spec.reference is not None:
+        if reference_work is not None:
             ref_bytes = reference_work.tobytes() + str(reference_work.shape).encode()
-            bank.append(self.trajectory(reference_work, ref_bytes, spec.reference.prompt, schedule, progress,
+            ref_prompt = spec.reference.prompt if spec.reference is not None else spec.prompt
+            bank.append(self.trajectory(reference_work, ref_bytes, ref_prompt, schedule, progress,
                                         spec.inversion_refine))
         return bank
 
@@ -143,7 +144,7 @@ class Editor:
         source_work = frame.image_to_work(inp.source)
 
         bank = self.memory_bank(spec, inp, source_work, plan.reference_work, schedule, progress)
-        prompts = [spec.prompt] + ([spec.reference.prompt] if len(bank) > 1 and spec.reference else [])
+        prompts = [spec.prompt] + ([spec.reference.prompt if spec.reference else spec.prompt] if len(bank) > 1 else [])
         with torch.no_grad():
             cond = [b.encode_prompt([p]) for p in prompts]
             uncond = b.encode_prompt([""])

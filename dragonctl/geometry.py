@@ -103,6 +103,54 @@ def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
     return np.asarray(img.filter(ImageFilter.MaxFilter(2 * pixels + 1))) > 0
 
 
+def erode(mask: np.ndarray, pixels: int) -> np.ndarray:
+    return ~dilate(~mask, pixels)
+
+
+# A pixel belongs to the object inside a loose mask when its colour is this far (RGB in [0, 1]) from
+# what the mask's rim predicts there, or further when the rim itself varies more (texture).
+OBJECT_CONTRAST = 0.1
+
+
+def _rim_colour_model(img: np.ndarray, rim: np.ndarray) -> np.ndarray:
+    """Least-squares affine colour model c(x, y) = [1, x, y]·A of the rim's pixels (a gradient
+    background is affine, a flat one constant) → A, 3×3."""
+    ys, xs = np.nonzero(rim)
+    h, w = rim.shape
+    basis = np.stack([np.ones_like(xs, dtype=np.float64), xs / w, ys / h], axis=1)
+    coef, *_ = np.linalg.lstsq(basis, img[rim].astype(np.float64), rcond=None)
+    return coef
+
+
+def _colour_residual(img: np.ndarray, where: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(where)
+    h, w = where.shape
+    basis = np.stack([np.ones_like(xs, dtype=np.float64), xs / w, ys / h], axis=1)
+    return np.linalg.norm(img[where] - basis @ coef, axis=1)
+
+
+def object_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The object inside a loose mask (a box drawn with a margin around it): the mask's pixels whose
+    colour stands out from the background its rim shows.
+
+    Statistics pooled over a loose mask mix the margin's background into the object's; this is what
+    they pool instead. A tight mask (its inner rim unlike the pixels just outside it, i.e. the rim is
+    on the object) and a mask in which nothing stands out come back unchanged.
+    """
+    img = image.astype(np.float64) / 255.0
+    rim = mask & ~erode(mask, 1)
+    outside = dilate(mask, 1) & ~mask
+    if rim.sum() < 8 or rim.sum() == mask.sum():
+        return mask
+    coef = _rim_colour_model(img, rim)
+    tol = max(OBJECT_CONTRAST, 2.0 * float(np.quantile(_colour_residual(img, rim, coef), 0.9)))
+    if outside.any() and float(np.median(_colour_residual(img, outside, coef))) > tol:
+        return mask  # the rim lies on the object: the mask is tight
+    found = np.zeros_like(mask)
+    found[mask] = _colour_residual(img, mask, coef) > tol
+    return found if found.sum() >= 4 else mask
+
+
 def centroid(mask: np.ndarray) -> tuple[float, float]:
     ys, xs = np.nonzero(mask)
     return float(xs.mean() + 0.5), float(ys.mean() + 0.5)

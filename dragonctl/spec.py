@@ -90,6 +90,8 @@ class Guidance(_Model):
     time_travel_until: Fraction
     time_travel_repeats: Annotated[int, Field(ge=0, le=10)]
     regional_attention: bool
+    resize_method: Literal["correspondence", "scaled_copy"]
+    appearance_init: Literal["source", "reference_statistics"]
 
 
 # Which optional fields each mode needs (required) and accepts.

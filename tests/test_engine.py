@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import save_png, write_spec
 
-from dragonctl import api
+from dragonctl import api, modes
 from dragonctl.attention import BankControl, BankState, MemoryBankAttnProcessor
 from dragonctl.cache import TrajectoryCache
 from dragonctl.engine import Editor
@@ -230,8 +230,9 @@ def test_count_of_unet_calls_follows_the_diffeditor_schedule(tiny_sd, spec_for):
 
 
 def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):
-    for mode in ("move", "drag", "paste"):
-        ls = load_spec(spec_for(mode, model=str(tiny_sd)))
+    for mode, guidance in [("move", {}), ("drag", {}), ("paste", {}), ("resize", {"resize_method": "scaled_copy"}),
+                           ("appearance", {"appearance_init": "reference_statistics"})]:
+        ls = load_spec(spec_for(mode, model=str(tiny_sd), guidance=guidance))
         inp = load_inputs(ls)
         bundle = load_bundle(str(tiny_sd))
         frame = Editor(bundle).frame_for(inp.source, ls.spec.resolution)
@@ -385,3 +386,66 @@ def test_the_step_loops_make_no_host_round_trips(tiny_sd, spec_for, mode):
         result = Editor(bundle).edit(ls.spec, load_inputs(ls), progress=progress)
     assert result.stats.guided_steps > 0 and result.inversions >= 1
     assert rec.seen == []
+
+
+def _plan(tiny_sd, spec_path):
+    ls = load_spec(spec_path)
+    inp = load_inputs(ls)
+    bundle = load_bundle(str(tiny_sd))
+    frame = Editor(bundle).frame_for(inp.source, ls.spec.resolution)
+    return build_plan(ls.spec, inp, frame, bundle.latent_factor), frame, inp
+
+
+def test_scaled_copy_resize_reads_the_source_scaled_about_the_object(tiny_sd, spec_for):
+    red = np.array([220, 40, 40])
+    for scale in (0.75, 1.5):
+        path = spec_for("resize", model=str(tiny_sd), scale=scale, resolution=64,
+                        guidance={"resize_method": "scaled_copy"})
+        plan, frame, inp = _plan(tiny_sd, path)
+        assert plan.bank_mode == "composite" and plan.reference_work is not None
+        is_red = lambda img: (np.abs(img.astype(int) - red).sum(-1) < 120)  # noqa: E731  (half-way to the background)
+        before, after = is_red(frame.image_to_work(inp.source)).sum(), is_red(plan.reference_work).sum()
+        assert abs(after / before - scale**2) < 0.15 * scale**2
+        # the copy covers the object's old and new places and leaves the rest of the source as it is
+        region = plan.composite_ref_keep
+        assert region[frame.mask_to_work(inp.mask)].all() and region[frame.mask_to_work(inp.target_mask)].all()
+        assert np.array_equal(plan.reference_work[~region], frame.image_to_work(inp.source)[~region])
+        assert plan.edit_latent_mask.any() and not plan.edit_latent_mask.all()
+    correspondence = _plan(tiny_sd, spec_for("resize", model=str(tiny_sd)))[0]
+    assert correspondence.bank_mode == "replace" and correspondence.reference_work is None
+
+
+def test_scaled_copy_resize_edits_with_a_second_bank_image(tiny_sd, spec_for, workdir):
+    spec = spec_for("resize", model=str(tiny_sd), guidance={"resize_method": "scaled_copy"})
+    session = api.Session(api.EditOptions(cache_dir=workdir / "cache"))
+    ls, inp = api.load(spec)
+    result = session.editor(ls.spec.model).edit(ls.spec, inp)
+    assert result.inversions == 2 and result.image.shape == inp.source.shape
+
+
+def test_transfer_statistics_moves_the_region_to_the_reference_statistics():
+    g = torch.Generator().manual_seed(0)
+    z, z_ref = torch.randn(1, 4, 8, 8, generator=g), 3 + 2 * torch.randn(1, 4, 8, 8, generator=g)
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[2:6, 1:5] = True
+    ref_region = torch.zeros(8, 8, dtype=torch.bool)
+    ref_region[4:8, 4:8] = True
+    out = modes.transfer_statistics(z, region, z_ref, ref_region)
+    assert torch.equal(out[..., ~region], z[..., ~region])
+    a, b = out[..., region], z_ref[..., ref_region]
+    assert torch.allclose(a.mean(-1), b.mean(-1), atol=1e-5) and torch.allclose(a.std(-1), b.std(-1), atol=1e-4)
+    # each cell keeps its place in the region's layout: a per-channel increasing affine map of the source's
+    for c in range(4):
+        assert torch.equal(torch.argsort(a[0, c]), torch.argsort(z[..., region][0, c]))
+
+
+def test_appearance_can_start_from_the_reference_statistics(tiny_sd, spec_for):
+    plain = _plan(tiny_sd, spec_for("appearance", model=str(tiny_sd)))[0]
+    moved, frame, _ = _plan(tiny_sd, spec_for("appearance", name="a2.yaml", model=str(tiny_sd),
+                                              guidance={"appearance_init": "reference_statistics"}))
+    z = torch.randn(1, 4, frame.work_h // 2, frame.work_w // 2)
+    z_ref = torch.randn_like(z) + 5
+    assert torch.equal(plain.init_latent(z, z_ref), z)
+    out = moved.init_latent(z, z_ref)
+    changed = (out != z).any(dim=1)[0]
+    assert changed.any() and not (changed & ~moved.edit_latent_mask).any()

@@ -82,3 +82,28 @@ def test_grid_mask_touch_and_half_coverage():
     assert geometry.grid_mask(m, 2, 2, touch=True).sum() == 1
     assert geometry.grid_mask(m, 2, 2).sum() == 0
     assert torch.from_numpy(geometry.grid_mask(np.ones((8, 8), bool), 4, 4)).all()
+
+
+def _disc_scene(gradient: bool) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:48, 0:48]
+    bg = np.stack([40 + 150 * xs / 48, 90 + 80 * ys / 48, 120 + 0 * xs], -1) if gradient else np.full((48, 48, 3), 110.0)
+    disc = (xs + 0.5 - 22) ** 2 + (ys + 0.5 - 26) ** 2 <= 7.5**2
+    img = np.where(disc[..., None], np.array([230.0, 30.0, 200.0]), bg).astype(np.uint8)
+    return img, disc
+
+
+@pytest.mark.parametrize("gradient", [False, True])
+def test_object_in_a_loose_box_is_the_object(gradient):
+    img, disc = _disc_scene(gradient)
+    box = geometry.box_mask([11, 15, 34, 38], 48, 48)  # 3-4 px of background around the disc
+    found = geometry.object_in_mask(img, box)
+    assert np.array_equal(found, disc)
+
+
+def test_tight_masks_and_masks_where_nothing_stands_out_come_back_unchanged():
+    img, disc = _disc_scene(gradient=True)
+    assert np.array_equal(geometry.object_in_mask(img, disc), disc)
+    empty_box = geometry.box_mask([30, 2, 46, 14], 48, 48)  # background only
+    assert np.array_equal(geometry.object_in_mask(img, empty_box), empty_box)
+    tiny = geometry.box_mask([20, 24, 22, 26], 48, 48)  # all rim
+    assert np.array_equal(geometry.object_in_mask(img, tiny), tiny)

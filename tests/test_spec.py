@@ -88,6 +88,20 @@ def test_zero_length_pair_is_a_warning(spec_for):
     assert rep.ok and any("zero length" in w for w in rep.warnings)
 
 
+def test_a_fill_region_the_resize_method_cannot_use_is_a_warning(spec_for):
+    fill = {"box": [30, 2, 50, 12]}
+    rep = api.validate([spec_for("resize", fill_region=fill, guidance={"resize_method": "scaled_copy"})])[0]
+    assert rep.ok and any("fill_region is not used" in w for w in rep.warnings)
+    rep = api.validate([spec_for("resize", name="r2.yaml", fill_region=fill)])[0]
+    assert rep.ok and not rep.warnings
+
+
+def test_unknown_resize_and_appearance_methods_name_their_field(spec_for):
+    for key in ("resize_method", "appearance_init"):
+        with pytest.raises(SpecError, match=f"guidance.{key}"):
+            load_spec(spec_for("resize", guidance={key: "magic"}))
+
+
 def test_paste_target_and_any_reference_size(spec_for):
     inp = load_inputs(load_spec(spec_for("paste")))
     ys, xs = np.nonzero(inp.target_mask)

@@ -225,7 +225,9 @@ def _centroid_error(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def score(case: Case, result: np.ndarray) -> dict[str, float]:
-    cm = color_mask(result, case.color)
+    # Pixels outside the object that have its colour in the ground truth too (a background gradient
+    # passing through it) are not the object: a perfect edit must score perfectly.
+    cm = color_mask(result, case.color) & ~(color_mask(case.truth, case.color) & ~case.new_mask)
     background = ~_dilate(case.edit_region, 2)
     out: dict[str, float] = {"background_psnr": psnr(result, case.source, background)}
     if case.mode in ("move", "resize", "drag"):
