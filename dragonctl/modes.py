@@ -334,4 +334,14 @@ def _appearance_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, de
     return EditPlan(mode=spec.mode, bank_mode="composite", edit_latent_mask=obj_lat, sde_latent_mask=obj_lat,
                     edit_energy=edit_energy, content_energy=content_energy, init_latent=init_latent,
                     reference_work=frame.image_to_work(placed), composite_base_keep=~obj_w,
-                    composite_ref_keep=ref_obj_w, target_work=obj_w)
+                    composite_ref_keep=_interior(ref_obj_w, grids.latent_factor), target_work=obj_w)
+
+
+def _interior(mask_w: np.ndarray, pixels: int) -> np.ndarray:
+    """The mask less a border of `pixels` (the whole mask when nothing would be left).
+
+    Appearance reads the reference object's K/V from its interior: its border tokens carry its outline,
+    which the recoloured object took on (12 shapes cases, shape IoU with the source object: 0.17 reading
+    the whole object, 0.27 without one latent cell of border, 0.20 without two; colour unchanged)."""
+    inner = geometry.erode(mask_w, pixels)
+    return inner if inner.any() else mask_w

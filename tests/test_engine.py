@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import save_png, write_spec
 
-from dragonctl import api, modes
+from dragonctl import api, geometry, modes
 from dragonctl.attention import BankControl, BankState, MemoryBankAttnProcessor
 from dragonctl.cache import TrajectoryCache
 from dragonctl.engine import Editor
@@ -449,3 +449,15 @@ def test_appearance_can_start_from_the_reference_statistics(tiny_sd, spec_for):
     out = moved.init_latent(z, z_ref)
     changed = (out != z).any(dim=1)[0]
     assert changed.any() and not (changed & ~moved.edit_latent_mask).any()
+
+
+def test_appearance_reads_the_reference_object_without_its_border(tiny_sd, spec_for):
+    plan = _plan(tiny_sd, spec_for("appearance", model=str(tiny_sd), resolution=64))[0]
+    keep = plan.composite_ref_keep
+    green = np.abs(plan.reference_work.astype(int) - np.array([30, 200, 60])).sum(-1) < 120  # the placed object
+    lf = load_bundle(str(tiny_sd)).latent_factor
+    assert keep.any() and keep.sum() < green.sum()
+    assert not (geometry.dilate(keep, lf) & ~green).any()  # a latent cell inside the object's outline
+    line = np.zeros((8, 8), dtype=bool)
+    line[3] = True
+    assert np.array_equal(modes._interior(line, 2), line)  # nothing would be left: kept whole
