@@ -51,6 +51,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).cpu().numpy()
 
 
+def bank_prompts(spec: Spec) -> list[str]:
+    """The prompts of the bank images: the source's, then the second image's (the reference's own prompt,
+    or the source's for a copy of the source such as resize's scaled copy)."""
+    return [spec.prompt, spec.reference.prompt if spec.reference is not None else spec.prompt]
+
+
 class Editor:
     def __init__(self, bundle: ModelBundle, cache: TrajectoryCache | None = None, memo_size: int = 8,
                  kv_bank: str = "recompute", compile: str = "off", compile_backend: str | Callable = "inductor") -> None:
@@ -117,8 +123,7 @@ class Editor:
         bank = [self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, spec.inversion_refine)]
         if reference_work is not None:
             ref_bytes = reference_work.tobytes() + str(reference_work.shape).encode()
-            ref_prompt = spec.reference.prompt if spec.reference is not None else spec.prompt
-            bank.append(self.trajectory(reference_work, ref_bytes, ref_prompt, schedule, progress,
+            bank.append(self.trajectory(reference_work, ref_bytes, bank_prompts(spec)[1], schedule, progress,
                                         spec.inversion_refine))
         return bank
 
@@ -144,7 +149,7 @@ class Editor:
         source_work = frame.image_to_work(inp.source)
 
         bank = self.memory_bank(spec, inp, source_work, plan.reference_work, schedule, progress)
-        prompts = [spec.prompt] + ([spec.reference.prompt if spec.reference else spec.prompt] if len(bank) > 1 else [])
+        prompts = bank_prompts(spec)[: len(bank)]
         with torch.no_grad():
             cond = [b.encode_prompt([p]) for p in prompts]
             uncond = b.encode_prompt([""])

@@ -112,21 +112,16 @@ def erode(mask: np.ndarray, pixels: int) -> np.ndarray:
 OBJECT_CONTRAST = 0.1
 
 
-def _rim_colour_model(img: np.ndarray, rim: np.ndarray) -> np.ndarray:
-    """Least-squares affine colour model c(x, y) = [1, x, y]·A of the rim's pixels (a gradient
-    background is affine, a flat one constant) → A, 3×3."""
-    ys, xs = np.nonzero(rim)
-    h, w = rim.shape
-    basis = np.stack([np.ones_like(xs, dtype=np.float64), xs / w, ys / h], axis=1)
-    coef, *_ = np.linalg.lstsq(basis, img[rim].astype(np.float64), rcond=None)
-    return coef
+def _affine_basis(where: np.ndarray) -> np.ndarray:
+    """[1, x/W, y/H] per pixel of `where`: an affine colour model's basis (a gradient background is
+    affine in x and y, a flat one constant)."""
+    ys, xs = np.nonzero(where)
+    h, w = where.shape
+    return np.stack([np.ones_like(xs, dtype=np.float64), xs / w, ys / h], axis=1)
 
 
 def _colour_residual(img: np.ndarray, where: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(where)
-    h, w = where.shape
-    basis = np.stack([np.ones_like(xs, dtype=np.float64), xs / w, ys / h], axis=1)
-    return np.linalg.norm(img[where] - basis @ coef, axis=1)
+    return np.linalg.norm(img[where] - _affine_basis(where) @ coef, axis=1)
 
 
 def object_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -142,7 +137,7 @@ def object_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     outside = dilate(mask, 1) & ~mask
     if rim.sum() < 8 or rim.sum() == mask.sum():
         return mask
-    coef = _rim_colour_model(img, rim)
+    coef, *_ = np.linalg.lstsq(_affine_basis(rim), img[rim], rcond=None)  # the rim's colour model, 3×3
     tol = max(OBJECT_CONTRAST, 2.0 * float(np.quantile(_colour_residual(img, rim, coef), 0.9)))
     if outside.any() and float(np.median(_colour_residual(img, outside, coef))) > tol:
         return mask  # the rim lies on the object: the mask is tight

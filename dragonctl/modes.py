@@ -48,11 +48,19 @@ class Grids:
     def latent(self, mask: np.ndarray, touch: bool = True) -> torch.Tensor:
         return torch.from_numpy(geometry.grid_mask(mask, *self.latent_hw, touch=touch))
 
+    def latent_core(self, mask: np.ndarray) -> torch.Tensor:
+        """Latent cells at least half inside the mask (the cells it touches when there are none)."""
+        return torch.from_numpy(_half_covered(mask, self.latent_hw))
+
     def feature(self, mask: np.ndarray) -> torch.Tensor:
-        m = geometry.grid_mask(mask, *self.feature_hw)
-        if not m.any() and mask.any():  # an object smaller than half a cell: keep the cells it touches
-            m = geometry.grid_mask(mask, *self.feature_hw, touch=True)
-        return torch.from_numpy(m)
+        return torch.from_numpy(_half_covered(mask, self.feature_hw))
+
+
+def _half_covered(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    m = geometry.grid_mask(mask, *hw)
+    if not m.any() and mask.any():  # an object smaller than half a cell: keep the cells it touches
+        m = geometry.grid_mask(mask, *hw, touch=True)
+    return m
 
 
 @dataclass
@@ -252,12 +260,11 @@ def _scaled_copy_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, d
     bank image over the old and new places of the object. A small resize moves the outline by less
     than a latent or feature cell, where correspondence guidance barely moves it; an image-space copy
     resamples the object exactly and the generation blends it in."""
-    assert inp.mask is not None
-    h, w = inp.source.shape[:2]
+    assert inp.mask is not None and inp.target_mask is not None
     dx, dy = spec.offset or (0.0, 0.0)
     cx, cy = geometry.bbox_center(inp.mask)
-    scaled, target = place_reference(inp.source, inp.mask, spec.effective_scale, (cx + dx, cy + dy), (h, w))
-    region_w = geometry.dilate(frame.mask_to_work(inp.mask | target), _blend_margin(grids))
+    scaled, _ = place_reference(inp.source, inp.mask, spec.effective_scale, (cx + dx, cy + dy), inp.source.shape[:2])
+    region_w = geometry.dilate(frame.mask_to_work(inp.mask | inp.target_mask), _blend_margin(grids))
     copy = np.where(region_w[..., None], frame.image_to_work(scaled), frame.image_to_work(inp.source))
     return _copy_plan(spec, grids, dev, copy, region_w)
 
@@ -272,12 +279,6 @@ def _paste_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: to
     placed, placed_mask = place_reference(inp.reference, ref_obj, spec.effective_scale, (spec.at[0], spec.at[1]),
                                           inp.source.shape[:2])
     return _copy_plan(spec, grids, dev, frame.image_to_work(placed), frame.mask_to_work(placed_mask))
-
-
-def _core(grids: Grids, mask_w: np.ndarray) -> torch.Tensor:
-    """Latent cells wholly inside a mask (the cells it touches when none is)."""
-    core = grids.latent(mask_w, touch=False)
-    return core if core.any() else grids.latent(mask_w)
 
 
 def transfer_statistics(z: torch.Tensor, region: torch.Tensor, z_ref: torch.Tensor, ref_region: torch.Tensor,
@@ -323,7 +324,7 @@ def _appearance_plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, de
         return energies.content_energy(cur, refs[0], keep, g.w_content)
 
     obj_lat = grids.latent(obj_w)
-    obj_core, ref_core = _core(grids, obj_w), _core(grids, ref_obj_w)
+    obj_core, ref_core = grids.latent_core(obj_w), grids.latent_core(ref_obj_w)
 
     def init_latent(z_src: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
         if g.appearance_init == "source":
