@@ -1,92 +1,160 @@
-"""Cross-branch self-attention in the UNet decoder: the generation branch reads the memory bank's K/V.
+"""Cross-branch self-attention in the UNet decoder: the generation reads the memory bank's K/V.
 
-The memory bank's K/V are never stored: at each edit step the bank rows (the source's inverted latent
-for this step, and for two-image modes the placed reference's) run in the same batch as the
-generation rows, so each decoder self-attention layer computes the bank's K/V and the generation rows
-use them right away. This reproduces the reference's inversion-time K/V exactly (same latent, same
-timestep, same prompt) without the gigabytes of host RAM it re-uploads every step.
+The memory bank's K/V are never kept: at each edit step the bank rows (the source's inverted latent
+for this step, and for two-image modes the second image's) run in the same batch as the generation
+rows, so each decoder self-attention layer computes the bank's K/V and the generation rows use them
+right away. This reproduces the inversion-time K/V exactly (same latent, timestep and prompt)
+without the gigabytes of host RAM the reference re-uploads every step.
 
-Batch layout during an injected forward: rows [0, n_bank) are bank rows (plain self-attention), the
+Batch layout while the bank is read: rows [0, n_bank) are bank rows (plain self-attention), the
 rest are generation rows whose K/V are replaced, concatenated or composited.
 
-The alternative, `kv_bank: stored`, records the bank's K/V per layer and step in one pass before the
-loop (`BankState.record`) and then reads them (`BankState.stored`) with no bank rows in the batch;
-both give the same result. Recomputing is the default (see README, "Benchmarks").
+The alternative records the bank's K/V per layer and step in one pass before the loop
+(`BankState.recording`) and reads them back with no bank rows in the batch; both give the same
+result (a test checks it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+BANK_MODES = ("replace", "concat", "composite")
+
+
+@dataclass(frozen=True)
+class BankAttention:
+    """How the generation rows read the memory bank: one choice per edit, made by the mode.
+
+    replace: the source bank row's K/V instead of their own (move, resize by correspondence);
+    concat: their own K/V and the source's (drag); composite: the source's tokens outside the
+    object and the second image's inside it, as one K/V set (appearance, paste, scaled copy).
+    """
+
+    mode: str
+    base_keep: np.ndarray | None = None  # composite: source tokens kept (working-size mask)
+    ref_keep: np.ndarray | None = None  # composite: second image's tokens kept
+    # composite with regional attention: queries in this region read only the second image's
+    # tokens, the others only the source's (None: one shared set)
+    query_region: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in BANK_MODES:
+            raise ValueError(f"unknown bank mode {self.mode!r}")
+        if self.mode == "composite" and (self.base_keep is None or self.ref_keep is None):
+            raise ValueError("composite attention needs base_keep and ref_keep")
 
 
 @dataclass
 class BankState:
-    """What the processors do on the next forward; the sampler sets it before each UNet call."""
+    """What the processors do on the next forward.
 
-    mode: str = "off"  # off | replace | concat | composite
-    n_bank: int = 0
+    `configure` sets it up once per edit from the mode's `BankAttention`; `reading(step, n_bank)`
+    switches it on for one forward. Outside `reading` every layer is plain self-attention.
+    """
+
+    mode: str = "off"  # off | replace | concat | composite: this forward's reading
+    n_bank: int = 0  # bank rows at the head of this forward's batch
     step: int = 0
-    record: dict | None = None  # when set, every layer saves its K/V here under (layer, step)
-    stored: dict | None = None  # when set, the bank's K/V come from here instead of bank rows
+    attention: BankAttention | None = None
     latent_hw: tuple[int, int] = (0, 0)
-    # composite only: working-size masks; token masks are derived per layer resolution
-    base_keep: torch.Tensor | None = None  # tokens of the source bank row to keep (outside the object)
-    ref_keep: torch.Tensor | None = None  # tokens of the reference bank row to keep (the object)
-    # composite with regional attention: generation queries inside this region read only the
-    # reference object's tokens, the others only the source's kept tokens (None: one shared set)
-    query_region: torch.Tensor | None = None
+    record: dict | None = None  # while recording: every layer saves its K/V under (layer, step)
+    stored: dict | None = None  # recorded K/V, read instead of bank rows
     _token_masks: dict = field(default_factory=dict)
 
-    def token_masks(self, n_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(source token indices kept, reference token indices kept, generation queries' attention mask or None).
+    def configure(
+        self,
+        attention: BankAttention | None,
+        latent_hw: tuple[int, int],
+        device: torch.device,
+        stored: dict | None = None,
+    ) -> None:
+        """Set up an edit: its reading, and the composite's token indices for every decoder
+        resolution (so the forward only indexes with fixed-size tensors: no syncs, no graph
+        breaks)."""
+        self.reset()
+        self.attention, self.latent_hw, self.stored = attention, latent_hw, stored
+        if attention is None or attention.mode != "composite":
+            return
+        h, w = latent_hw
+        for k in range(4):  # the latent size halved up to three times
+            if h % 2**k == 0 and w % 2**k == 0:
+                self.token_masks((h >> k) * (w >> k), device)
 
-        Computed on the host from the working-size masks; `prepare` fills them before the loop, so
-        the forward only indexes with fixed-size index tensors (static shapes, no syncs, no graph breaks).
-        """
+    @contextmanager
+    def reading(self, step: int, n_bank: int) -> Iterator[None]:
+        """One forward in which the generation rows read the bank (its first `n_bank` rows, or
+        the recorded K/V when there are none)."""
+        assert self.attention is not None
+        self.mode, self.n_bank, self.step = self.attention.mode, n_bank, step
+        try:
+            yield
+        finally:
+            self.mode, self.n_bank = "off", 0
+
+    @contextmanager
+    def recording(self, into: dict, step: int) -> Iterator[None]:
+        """One forward of bank rows alone whose K/V every layer saves into `into`."""
+        self.record, self.step = into, step
+        try:
+            yield
+        finally:
+            self.record = None
+
+    def token_masks(
+        self, n_tokens: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(source token indices kept, second image's token indices kept, the generation
+        queries' attention mask or None) at the layer with `n_tokens` tokens."""
         if n_tokens not in self._token_masks:
+            a = self.attention
+            assert a is not None and a.base_keep is not None and a.ref_keep is not None
             h, w = self.latent_hw
             f = math.sqrt(h * w / n_tokens)
-            hh, ww = round(h / f), round(w / f)
-
-            def at_layer(m: torch.Tensor, at_least_one: bool) -> torch.Tensor:
-                cov = F.interpolate(m[None, None].float().cpu(), size=(hh, ww), mode="area")[0, 0].flatten()
-                r = cov >= 0.5
-                if at_least_one and not r.any():  # a tiny object can vanish at coarse layers: keep its best cell
-                    r = cov == cov.max()
-                return r
-
-            assert self.base_keep is not None and self.ref_keep is not None
-            base, ref = at_layer(self.base_keep, False), at_layer(self.ref_keep, True)
+            hw = round(h / f), round(w / f)
+            base, ref = _at_layer(a.base_keep, hw, False), _at_layer(a.ref_keep, hw, True)
             allowed = None
-            if self.query_region is not None and base.any():
-                inside = at_layer(self.query_region, False)
-                # rows: queries; columns: [kept source tokens ; kept reference tokens]
-                allowed = torch.cat([(~inside)[:, None].expand(-1, int(base.sum())),
-                                     inside[:, None].expand(-1, int(ref.sum()))], dim=1).to(device)
-            self._token_masks[n_tokens] = (base.nonzero().flatten().to(device), ref.nonzero().flatten().to(device), allowed)
+            if a.query_region is not None and base.any():
+                inside = _at_layer(a.query_region, hw, False)
+                # rows: queries; columns: [kept source tokens ; kept second-image tokens]
+                allowed = torch.cat(
+                    [
+                        (~inside)[:, None].expand(-1, int(base.sum())),
+                        inside[:, None].expand(-1, int(ref.sum())),
+                    ],
+                    dim=1,
+                ).to(device)
+            self._token_masks[n_tokens] = (
+                base.nonzero().flatten().to(device),
+                ref.nonzero().flatten().to(device),
+                allowed,
+            )
         return self._token_masks[n_tokens]
 
     def reset(self) -> None:
-        """Back to plain attention with no masks (the start of every edit)."""
+        """Back to plain attention with nothing configured (the start and end of every edit)."""
         self.mode, self.n_bank, self.step = "off", 0, 0
-        self.record = self.stored = None
+        self.attention, self.record, self.stored = None, None, None
         self.latent_hw = (0, 0)
-        self.base_keep = self.ref_keep = self.query_region = None
         self._token_masks.clear()
 
-    def prepare(self, device: torch.device, levels: int = 4) -> None:
-        """Fill the token index cache for every decoder resolution (latent size halved up to `levels` - 1 times)."""
-        self._token_masks.clear()
-        if self.base_keep is None or self.ref_keep is None:
-            return
-        h, w = self.latent_hw
-        for k in range(levels):
-            if h % 2**k == 0 and w % 2**k == 0:
-                self.token_masks((h >> k) * (w >> k), device)
+
+def _at_layer(mask: np.ndarray, hw: tuple[int, int], at_least_one: bool) -> torch.Tensor:
+    """A working-size mask as flat tokens of a layer: half-covered cells."""
+    m = torch.from_numpy(np.ascontiguousarray(mask))
+    cov = F.interpolate(m[None, None].float(), size=hw, mode="area")[0, 0].flatten()
+    r = cov >= 0.5
+    if (
+        at_least_one and not r.any()
+    ):  # a tiny object can vanish at coarse layers: keep its best cell
+        r = cov == cov.max()
+    return r
 
 
 class MemoryBankAttnProcessor:
@@ -96,8 +164,16 @@ class MemoryBankAttnProcessor:
         self.state = state
         self.name = name
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -138,8 +214,12 @@ class MemoryBankAttnProcessor:
             v_gen = torch.cat([v[nb:], vb[:1].expand(n_gen, -1, -1)], dim=1)
         elif s.mode == "composite":
             base_keep, ref_keep, allowed = s.token_masks(k.shape[1], k.device)
-            k_c = torch.cat([kb[0].index_select(0, base_keep), kb[1].index_select(0, ref_keep)], dim=0)[None]
-            v_c = torch.cat([vb[0].index_select(0, base_keep), vb[1].index_select(0, ref_keep)], dim=0)[None]
+            k_c = torch.cat(
+                [kb[0].index_select(0, base_keep), kb[1].index_select(0, ref_keep)], dim=0
+            )[None]
+            v_c = torch.cat(
+                [vb[0].index_select(0, base_keep), vb[1].index_select(0, ref_keep)], dim=0
+            )[None]
             k_gen, v_gen = k_c.expand(n_gen, -1, -1), v_c.expand(n_gen, -1, -1)
             gen_mask = allowed
         else:
@@ -160,7 +240,7 @@ def _sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torc
 
 
 class BankControl:
-    """Installs the processors on a bundle's decoder self-attention layers and restores the old ones.
+    """Installs the processors on the decoder's self-attention layers; restores the old ones.
 
     One control per `Editor`, entered once per edit: its processors and state are the same objects
     every time, so a compiled UNet forward sees an unchanged module and keeps its graphs.
@@ -168,7 +248,6 @@ class BankControl:
 
     def __init__(self, unet: torch.nn.Module, layer_names: list[str]) -> None:
         self.unet = unet
-        self.layer_names = layer_names
         self.state = BankState()
         self.processors = {name: MemoryBankAttnProcessor(self.state, name) for name in layer_names}
         self._saved: dict | None = None

@@ -1,9 +1,9 @@
 """The inversion cache: content-addressed safetensors files, written atomically, checked on read.
 
-Key: a hash of the image's bytes, the model's identity, the working size, steps and prompt. Each
-entry is one `.safetensors` file holding the latent trajectory (fp32) and, in its header, the key
-fields and a checksum of the tensor bytes, so a truncated or corrupted entry is detected and
-recomputed. Reads never unpickle. Entries are evicted least-recently-used above a size cap.
+Key: `TrajectoryKey`, everything an inverted trajectory depends on. Each entry is one
+`.safetensors` file holding the latent trajectory (fp32) and, in its header, the key fields and a
+checksum of the tensor bytes, so a truncated or corrupted entry is detected and recomputed. Reads
+never unpickle. Entries are evicted least-recently-used above a size cap.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from dragonctl.files import atomic_write
 
-FORMAT = 1
+FORMAT = 2  # 2: the key gained the scheduler config and the hub revision
 DEFAULT_CAP_GB = 4.0  # override with DRAGONCTL_CACHE_MAX_GB
 
 
@@ -44,17 +44,61 @@ def default_dir() -> Path:
     return base / "dragonctl"
 
 
-def trajectory_key(image_bytes: bytes, identity: dict, work_hw: tuple[int, int], steps: int, prompt: str,
-                   refine: int = 0) -> dict:
-    return {
-        "refine": refine,
-        "format": FORMAT,
-        "image_sha256": hashlib.sha256(image_bytes).hexdigest(),
-        "model": identity,
-        "work_hw": list(work_hw),
-        "steps": steps,
-        "prompt": prompt,
-    }
+@dataclass(frozen=True)
+class TrajectoryKey:
+    """Everything an inverted trajectory depends on: equal keys, interchangeable trajectories.
+
+    Fields:
+        image_sha256: SHA-256 of the inverted image's bytes (the source file's, or the second
+            bank image's pixels at working size).
+        model: the model's identity (`ModelBundle.identity`): name, family, weights hash, hub
+            revision and prediction type.
+        scheduler_sha256: SHA-256 of the scheduler config (its noise schedule sets every ᾱ).
+        work_hw: the working size the image was inverted at.
+        steps: DDIM steps.
+        prompt: the prompt the inversion conditions on.
+        refine: fixed-point refinements per inversion step.
+        format: the cache's format version.
+    """
+
+    image_sha256: str
+    model: dict
+    scheduler_sha256: str
+    work_hw: tuple[int, int]
+    steps: int
+    prompt: str
+    refine: int = 0
+    format: int = FORMAT
+
+    @classmethod
+    def of(
+        cls,
+        image_bytes: bytes,
+        identity: dict,
+        scheduler_config: dict,
+        work_hw: tuple[int, int],
+        steps: int,
+        prompt: str,
+        refine: int = 0,
+    ) -> TrajectoryKey:
+        sched = json.dumps(scheduler_config, sort_keys=True, default=str).encode()
+        return cls(
+            hashlib.sha256(image_bytes).hexdigest(),
+            dict(identity),
+            hashlib.sha256(sched).hexdigest(),
+            (int(work_hw[0]), int(work_hw[1])),
+            steps,
+            prompt,
+            refine,
+        )
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["work_hw"] = list(self.work_hw)
+        return d
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -65,18 +109,19 @@ class CacheStats:
 
 
 class TrajectoryCache:
-    def __init__(self, root: Path | None = None, cap_bytes: int | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, root: Path | None = None, cap_bytes: int | None = None, enabled: bool = True
+    ) -> None:
         self.root = (root or default_dir()).expanduser()
         self.cap_bytes = default_cap() if cap_bytes is None else cap_bytes
         self.enabled = enabled
         self.stats = CacheStats()
         self.warnings: list[str] = []
 
-    def _path(self, key: dict) -> Path:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        return self.root / "trajectories" / f"{digest[:32]}.safetensors"
+    def _path(self, key: TrajectoryKey) -> Path:
+        return self.root / "trajectories" / f"{key.digest()[:32]}.safetensors"
 
-    def get(self, key: dict) -> torch.Tensor | None:
+    def get(self, key: TrajectoryKey) -> torch.Tensor | None:
         if not self.enabled:
             return None
         path = self._path(key)
@@ -89,8 +134,11 @@ class TrajectoryCache:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
                 latents = fh.get_tensor("latents")
-            ok = (json.loads(meta.get("key", "null")) == key and
-                  meta.get("sha256") == hashlib.sha256(latents.contiguous().numpy().tobytes()).hexdigest())
+            ok = (
+                json.loads(meta.get("key", "null")) == key.as_dict()
+                and meta.get("sha256")
+                == hashlib.sha256(latents.contiguous().numpy().tobytes()).hexdigest()
+            )
         except Exception:  # safetensors raises several types on a damaged header or body
             ok = False
         if not ok:
@@ -102,14 +150,16 @@ class TrajectoryCache:
         os.utime(path)  # recency for LRU eviction
         return latents
 
-    def put(self, key: dict, latents: torch.Tensor) -> None:
+    def put(self, key: TrajectoryKey, latents: torch.Tensor) -> None:
         if not self.enabled:
             return
         from safetensors.torch import save
 
         latents = latents.detach().to("cpu", torch.float32).contiguous()
-        meta = {"key": json.dumps(key, sort_keys=True),
-                "sha256": hashlib.sha256(latents.numpy().tobytes()).hexdigest()}
+        meta = {
+            "key": json.dumps(key.as_dict(), sort_keys=True),
+            "sha256": hashlib.sha256(latents.numpy().tobytes()).hexdigest(),
+        }
         path = self._path(key)
         atomic_write(path, save({"latents": latents}, metadata=meta))
         self.evict()

@@ -39,7 +39,8 @@ Start from `dragonctl init MODE IMAGE`, check with `dragonctl validate` and `dra
 
 app = typer.Typer(
     name="dragonctl",
-    help="Drag-style image edits (DragonDiffusion / DiffEditor) declared in YAML specs.\n" + SPEC_EXAMPLE,
+    help="Drag-style image edits (DragonDiffusion / DiffEditor) declared in YAML specs.\n"
+    + SPEC_EXAMPLE,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -47,7 +48,9 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect or clear the inversion cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
-bench_app = typer.Typer(help="Benchmarks: edit quality on the shapes world, speed and memory.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: edit quality on the shapes world, speed and memory.", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 import_app = typer.Typer(help="Import specs from other formats.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
@@ -64,7 +67,7 @@ def _usage(msg: str) -> None:
 
 @contextlib.contextmanager
 def _reported_errors():
-    """A command's own errors (bad model, device or dtype, unreadable inputs) as one line and exit 1."""
+    """A command's own errors (bad model, device, dtype, unreadable inputs): one line, exit 1."""
     from dragonctl.errors import DragonError
 
     try:
@@ -80,8 +83,13 @@ def _progress(enabled: bool):
         return None, None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), transient=True)
+    bar = Progress(
+        TextColumn("{task.description:>10}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        transient=True,
+    )
     tasks: dict[str, int] = {}
 
     def update(phase: str, done: int, total: int) -> None:
@@ -127,38 +135,81 @@ class _StopOnInterrupt:
 
 @app.command()
 def edit(
-    specs: list[str] = typer.Argument(None, help="Spec files, folders (searched for *.yaml) or globs."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder; mirrors the specs' layout."),
-    model: str | None = typer.Option(None, help="Override every spec's model: shapes, a hub id, a folder, a .safetensors."),
+    specs: list[str] = typer.Argument(
+        None, help="Spec files, folders (searched for *.yaml) or globs."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder; mirrors the specs' layout."
+    ),
+    model: str | None = typer.Option(
+        None, help="Override every spec's model: shapes, a hub id, a folder, a .safetensors."
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."),
+    dtype: str = typer.Option(
+        "auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."
+    ),
     seed: int | None = typer.Option(None, help="Override every spec's seed."),
-    cache_dir: Path | None = typer.Option(None, help="Inversion cache folder (default: $DRAGONCTL_CACHE or the user cache)."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the inversion cache."),
-    local_files_only: bool = typer.Option(False, "--local-files-only", help="Never download model files."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code)."),
-    no_metadata: bool = typer.Option(False, "--no-metadata", help="Write no PNG metadata and no sidecar JSON."),
-    save_preview: bool = typer.Option(False, "--save-preview", help="Also write an overlay and a side-by-side."),
-    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip specs whose output exists with the same spec."),
-    compile: bool = typer.Option(False, "--compile",
-                                 help="Compile the UNet's step-loop forward (CUDA graphs on a GPU). Costs a one-off "
-                                      "warm-up per image size (seconds to a minute), then each edit runs faster: "
-                                      "for batches, not single edits. Same results."),
+    cache_dir: Path | None = typer.Option(
+        None, help="Inversion cache folder (default: $DRAGONCTL_CACHE or the user cache)."
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Neither read nor write the inversion cache."
+    ),
+    local_files_only: bool = typer.Option(
+        False, "--local-files-only", help="Never download model files."
+    ),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Allow .ckpt/.bin checkpoints (they can run code)."
+    ),
+    no_metadata: bool = typer.Option(
+        False, "--no-metadata", help="Write no PNG metadata and no sidecar JSON."
+    ),
+    save_preview: bool = typer.Option(
+        False, "--save-preview", help="Also write an overlay and a side-by-side."
+    ),
+    skip_existing: bool = typer.Option(
+        False, "--skip-existing", help="Skip specs whose output exists with the same spec."
+    ),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="Compile the UNet's step-loop forward (CUDA graphs on a GPU). Costs a one-off "
+        "warm-up per image size (seconds to a minute), then each edit runs faster: "
+        "for batches, not single edits. Same results.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec on stdout."),
 ) -> None:
     """Run edits. Example: dragonctl edit samples/move.yaml --out results/"""
     from dragonctl import api
-    from dragonctl.errors import DragonError
 
     if not specs:
         _usage("give at least one spec file, folder or glob")
     paths = api.expand_specs(specs)
     if not paths:
         _usage(f"no spec files found in: {' '.join(specs)}")
-    opts = api.EditOptions(out_dir=out, model=model, device=device, dtype=dtype, seed=seed, cache_dir=cache_dir,
-                           no_cache=no_cache, local_files_only=local_files_only, allow_pickle=allow_pickle,
-                           metadata=not no_metadata, save_preview=save_preview, skip_existing=skip_existing,
-                           compile="on" if compile else "off")
+    opts = api.EditOptions(
+        out_dir=out,
+        model=model,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        cache_dir=cache_dir,
+        no_cache=no_cache,
+        local_files_only=local_files_only,
+        allow_pickle=allow_pickle,
+        metadata=not no_metadata,
+        save_preview=save_preview,
+        skip_existing=skip_existing,
+        compile="on" if compile else "off",
+    )
+    _run_batch(paths, opts, as_json)
+
+
+def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
+    """`api.edit` with a progress bar and Ctrl-C handling; report; exit with the batch's code."""
+    from dragonctl import api
+    from dragonctl.errors import DragonError, UsageError
+
     bar, update = _progress(not as_json)
 
     def on_report(rep) -> None:
@@ -179,20 +230,29 @@ def edit(
                     reports = api.edit(paths, opts, update, on_report, stop)
             else:
                 reports = api.edit(paths, opts, None, on_report, stop)
+    except UsageError as e:
+        _usage(str(e))
     except DragonError as e:
         _err(f"error: {e}")
-        raise typer.Exit(2 if "also the output of" in str(e) else 1) from None
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         _err("aborted")
         raise typer.Exit(130) from None
+    _finish(reports, as_json, stop.requested)
+
+
+def _finish(reports: list, as_json: bool, interrupted: bool) -> None:
     failed = [r for r in reports if not r.ok]
     if not as_json:
         _err(f"{len(reports) - len(failed)} done, {len(failed)} failed")
     for r in failed:
         for line in r.errors:
             _err(f"failed: {line}")
-    if stop.requested:
-        _err("interrupted: the edit in progress was abandoned (nothing half-written); rerun with --skip-existing to resume")
+    if interrupted:
+        _err(
+            "interrupted: the edit in progress was abandoned (nothing half-written); "
+            "rerun with --skip-existing to resume"
+        )
         raise typer.Exit(130)
     raise typer.Exit(1 if failed else 0)
 
@@ -203,7 +263,8 @@ def validate(
     model: str | None = typer.Option(None, help="Validate as if run with this --model."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec."),
 ) -> None:
-    """Check specs without loading a model: fields, files (fully decoded), masks, points. Exit 2 if any is invalid."""
+    """Check specs without loading a model: fields, files (fully decoded), masks, points. Exit 2 if
+    any is invalid."""
     from dragonctl import api
 
     if not specs:
@@ -230,7 +291,9 @@ def validate(
 @app.command()
 def preview(
     spec: Path = typer.Argument(..., help="One spec file."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="PNG to write (default: SPEC.preview.png)."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="PNG to write (default: SPEC.preview.png)."
+    ),
 ) -> None:
     """Draw the source with its masks, arrows and target region (and the reference) into one PNG."""
     from dragonctl import api
@@ -252,7 +315,9 @@ def preview(
 def init(
     mode: str = typer.Argument(..., help="move, resize, drag, appearance or paste."),
     image: Path = typer.Argument(..., help="The source image."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Write here instead of stdout."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Write here instead of stdout."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a commented starter spec for MODE on IMAGE."""
@@ -300,12 +365,21 @@ def invert(
 
     if not specs:
         _usage("give at least one spec file, folder or glob")
-    opts = api.EditOptions(model=model, device=device, dtype=dtype, cache_dir=cache_dir,
-                           local_files_only=local_files_only, allow_pickle=allow_pickle)
+    opts = api.EditOptions(
+        model=model,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        allow_pickle=allow_pickle,
+    )
     reports = api.invert(api.expand_specs(specs), opts)
     for r in reports:
         if r.ok:
-            typer.echo(f"ok  {r.path} ({'cached already' if r.inversions == 0 else f'{r.inversions} inverted'})")
+            typer.echo(
+                f"ok  {r.path} "
+                f"({'cached already' if r.inversions == 0 else f'{r.inversions} inverted'})"
+            )
         for e in r.errors:
             _err(e)
     raise typer.Exit(1 if any(not r.ok for r in reports) else 0)
@@ -334,22 +408,34 @@ def cache_clear(
 
 @bench_app.command("quality")
 def bench_quality(
-    out: Path = typer.Argument(Path("runs/quality"), help="Folder for specs, results, contact sheets, quality.json."),
+    out: Path = typer.Argument(
+        Path("runs/quality"), help="Folder for specs, results, contact sheets, quality.json."
+    ),
     cases: int = typer.Option(6, help="Cases per mode."),
     mode: list[str] = typer.Option(None, help="Only these modes (repeatable)."),
-    model: str = typer.Option("shapes", help="Model to test (the ground truth is the shapes world)."),
+    model: str = typer.Option(
+        "shapes", help="Model to test (the ground truth is the shapes world)."
+    ),
     seed: int = typer.Option(1000, help="Case generator seed (training never uses 1000 and up)."),
     method: str | None = typer.Option(None, help="Override guidance.method for every case."),
-    energy_scale: float | None = typer.Option(None, help="Override guidance.energy_scale for every case."),
-    steps: int | None = typer.Option(None, help="Override the number of DDIM steps for every case."),
-    guidance: list[str] = typer.Option(None, help="Any guidance setting for every case, KEY=VALUE (repeatable)."),
+    energy_scale: float | None = typer.Option(
+        None, help="Override guidance.energy_scale for every case."
+    ),
+    steps: int | None = typer.Option(
+        None, help="Override the number of DDIM steps for every case."
+    ),
+    guidance: list[str] = typer.Option(
+        None, help="Any guidance setting for every case, KEY=VALUE (repeatable)."
+    ),
 ) -> None:
-    """Run every mode on held-out shapes scenes and score it against the ground truth (JSON + table)."""
+    """Run every mode on held-out shapes scenes and score it against the ground truth."""
     import yaml
 
     from dragonctl.bench import quality
 
-    overrides = {k: v for k, v in (("method", method), ("energy_scale", energy_scale)) if v is not None}
+    overrides = {
+        k: v for k, v in (("method", method), ("energy_scale", energy_scale)) if v is not None
+    }
     for item in guidance or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -360,8 +446,16 @@ def bench_quality(
     if bad:
         _usage(f"unknown mode(s): {', '.join(bad)}")
     with _reported_errors():
-        summary = quality.run(out, modes, cases, model, seed, overrides, log=lambda m: _err(m),
-                              spec_overrides={"steps": steps} if steps else None)
+        summary = quality.run(
+            out,
+            modes,
+            cases,
+            model,
+            seed,
+            overrides,
+            log=lambda m: _err(m),
+            spec_overrides={"steps": steps} if steps else None,
+        )
     typer.echo(quality.table(summary))
     _err(f"wrote {out / 'quality.json'} and sheet_<mode>.png")
     failed = sum(m["cases"] - m["completed"] for m in summary["modes"].values())
@@ -373,34 +467,54 @@ def bench_quality(
 @bench_app.command("speed")
 def bench_speed(
     out: Path = typer.Option(Path("runs/speed.json"), "--out", "-o", help="JSON results file."),
-    size: str = typer.Option("sd15", help="sd15 (SD 1.5 sizes, random weights) or tiny (CI check)."),
+    size: str = typer.Option(
+        "sd15", help="sd15 (SD 1.5 sizes, random weights) or tiny (CI check)."
+    ),
     resolution: list[int] = typer.Option([512, 768], help="Working resolutions (repeatable)."),
     mode: list[str] = typer.Option(None, help="Only these modes (repeatable; default all)."),
-    method: list[str] = typer.Option(["dragondiffusion"], help="dragondiffusion and/or diffeditor (repeatable)."),
-    kv_bank: list[str] = typer.Option(["recompute"], help="recompute and/or stored (repeatable): the memory bank's K/V."),
-    compile: list[str] = typer.Option(["off"], "--compile",
-                                      help="off, on (CUDA graphs on a GPU) or a torch.compile mode (repeatable: "
-                                           "--compile off --compile on gives eager and compiled rows)."),
+    method: list[str] = typer.Option(
+        ["dragondiffusion"], help="dragondiffusion and/or diffeditor (repeatable)."
+    ),
+    kv_bank: list[str] = typer.Option(
+        ["recompute"], help="recompute and/or stored (repeatable): the memory bank's K/V."
+    ),
+    compile: list[str] = typer.Option(
+        ["off"],
+        "--compile",
+        help="off, on (CUDA graphs on a GPU) or a torch.compile mode (repeatable: "
+        "--compile off --compile on gives eager and compiled rows).",
+    ),
     steps: int = typer.Option(50, help="DDIM steps."),
     model: str | None = typer.Option(None, help="A real model instead of random weights."),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
 ) -> None:
-    """Time full edits per mode: phases, UNet passes, peak memory, ratio against a plain eager loop."""
+    """Time full edits per mode: phases, UNet passes, peak memory, ratio to a plain eager loop."""
     from dragonctl.bench import speed
 
     if size not in ("sd15", "tiny"):
         _usage("--size is sd15 or tiny")
     if set(kv_bank) - {"recompute", "stored"}:
         _usage("--kv-bank is recompute or stored")
-    from dragonctl.models import COMPILE_MODES
+    from dragonctl.compilation import COMPILE_MODES
 
     if set(compile) - {"on", *COMPILE_MODES}:
         _usage(f"--compile is on or one of {', '.join(COMPILE_MODES)}")
     with _reported_errors():
-        results = speed.run(size, tuple(resolution), tuple(mode) if mode else speed.MODES, steps, model, device,
-                            dtype, tuple(method), log=_err, kv_banks=tuple(kv_bank), compiles=tuple(compile),
-                            on_row=lambda partial: speed.save(partial, out))  # finished rows survive an interrupted run
+        results = speed.run(
+            size,
+            tuple(resolution),
+            tuple(mode) if mode else speed.MODES,
+            steps,
+            model,
+            device,
+            dtype,
+            tuple(method),
+            log=_err,
+            kv_banks=tuple(kv_bank),
+            compiles=tuple(compile),
+            on_row=lambda partial: speed.save(partial, out),
+        )  # finished rows survive an interrupted run
     speed.save(results, out)
     typer.echo(speed.table(results))
     _err(f"wrote {out}")
@@ -408,11 +522,15 @@ def bench_speed(
 
 @import_app.command("dragbench")
 def import_dragbench(
-    src: Path = typer.Argument(..., help="DragBench folder: <category>/<sample>/ (converted or original layout)."),
-    out: Path = typer.Argument(..., help="Where to write <category>/<sample>.yaml (may exist already)."),
+    src: Path = typer.Argument(
+        ..., help="DragBench folder: <category>/<sample>/ (converted or original layout)."
+    ),
+    out: Path = typer.Argument(
+        ..., help="Where to write <category>/<sample>.yaml (may exist already)."
+    ),
 ) -> None:
     """Turn each DragBench sample into one drag spec (prompt, mask, handle → target pairs)."""
-    from dragonctl.dragbench import import_dragbench as do_import
+    from dragonctl.dragbench_import import import_dragbench as do_import
 
     if not src.is_dir():
         _usage(f"{src} is not a folder")
@@ -433,18 +551,35 @@ def bench_dragbench(
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
     steps: int | None = typer.Option(None, help="Override the number of steps (plumbing runs)."),
-    resolution: int | None = typer.Option(None, help="Override the working resolution (plumbing runs)."),
+    resolution: int | None = typer.Option(
+        None, help="Override the working resolution (plumbing runs)."
+    ),
     limit: int | None = typer.Option(None, help="Only the first N specs."),
-    dift_model: str | None = typer.Option(None, help="DIFT model for Mean Distance (the protocol uses SD 2.1)."),
-    lpips_weights: Path | None = typer.Option(None, help="LPIPS (AlexNet) weights, safetensors, for Image Fidelity."),
+    dift_model: str | None = typer.Option(
+        None, help="DIFT model for Mean Distance (the protocol uses SD 2.1)."
+    ),
+    lpips_weights: Path | None = typer.Option(
+        None, help="LPIPS (AlexNet) weights, safetensors, for Image Fidelity."
+    ),
 ) -> None:
     """Run imported DragBench specs; write results.json (seconds, peak memory, outputs) and the
     Mean Distance / Image Fidelity protocol's inputs (md_if_inputs.json)."""
-    from dragonctl.bench.dragbench import run as run_bench
+    from dragonctl.bench.dragbench_run import run as run_bench
 
     with _reported_errors():
-        rows, failed = run_bench(specs_dir, out, model, device, dtype, steps, limit, log=_err, dift_model=dift_model,
-                                 lpips_weights=lpips_weights, resolution=resolution)
+        rows, failed = run_bench(
+            specs_dir,
+            out,
+            model,
+            device,
+            dtype,
+            steps,
+            limit,
+            log=_err,
+            dift_model=dift_model,
+            lpips_weights=lpips_weights,
+            resolution=resolution,
+        )
     _err(f"{len(rows) - len(failed)} done, {len(failed)} failed; wrote {out / 'results.json'}")
     for r in failed:
         _err(f"failed: {r['spec']}: {r['error']}")

@@ -33,9 +33,17 @@ def _cells(f: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return f.flatten(1)[:, idx]
 
 
-def local_match(cur: Features, ref: Features, cur_idx: torch.Tensor, ref_idx: torch.Tensor, weight: float,
-                raw: bool = False, layer_weight: float = 1.0) -> torch.Tensor:
-    """Σ_f layer_weight·w / (1 + 4·mean_k S(cur[cur_idx_k], ref[ref_idx_k])): content at ref_idx should appear at cur_idx."""
+def local_match(
+    cur: Features,
+    ref: Features,
+    cur_idx: torch.Tensor,
+    ref_idx: torch.Tensor,
+    weight: float,
+    raw: bool = False,
+    layer_weight: float = 1.0,
+) -> torch.Tensor:
+    """Σ_f layer_weight·w / (1 + 4·mean_k S(cur[cur_idx_k], ref[ref_idx_k])): content at ref_idx
+    should appear at cur_idx."""
     total = cur[0].new_zeros(())
     if cur_idx.numel() == 0 or weight == 0:
         return total
@@ -46,9 +54,15 @@ def local_match(cur: Features, ref: Features, cur_idx: torch.Tensor, ref_idx: to
     return total
 
 
-def global_match(cur: Features, ref: Features, cur_idx: torch.Tensor, ref_idx: torch.Tensor,
-                 weight: float, layer_weight: float = 1.0) -> torch.Tensor:
-    """Σ_f w / (1 + 4·s̃(mean over cur_idx of cur, mean over ref_idx of ref)): region-level appearance."""
+def global_match(
+    cur: Features,
+    ref: Features,
+    cur_idx: torch.Tensor,
+    ref_idx: torch.Tensor,
+    weight: float,
+    layer_weight: float = 1.0,
+) -> torch.Tensor:
+    """Σ_f w / (1 + 4·s̃(mean of cur over cur_idx, mean of ref over ref_idx)): appearance."""
     total = cur[0].new_zeros(())
     if weight == 0 or cur_idx.numel() == 0 or ref_idx.numel() == 0:
         return total
@@ -59,13 +73,17 @@ def global_match(cur: Features, ref: Features, cur_idx: torch.Tensor, ref_idx: t
     return total
 
 
-def contrast(cur: Features, ref: Features, idx: torch.Tensor, weight: float, layer_weight: float = 1.0) -> torch.Tensor:
+def contrast(
+    cur: Features, ref: Features, idx: torch.Tensor, weight: float, layer_weight: float = 1.0
+) -> torch.Tensor:
     """Σ_f w·mean s̃(cur, ref) over cells: penalises content that stays where it should leave."""
     total = cur[0].new_zeros(())
     if idx.numel() == 0 or weight == 0:
         return total
     for fc, fr in zip(cur, ref):
-        total = total + layer_weight * weight * shifted_cosine(_cells(fc, idx), _cells(fr, idx)).mean()
+        total = (
+            total + layer_weight * weight * shifted_cosine(_cells(fc, idx), _cells(fr, idx)).mean()
+        )
     return total
 
 
@@ -81,14 +99,19 @@ def self_similarity(f: torch.Tensor) -> torch.Tensor:
 
 
 def structure(cur: Features, ref: Features, idx: torch.Tensor, weight: float) -> torch.Tensor:
-    """Σ_f w·mean |SS(cur[idx]) − SS(ref[idx])|: the region keeps its layout (which of its cells look
-    alike: the object's cells one another, unlike the background's). It depends on how alike cells
-    are, not on what they look like, so it holds the shape while the appearance term recolours it."""
+    """Σ_f w·mean |SS(cur[idx]) − SS(ref[idx])|: the region keeps its layout (which of its cells
+    look alike: the object's cells one another, unlike the background's). It depends on how alike
+    cells are, not on what they look like, so it holds the shape while the appearance term recolours
+    it."""
     total = cur[0].new_zeros(())
     if idx.numel() < 2 or weight == 0:
         return total
     for fc, fr in zip(cur, ref):
-        total = total + weight * (self_similarity(_cells(fc, idx)) - self_similarity(_cells(fr, idx))).abs().mean()
+        total = (
+            total
+            + weight
+            * (self_similarity(_cells(fc, idx)) - self_similarity(_cells(fr, idx))).abs().mean()
+        )
     return total
 
 
@@ -108,31 +131,49 @@ def cells(mask: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tenso
     return mask.flatten().nonzero().flatten().to(device)
 
 
-def drag_pair(handle: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(handle, target, vacated): the handle cells the target does not cover are the ones to vacate."""
+def drag_pair(
+    handle: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(handle, target, vacated): the handle cells the target does not cover are vacated."""
     return handle, target, handle[~torch.isin(handle, target)]
 
 
 # --- per mode ------------------------------------------------------------------------------------
 
 
-def move_edit_energy(cur: Features, ref: Features, target_idx: torch.Tensor, source_idx: torch.Tensor,
-                     w_edit: float) -> torch.Tensor:
+def move_edit_energy(
+    cur: Features, ref: Features, target_idx: torch.Tensor, source_idx: torch.Tensor, w_edit: float
+) -> torch.Tensor:
     """The object's features (at source_idx in the source) should appear at target_idx."""
     return local_match(cur, ref, target_idx, source_idx, w_edit, raw=True, layer_weight=0.5)
 
 
-def move_content_energy(cur: Features, ref: Features, unchanged: torch.Tensor, vacated: torch.Tensor,
-                        fill: torch.Tensor, w_content: float, w_contrast: float, w_inpaint: float) -> torch.Tensor:
-    """Keep the unchanged cells, make the vacated cells stop looking like the object and look like `fill`."""
+def move_content_energy(
+    cur: Features,
+    ref: Features,
+    unchanged: torch.Tensor,
+    vacated: torch.Tensor,
+    fill: torch.Tensor,
+    w_content: float,
+    w_contrast: float,
+    w_inpaint: float,
+) -> torch.Tensor:
+    """Keep the unchanged cells, make the vacated cells stop looking like the object and look like
+    `fill`."""
     e = local_match(cur, ref, unchanged, unchanged, w_content, raw=True, layer_weight=0.5)
     e = e + contrast(cur, ref, vacated, w_contrast, layer_weight=0.5)
     return e + global_match(cur, ref, vacated, fill, w_inpaint)
 
 
-def drag_edit_energy(cur: Features, ref: Features, pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                     w_edit: float, w_inpaint: float) -> torch.Tensor:
-    """Each handle patch's features should appear at its target patch; the handle's old place should change.
+def drag_edit_energy(
+    cur: Features,
+    ref: Features,
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    w_edit: float,
+    w_inpaint: float,
+) -> torch.Tensor:
+    """Each handle patch's features should appear at its target patch; the handle's old place should
+    change.
 
     `pairs` are (handle, target, vacated) cell sets (`drag_pair`). Zero-length pairs are skipped by
     the caller; a pair whose patches overlap fully has no vacated cells and contributes only its
@@ -148,20 +189,33 @@ def drag_edit_energy(cur: Features, ref: Features, pairs: list[tuple[torch.Tenso
     return total
 
 
-def content_energy(cur: Features, ref: Features, keep: torch.Tensor, w_content: float,
-                   layer_weight: float = 1.0) -> torch.Tensor:
+def content_energy(
+    cur: Features, ref: Features, keep: torch.Tensor, w_content: float, layer_weight: float = 1.0
+) -> torch.Tensor:
     """Features at the kept cells (outside the edit) should stay those of the source."""
     return local_match(cur, ref, keep, keep, w_content, layer_weight=layer_weight)
 
 
-def appearance_edit_energy(cur: Features, ref: Features, src: Features, object_idx: torch.Tensor,
-                           ref_idx: torch.Tensor, structure_idx: torch.Tensor, w_edit: float,
-                           w_structure: float) -> torch.Tensor:
+def appearance_edit_energy(
+    cur: Features,
+    ref: Features,
+    src: Features,
+    object_idx: torch.Tensor,
+    ref_idx: torch.Tensor,
+    structure_idx: torch.Tensor,
+    w_edit: float,
+    w_structure: float,
+) -> torch.Tensor:
     """The object's mean feature should be the reference object's (global, mean-pooled appearance),
     while its region keeps the source's layout (the structure term; mean pooling has no shape)."""
-    return global_match(cur, ref, object_idx, ref_idx, w_edit) + structure(cur, src, structure_idx, w_structure)
+    return global_match(cur, ref, object_idx, ref_idx, w_edit) + structure(
+        cur, src, structure_idx, w_structure
+    )
 
 
-def paste_edit_energy(cur: Features, ref: Features, object_idx: torch.Tensor, w_edit: float) -> torch.Tensor:
-    """The placed reference is pixel-aligned with the destination, so cells pair with themselves."""
-    return local_match(cur, ref, object_idx, object_idx, w_edit)
+def copy_edit_energy(
+    cur: Features, copy: Features, region_idx: torch.Tensor, w_edit: float
+) -> torch.Tensor:
+    """The region's features should be those of a pixel-aligned copy (paste's placed reference,
+    resize's scaled source), so cells pair with themselves."""
+    return local_match(cur, copy, region_idx, region_idx, w_edit)

@@ -1,11 +1,11 @@
-"""One edit from decoded inputs to the result image: resize, encode, invert (cached), sample, decode.
+"""One edit from decoded inputs to the result image: resize, encode, invert, sample, decode.
 
-`Editor` holds a loaded model bundle and the cache; it is what the API calls per spec.
+`Editor` holds a loaded model bundle and the cache; it is what the API calls per spec. This is
+where a spec's settings become the sampler's plain values (`loop_settings`, `step_windows`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,19 +15,26 @@ import numpy as np
 import torch
 
 from dragonctl.attention import BankControl
-from dragonctl.cache import TrajectoryCache, trajectory_key
+from dragonctl.cache import TrajectoryCache, TrajectoryKey
+from dragonctl.compilation import feature_forward, unet_forward
 from dragonctl.errors import EditInterrupted
-from dragonctl.features import feature_forward
 from dragonctl.geometry import Frame, working_size
 from dragonctl.inputs import EditInputs
 from dragonctl.inversion import invert
-from dragonctl.models import ModelBundle, unet_forward
-from dragonctl.modes import Grids, build_plan
-from dragonctl.sampler import Branches, SamplerStats, guided_edit
-from dragonctl.schedules import Schedule, StepPlan, to_eps
-from dragonctl.spec import Spec
-
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
+from dragonctl.models import ModelBundle
+from dragonctl.modes import build_plan
+from dragonctl.progress import Progress
+from dragonctl.sampler import (
+    ENERGY_UNIT,
+    GuidanceSettings,
+    MemoryBank,
+    Prompts,
+    SamplerStats,
+    UNetCalls,
+    guided_edit,
+)
+from dragonctl.schedules import Schedule, StepPlan, StepWindows, to_eps
+from dragonctl.spec import Guidance, Spec
 
 
 @dataclass
@@ -37,13 +44,54 @@ class EditResult:
     frame: Frame
     timings: dict[str, float] = field(default_factory=dict)
     stats: SamplerStats | None = None
+    bank_images: int = 1  # images in the memory bank (2 for modes that read a second image)
     inversions: int = 0  # inversion passes run (0 when every trajectory came from the cache)
     inversion_unet_calls: int = 0
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class EditedLatent:
+    """An edit before decoding: what tests and the benchmarks inspect."""
+
+    z0: torch.Tensor
+    frame: Frame
+    trajectories: list[torch.Tensor]  # the memory bank: the source's, then the second image's
+    stats: SamplerStats
+    inversion_s: float
+    editing_s: float
+    inversions: int
+    inversion_unet_calls: int
+
+
+def loop_settings(g: Guidance) -> GuidanceSettings:
+    return GuidanceSettings(
+        cfg_scale=g.cfg_scale,
+        energy_gain=g.gradient_scale * ENERGY_UNIT * g.energy_scale,
+        sde_strength=g.sde_strength,
+        sde_strength_outside=g.sde_strength_outside,
+    )
+
+
+def step_windows(g: Guidance) -> StepWindows:
+    return StepWindows(
+        method=g.method,
+        guided=g.energy_scale > 0,
+        guide_until=g.guide_until,
+        dense_until=g.dense_until,
+        inject_from=g.inject_from,
+        inject_until=g.inject_until,
+        sde_from=g.sde_from,
+        sde_until=g.sde_until,
+        time_travel_from=g.time_travel_from,
+        time_travel_until=g.time_travel_until,
+        time_travel_repeats=g.time_travel_repeats,
+    )
+
+
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    x = torch.from_numpy(np.ascontiguousarray(img).copy()).permute(2, 0, 1)[None].float()
+    return x / 127.5 - 1.0
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -52,28 +100,36 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def bank_prompts(spec: Spec) -> list[str]:
-    """The prompts of the bank images: the source's, then the second image's (the reference's own prompt,
-    or the source's for a copy of the source such as resize's scaled copy)."""
+    """The prompts of the bank images: the source's, then the second image's (the reference's
+    own prompt, or the source's for a copy of the source such as resize's scaled copy)."""
     return [spec.prompt, spec.reference.prompt if spec.reference is not None else spec.prompt]
 
 
 class Editor:
-    def __init__(self, bundle: ModelBundle, cache: TrajectoryCache | None = None, memo_size: int = 8,
-                 kv_bank: str = "recompute", compile: str = "off", compile_backend: str | Callable = "inductor") -> None:
-        if compile != "off" and kv_bank == "stored":
-            # stored K/V are looked up per step inside the forward: a compiled forward would recompile every step
-            raise ValueError("compile works with kv_bank 'recompute' only")
+    """A loaded model and what it keeps between edits: compiled calls, attention processors,
+    inverted trajectories (in memory, and in the disk cache)."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        cache: TrajectoryCache | None = None,
+        memo_size: int = 8,
+        stored_kv: bool = False,
+        compile: str = "off",
+        compile_backend: str | Callable = "inductor",
+    ) -> None:
+        if compile != "off" and stored_kv:
+            # stored K/V are looked up per step inside the forward: it would recompile every step
+            raise ValueError("compile works with recomputed K/V only")
         self.bundle = bundle
-        self.kv_bank = kv_bank
-        # The step loop's full UNet calls (inversion, CFG and bank rows) and the guided steps' truncated
-        # forward with its backward, compiled on request.
+        self.stored_kv = stored_kv
         self.forward = unet_forward(bundle.unet, bundle.dtype, compile, compile_backend)
         self.features = feature_forward(bundle.unet, compile, compile_backend)
         self.bank_control = BankControl(bundle.unet, bundle.decoder_self_attention)
         self.cache = cache or TrajectoryCache(enabled=False)
         self.inversions = 0
         self.inversion_unet_calls = 0
-        # Recent trajectories stay in memory, so a batch inverts each source once even without a disk cache.
+        # Recent trajectories stay in memory: a batch inverts each source once without a disk cache.
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memo_size = memo_size
 
@@ -82,12 +138,27 @@ class Editor:
         return Frame(h, w, *working_size(h, w, resolution, self.bundle.size_multiple))
 
     @torch.no_grad()
-    def trajectory(self, image_work: np.ndarray, image_bytes: bytes, prompt: str, schedule: Schedule,
-                   progress: Progress | None = None, refine: int = 0) -> torch.Tensor:
-        """The inverted latents of an image at working size: from the cache, or by DDIM inversion."""
+    def trajectory(
+        self,
+        image_work: np.ndarray,
+        image_bytes: bytes,
+        prompt: str,
+        schedule: Schedule,
+        progress: Progress | None = None,
+        refine: int = 0,
+    ) -> torch.Tensor:
+        """The inverted latents of an image at working size: cached, or by DDIM inversion."""
         b = self.bundle
-        key = trajectory_key(image_bytes, b.identity, image_work.shape[:2], schedule.steps, prompt, refine)
-        memo_key = json.dumps(key, sort_keys=True)
+        key = TrajectoryKey.of(
+            image_bytes,
+            b.identity,
+            b.scheduler_config,
+            image_work.shape[:2],
+            schedule.steps,
+            prompt,
+            refine,
+        )
+        memo_key = key.digest()
         if memo_key in self._memo:
             self._memo.move_to_end(memo_key)
             return self._memo[memo_key]
@@ -96,15 +167,14 @@ class Editor:
             return self._remember(memo_key, cached.to(b.device))
         z0 = b.encode_image(to_tensor(image_work)).float()
         ctx = b.encode_prompt([prompt])
-        done = 0
-
         t_dev = torch.tensor(schedule.timesteps, device=b.device)
+        step_of = {t: k for k, t in enumerate(schedule.timesteps)}
+        done = 0
 
         def eps_fn(z: torch.Tensor, t: int) -> torch.Tensor:
             self.inversion_unet_calls += 1
-            k = schedule.timesteps.index(t)
-            out = self.forward(z, t_dev[k], ctx)
-            return to_eps(out, z, schedule.alpha[k], b.prediction_type)
+            k = step_of[t]
+            return to_eps(self.forward(z, t_dev[k], ctx), z, schedule.alpha[k], b.prediction_type)
 
         def tick() -> None:
             nonlocal done
@@ -117,18 +187,31 @@ class Editor:
         self.cache.put(key, latents)
         return self._remember(memo_key, latents)
 
-    def memory_bank(self, spec: Spec, inp: EditInputs, source_work: np.ndarray, reference_work: np.ndarray | None,
-                    schedule: Schedule, progress: Progress | None = None) -> list[torch.Tensor]:
-        """The trajectories the edit reads: the source's, and the placed reference's for two-image modes."""
-        bank = [self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, spec.inversion_refine)]
-        if reference_work is not None:
-            ref_bytes = reference_work.tobytes() + str(reference_work.shape).encode()
-            bank.append(self.trajectory(reference_work, ref_bytes, bank_prompts(spec)[1], schedule, progress,
-                                        spec.inversion_refine))
+    def memory_bank(
+        self,
+        spec: Spec,
+        inp: EditInputs,
+        source_work: np.ndarray,
+        second_work: np.ndarray | None,
+        schedule: Schedule,
+        progress: Progress | None = None,
+    ) -> list[torch.Tensor]:
+        """The trajectories the edit reads: the source's, and the second image's when it has one."""
+        refine = spec.inversion_refine
+        bank = [
+            self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, refine)
+        ]
+        if second_work is not None:
+            second_bytes = second_work.tobytes() + str(second_work.shape).encode()
+            bank.append(
+                self.trajectory(
+                    second_work, second_bytes, bank_prompts(spec)[1], schedule, progress, refine
+                )
+            )
         return bank
 
     def forget_trajectories(self) -> None:
-        """Drop the in-memory trajectories (the disk cache stays): the next edit of a source inverts it again."""
+        """Drop the in-memory trajectories (the disk cache stays): the next edit inverts again."""
         self._memo.clear()
 
     def _remember(self, key: str, latents: torch.Tensor) -> torch.Tensor:
@@ -137,48 +220,90 @@ class Editor:
             self._memo.popitem(last=False)
         return latents
 
-    def edit(self, spec: Spec, inp: EditInputs, progress: Progress | None = None,
-             should_stop: Callable[[], bool] | None = None) -> EditResult:
+    def edit(
+        self,
+        spec: Spec,
+        inp: EditInputs,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EditResult:
+        """Edit one spec's decoded inputs (nothing is written)."""
+        t0 = time.perf_counter()
+        latent = self.edit_latent(spec, inp, progress, should_stop)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            work = to_uint8(self.bundle.decode_latent(latent.z0))
+        image = latent.frame.image_to_source(work)
+        timings = {
+            "inversion_s": latent.inversion_s,
+            "editing_s": latent.editing_s,
+            "decode_s": time.perf_counter() - t2,
+            "total_s": time.perf_counter() - t0,
+        }
+        return EditResult(
+            image=image,
+            work_image=work,
+            frame=latent.frame,
+            timings=timings,
+            stats=latent.stats,
+            bank_images=len(latent.trajectories),
+            inversions=latent.inversions,
+            inversion_unet_calls=latent.inversion_unet_calls,
+            warnings=list(inp.warnings),
+        )
+
+    def edit_latent(
+        self,
+        spec: Spec,
+        inp: EditInputs,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EditedLatent:
+        """The edit up to its latent: plan, inversion (cached), the guided loop."""
         b = self.bundle
         t0 = time.perf_counter()
         inv_before, calls_before = self.inversions, self.inversion_unet_calls
         frame = self.frame_for(inp.source, spec.resolution)
-        grids = Grids((frame.work_h, frame.work_w), b.latent_factor)
         plan = build_plan(spec, inp, frame, b.latent_factor, b.device)
         schedule = Schedule.from_config(b.scheduler_config, spec.steps)
-        source_work = frame.image_to_work(inp.source)
-
-        bank = self.memory_bank(spec, inp, source_work, plan.reference_work, schedule, progress)
-        prompts = bank_prompts(spec)[: len(bank)]
+        trajectories = self.memory_bank(
+            spec, inp, frame.image_to_work(inp.source), plan.second_image, schedule, progress
+        )
+        settings = loop_settings(spec.guidance)
         with torch.no_grad():
-            cond = [b.encode_prompt([p]) for p in prompts]
-            uncond = b.encode_prompt([""])
+            cond = [b.encode_prompt([p]) for p in bank_prompts(spec)[: len(trajectories)]]
+            prompts = Prompts.build(cond, b.encode_prompt([""]), settings.cfg)
         t1 = time.perf_counter()
 
-        done = 0
-
-        def tick() -> None:
-            nonlocal done
-            done += 1
+        def step_done(i: int) -> None:
             if progress:
-                progress("editing", done, schedule.steps)
+                progress("editing", i + 1, schedule.steps)
             if should_stop and should_stop():
-                raise EditInterrupted(f"interrupted at step {done} of {schedule.steps}")
+                raise EditInterrupted(f"interrupted at step {i + 1} of {schedule.steps}")
 
-        generator = torch.Generator().manual_seed(spec.seed)
-        steps = StepPlan.build(spec.guidance, spec.steps)
+        calls = UNetCalls(
+            self.forward, self.features, b.dtype, b.prediction_type, schedule, b.device
+        )
+        steps = StepPlan.build(step_windows(spec.guidance), spec.steps)
         with self.bank_control as state:
+            bank = MemoryBank(trajectories, state, self.stored_kv)
             z0, stats = guided_edit(
-                self.features, self.forward, b.dtype, b.prediction_type, schedule, plan, steps, spec.guidance,
-                Branches(bank=bank, cond=cond, uncond=uncond),
-                state, grids, generator, tick, self.kv_bank)
-        t2 = time.perf_counter()
-        with torch.no_grad():
-            work = to_uint8(b.decode_latent(z0))
-        image = frame.image_to_source(work)
-        t3 = time.perf_counter()
-        return EditResult(
-            image=image, work_image=work, frame=frame,
-            timings={"inversion_s": t1 - t0, "editing_s": t2 - t1, "decode_s": t3 - t2, "total_s": t3 - t0},
-            stats=stats, inversions=self.inversions - inv_before,
-            inversion_unet_calls=self.inversion_unet_calls - calls_before, warnings=list(inp.warnings))
+                calls,
+                bank,
+                prompts,
+                plan,
+                steps,
+                settings,
+                torch.Generator().manual_seed(spec.seed),
+                step_done,
+            )
+        return EditedLatent(
+            z0,
+            frame,
+            trajectories,
+            stats,
+            t1 - t0,
+            time.perf_counter() - t1,
+            self.inversions - inv_before,
+            self.inversion_unet_calls - calls_before,
+        )

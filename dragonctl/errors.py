@@ -1,4 +1,5 @@
-"""Errors that name the file, the field and the reason: what users and scripts see instead of tracebacks."""
+"""Errors that name the file, the field and the reason: what users and scripts see instead of
+tracebacks. The CLI picks exit codes by type, never by message text."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Problem:
     file: str
-    field: str  # dotted path into the spec, e.g. "reference.mask" or "points[1][0]"; "" for the file itself
+    field: (
+        str  # dotted path into the spec, e.g. "reference.mask" or "points[1][0]"; "" for the file
+    )
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.field}: {self.reason}" if self.field else f"{self.file}: {self.reason}"
+        return (
+            f"{self.file}: {self.field}: {self.reason}"
+            if self.field
+            else f"{self.file}: {self.reason}"
+        )
 
 
 class DragonError(Exception):
@@ -21,6 +28,8 @@ class DragonError(Exception):
 
 
 class SpecError(DragonError):
+    """A spec, or a file it names, is invalid."""
+
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
@@ -30,8 +39,16 @@ class SpecError(DragonError):
         return cls([Problem(str(file), field, reason)])
 
 
+class UsageError(DragonError):
+    """The command as a whole cannot run as asked (e.g. two specs write one file): exit 2."""
+
+
 class ModelError(DragonError):
     """A model cannot be loaded or lacks what the method needs."""
+
+
+class EditDiverged(DragonError):
+    """The edit's latent became non-finite (too strong a guidance)."""
 
 
 class EditInterrupted(DragonError):

@@ -15,11 +15,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dragonctl.models import FEATURE_BLOCKS, compile_call, unsupported_embeddings
+# (z, t, context) → the feature stages' outputs
+FeatureForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
-FeatureForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]  # (z, t, context) → features
+FEATURE_BLOCKS = (1, 2)  # up_blocks whose outputs are the guidance features ("decoder layers 2, 3")
 
-FEATURE_UPSCALE = 2  # the common feature grid is twice the latent grid (H/4 × W/4 for SD), as in the reference
+
+def unsupported_embeddings(unet: torch.nn.Module) -> list[str]:
+    """UNet inputs the truncated forward does not reproduce (SD 1.x/2.x and shapes have none)."""
+    cfg = unet.config
+    present = {
+        "class embeddings": getattr(unet, "class_embedding", None) is not None,
+        "added embeddings": cfg.get("addition_embed_type") is not None,
+        "center_input_sample": bool(cfg.get("center_input_sample")),
+    }
+    return [what for what, yes in present.items() if yes]
 
 
 def check_truncatable(unet: torch.nn.Module) -> None:
@@ -28,9 +38,15 @@ def check_truncatable(unet: torch.nn.Module) -> None:
         raise ValueError(f"decoder features: UNets with {', '.join(extras)} are not supported")
 
 
-def decoder_features(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor | int,
-                     context: torch.Tensor, blocks: tuple[int, ...] = FEATURE_BLOCKS) -> list[torch.Tensor]:
-    """Outputs of the given up_blocks (default 1 and 2; after their upsamplers), each B×C×h×w in the UNet's dtype."""
+def decoder_features(
+    unet: torch.nn.Module,
+    z: torch.Tensor,
+    t: torch.Tensor | int,
+    context: torch.Tensor,
+    blocks: tuple[int, ...] = FEATURE_BLOCKS,
+) -> list[torch.Tensor]:
+    """Outputs of the given up_blocks (default 1 and 2; after their upsamplers), each B×C×h×w in the
+    UNet's dtype."""
     check_truncatable(unet)
     last = max(blocks)
     # sizes the upsamplers cannot reach by doubling are passed on explicitly, as diffusers does
@@ -38,7 +54,9 @@ def decoder_features(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor | i
     emb = unet.time_embedding(unet.get_time_embed(sample=z, timestep=t), None)
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
-    context = unet.process_encoder_hidden_states(encoder_hidden_states=context, added_cond_kwargs=None)
+    context = unet.process_encoder_hidden_states(
+        encoder_hidden_states=context, added_cond_kwargs=None
+    )
 
     h = unet.conv_in(z)
     skips: tuple[torch.Tensor, ...] = (h,)
@@ -61,25 +79,17 @@ def decoder_features(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor | i
         res, skips = skips[-n:], skips[:-n]
         size = skips[-1].shape[2:] if odd_size and i < n_up - 1 else None
         if getattr(block, "has_cross_attention", False):
-            h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, encoder_hidden_states=context,
-                      upsample_size=size)
+            h = block(
+                hidden_states=h,
+                temb=emb,
+                res_hidden_states_tuple=res,
+                encoder_hidden_states=context,
+                upsample_size=size,
+            )
         else:
             h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=size)
         out[i] = h
     return [out[i] for i in blocks]
-
-
-def feature_forward(unet: torch.nn.Module, compile: str = "off", backend: str | Callable = "inductor") -> FeatureForward:
-    """The guided steps' truncated forward (up_blocks 1 and 2), optionally compiled with its backward.
-
-    The features feed the energies and the backward right away, before the next compiled call
-    starts a new CUDA-graph step, so they need no copy.
-    """
-
-    def forward(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
-        return decoder_features(unet, z, t, context)
-
-    return forward if compile == "off" else compile_call(forward, compile, backend)
 
 
 def to_grid(features: list[torch.Tensor], grid_hw: tuple[int, int]) -> list[torch.Tensor]:

@@ -1,7 +1,11 @@
-"""Masks and coordinates: rasterising inline shapes, dilation, and the source ↔ working-size ↔ grid maps.
+"""Masks and coordinates: inline shapes, dilation, and the source ↔ working size ↔ grid maps.
 
 Coordinates are pixel coordinates (x right, y down) where pixel (i, j) covers [i, i+1) × [j, j+1);
 a point's position scales about pixel edges, so `to_work` and `to_source` are exact inverses.
+
+Grids for a working size H×W and latent factor f: latent (H/f)×(W/f); features twice that, i.e.
+cells of f/2 pixels (H/4 × W/4 for SD). Geometry is computed in working pixels, then per grid.
+Everything here is numpy: `dragonctl validate` uses it without loading torch.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 
 def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
-    """Area-preserving resize to ≈ resolution², both sides multiples of `multiple` (at least one)."""
+    """Area-preserving resize to ≈ resolution², both sides multiples of `multiple` (≥ one)."""
     k = resolution / math.sqrt(height * width)
     h = max(multiple, round(height * k / multiple) * multiple)
     w = max(multiple, round(width * k / multiple) * multiple)
@@ -47,12 +51,16 @@ class Frame:
     def image_to_work(self, img: np.ndarray) -> np.ndarray:
         if img.shape[:2] == (self.work_h, self.work_w):
             return img
-        return np.asarray(Image.fromarray(img).resize((self.work_w, self.work_h), Image.Resampling.LANCZOS))
+        return np.asarray(
+            Image.fromarray(img).resize((self.work_w, self.work_h), Image.Resampling.LANCZOS)
+        )
 
     def image_to_source(self, img: np.ndarray) -> np.ndarray:
         if img.shape[:2] == (self.src_h, self.src_w):
             return img
-        return np.asarray(Image.fromarray(img).resize((self.src_w, self.src_h), Image.Resampling.LANCZOS))
+        return np.asarray(
+            Image.fromarray(img).resize((self.src_w, self.src_h), Image.Resampling.LANCZOS)
+        )
 
     def mask_to_work(self, mask: np.ndarray) -> np.ndarray:
         return resize_mask(mask, self.work_h, self.work_w)
@@ -73,7 +81,9 @@ def grid_mask(mask: np.ndarray, height: int, width: int, touch: bool = False) ->
     if h % height == 0 and w % width == 0:
         cells = mask.reshape(height, h // height, width, w // width).mean(axis=(1, 3))
         return cells > 0 if touch else cells >= 0.5
-    cov = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((width, height), Image.Resampling.BOX))
+    cov = np.asarray(
+        Image.fromarray(mask.astype(np.float32)).resize((width, height), Image.Resampling.BOX)
+    )
     return cov > 1e-6 if touch else cov >= 0.5
 
 
@@ -129,15 +139,17 @@ def object_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     colour stands out from the background its rim shows.
 
     Statistics pooled over a loose mask mix the margin's background into the object's; this is what
-    they pool instead. A tight mask (its inner rim unlike the pixels just outside it, i.e. the rim is
-    on the object) and a mask in which nothing stands out come back unchanged.
+    they pool instead. A tight mask (its inner rim unlike the pixels just outside it, i.e. the rim
+    is on the object) and a mask in which nothing stands out come back unchanged.
     """
     img = image.astype(np.float64) / 255.0
     rim = mask & ~erode(mask, 1)
     outside = dilate(mask, 1) & ~mask
     if rim.sum() < 8 or rim.sum() == mask.sum():
         return mask
-    coef, *_ = np.linalg.lstsq(_affine_basis(rim), img[rim], rcond=None)  # the rim's colour model, 3×3
+    coef, *_ = np.linalg.lstsq(
+        _affine_basis(rim), img[rim], rcond=None
+    )  # the rim's colour model, 3×3
     tol = max(OBJECT_CONTRAST, 2.0 * float(np.quantile(_colour_residual(img, rim, coef), 0.9)))
     if outside.any() and float(np.median(_colour_residual(img, outside, coef))) > tol:
         return mask  # the rim lies on the object: the mask is tight
@@ -146,19 +158,19 @@ def object_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return found if found.sum() >= 4 else mask
 
 
-def centroid(mask: np.ndarray) -> tuple[float, float]:
-    ys, xs = np.nonzero(mask)
-    return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
-
-
 def bbox_center(mask: np.ndarray) -> tuple[float, float]:
     """Centre of the mask's bounding box: the anchor of resize and paste."""
     ys, xs = np.nonzero(mask)
     return (xs.min() + xs.max() + 1) / 2.0, (ys.min() + ys.max() + 1) / 2.0
 
 
-def warp_mask(mask: np.ndarray, scale: float, center: tuple[float, float], dest: tuple[float, float],
-              out_shape: tuple[int, int]) -> np.ndarray:
+def warp_mask(
+    mask: np.ndarray,
+    scale: float,
+    center: tuple[float, float],
+    dest: tuple[float, float],
+    out_shape: tuple[int, int],
+) -> np.ndarray:
     """Scale `mask` by `scale` about `center` and place that centre at `dest` (nearest sampling).
 
     A destination pixel p is in when the source pixel at center + (p − dest)/scale is.
@@ -174,10 +186,15 @@ def warp_mask(mask: np.ndarray, scale: float, center: tuple[float, float], dest:
     return out
 
 
-def warp_index(out_shape: tuple[int, int], src_shape: tuple[int, int], scale: float,
-               center: tuple[float, float], dest: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """For each cell of an output grid, the (row, col) of the source cell it comes from under the same
-    map as `warp_mask`, in the grids' own units (-1 where it falls outside)."""
+def warp_index(
+    out_shape: tuple[int, int],
+    src_shape: tuple[int, int],
+    scale: float,
+    center: tuple[float, float],
+    dest: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each cell of an output grid, the (row, col) of the source cell it comes from under the
+    same map as `warp_mask`, in the grids' own units (-1 where it falls outside)."""
     h, w = out_shape
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
     sx = center[0] + (xs - dest[0]) / scale
@@ -185,3 +202,94 @@ def warp_index(out_shape: tuple[int, int], src_shape: tuple[int, int], scale: fl
     ix, iy = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
     ok = (ix >= 0) & (ix < src_shape[1]) & (iy >= 0) & (iy < src_shape[0])
     return np.where(ok, iy, -1), np.where(ok, ix, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model's grids
+
+FEATURE_UPSCALE = 2  # the common feature grid is twice the latent grid, as in the reference
+
+
+@dataclass(frozen=True)
+class Grids:
+    """The latent and feature grids of one working size."""
+
+    work_hw: tuple[int, int]
+    latent_factor: int
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return self.work_hw[0] // self.latent_factor, self.work_hw[1] // self.latent_factor
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        h, w = self.latent_hw
+        return h * FEATURE_UPSCALE, w * FEATURE_UPSCALE
+
+    @property
+    def feature_cell(self) -> float:
+        """Working pixels per feature cell."""
+        return self.latent_factor / FEATURE_UPSCALE
+
+    def latent(self, mask: np.ndarray, touch: bool = True) -> np.ndarray:
+        """Latent cells the working-size mask touches (or half covers, with touch=False)."""
+        return grid_mask(mask, *self.latent_hw, touch=touch)
+
+    def latent_core(self, mask: np.ndarray) -> np.ndarray:
+        """Latent cells at least half inside the mask (the cells it touches when there are none)."""
+        return _half_covered(mask, self.latent_hw)
+
+    def feature(self, mask: np.ndarray) -> np.ndarray:
+        """Feature cells at least half inside the mask (else the cells it touches)."""
+        return _half_covered(mask, self.feature_hw)
+
+    def blend_margin(self) -> int:
+        """Working pixels of surroundings a copied region takes along (half a latent cell), so
+        its edges blend in the latent rather than cut through a cell."""
+        return max(1, self.latent_factor // 2)
+
+
+def _half_covered(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    m = grid_mask(mask, *hw)
+    if not m.any() and mask.any():  # smaller than half a cell: keep the cells it touches
+        m = grid_mask(mask, *hw, touch=True)
+    return m
+
+
+def patch_indices(x: float, y: float, cell: float, hw: tuple[int, int]) -> np.ndarray:
+    """Flat indices of the 3×3 cells centred on the cell holding (x, y), clipped inside the grid."""
+    h, w = hw
+    cy = min(max(int(y // cell), 1), h - 2)
+    cx = min(max(int(x // cell), 1), w - 2)  # clipped by the width (the reference used the height)
+    return np.array([(cy + dy) * w + (cx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+
+
+def place_reference(
+    ref: np.ndarray,
+    ref_mask: np.ndarray,
+    scale: float,
+    at: tuple[float, float],
+    out_hw: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warp the reference so its object's box centre lands at `at`, scaled by `scale` (aspect kept).
+
+    Returns the placed image (the reference's mean colour outside it) and the placed object mask,
+    both in the destination's pixels. Pixel p samples the reference at c + (p - at)/scale.
+    """
+    c = bbox_center(ref_mask)
+    h, w = out_hw
+    a = 1.0 / scale
+    # PIL maps output (x, y) → input (a·x + c0, a·y + c1) in pixel-edge coordinates.
+    data = (a, 0.0, c[0] - at[0] * a, 0.0, a, c[1] - at[1] * a)
+    fill = tuple(int(v) for v in ref.reshape(-1, 3).mean(axis=0))
+    img = Image.fromarray(ref).transform(
+        (w, h), Image.Transform.AFFINE, data, Image.Resampling.BICUBIC, fillcolor=fill
+    )
+    mask = warp_mask(ref_mask, scale, c, at, out_hw)
+    return np.asarray(img), mask
+
+
+def interior(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """The mask less a border of `pixels` (the whole mask when nothing would be left)."""
+    inner = erode(mask, pixels)
+    return inner if inner.any() else mask

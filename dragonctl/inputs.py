@@ -31,9 +31,10 @@ class EditInputs:
     fill_region: np.ndarray | None = None
     points: list[tuple[tuple[float, float], tuple[float, float]]] = field(default_factory=list)
     reference: np.ndarray | None = None
-    reference_bytes: bytes | None = None
     reference_mask: np.ndarray | None = None
-    target_mask: np.ndarray | None = None  # where the object ends up (move/resize/paste), source pixels
+    target_mask: np.ndarray | None = (
+        None  # where the object ends up (move/resize/paste), source pixels
+    )
     warnings: list[str] = field(default_factory=list)
 
 
@@ -52,18 +53,32 @@ def read_image(path: Path, spec_file: Path, fld: str) -> tuple[np.ndarray, bytes
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
-                    raise SpecError.one(spec_file, fld, f"image is {w}×{h}, over the {MAX_PIXELS:,}-pixel limit: {path}")
+                    raise SpecError.one(
+                        spec_file,
+                        fld,
+                        f"image is {w}×{h}, over the {MAX_PIXELS:,}-pixel limit: {path}",
+                    )
                 img.load()
                 arr = np.asarray(img.convert("RGB"))
     except SpecError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        reason = "not an image Pillow can decode" if isinstance(e, UnidentifiedImageError) else str(e)
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        reason = (
+            "not an image Pillow can decode" if isinstance(e, UnidentifiedImageError) else str(e)
+        )
         raise SpecError.one(spec_file, fld, f"{reason}: {path}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise SpecError.one(spec_file, fld, f"cannot decode image {path}: {e}") from None
     if arr.shape[0] < 8 or arr.shape[1] < 8:
-        raise SpecError.one(spec_file, fld, f"image is {arr.shape[1]}×{arr.shape[0]}; at least 8×8 is needed: {path}")
+        raise SpecError.one(
+            spec_file,
+            fld,
+            f"image is {arr.shape[1]}×{arr.shape[0]}; at least 8×8 is needed: {path}",
+        )
     return arr, data
 
 
@@ -72,21 +87,29 @@ def build_mask(ls: LoadedSpec, m: MaskSpec, fld: str, height: int, width: int) -
     if m.path is not None:
         arr, _ = read_image(ls.resolve(m.path), f, fld)
         if arr.shape[:2] != (height, width):
-            raise SpecError.one(f, fld, f"mask is {arr.shape[1]}×{arr.shape[0]} but its image is {width}×{height}")
+            raise SpecError.one(
+                f, fld, f"mask is {arr.shape[1]}×{arr.shape[0]} but its image is {width}×{height}"
+            )
         mask = arr.max(axis=2) > 127
     elif m.box is not None:
         x0, y0, x1, y1 = m.box
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise SpecError.one(f, f"{fld}.box", f"box {m.box} is outside the {width}×{height} frame")
+            raise SpecError.one(
+                f, f"{fld}.box", f"box {m.box} is outside the {width}×{height} frame"
+            )
         mask = geometry.box_mask(m.box, height, width)
     elif m.polygon is not None:
         if not all(0 <= x <= width and 0 <= y <= height for x, y in m.polygon):
-            raise SpecError.one(f, f"{fld}.polygon", f"a vertex is outside the {width}×{height} frame")
+            raise SpecError.one(
+                f, f"{fld}.polygon", f"a vertex is outside the {width}×{height} frame"
+            )
         mask = geometry.polygon_mask(m.polygon, height, width)
     else:
         cx, cy, r = m.circle  # type: ignore[misc]
         if not (cx - r >= 0 and cy - r >= 0 and cx + r <= width and cy + r <= height):
-            raise SpecError.one(f, f"{fld}.circle", f"circle {m.circle} reaches outside the {width}×{height} frame")
+            raise SpecError.one(
+                f, f"{fld}.circle", f"circle {m.circle} reaches outside the {width}×{height} frame"
+            )
         mask = geometry.circle_mask(m.circle, height, width)  # type: ignore[arg-type]
     mask = geometry.dilate(mask, m.dilate)
     if not mask.any():
@@ -99,7 +122,7 @@ def _inside(x: float, y: float, width: int, height: int) -> bool:
 
 
 def load_inputs(ls: LoadedSpec) -> EditInputs:
-    """Decode and check all inputs of a spec; raise SpecError naming the field at the first problem."""
+    """Decode and check all inputs of a spec; a SpecError names the field of the first problem."""
     s, f = ls.spec, ls.path
     source, data = read_image(ls.resolve(s.image), f, "image")
     h, w = source.shape[:2]
@@ -117,13 +140,21 @@ def load_inputs(ls: LoadedSpec) -> EditInputs:
         c = geometry.bbox_center(inp.mask)
         target = geometry.warp_mask(inp.mask, s.effective_scale, c, (c[0] + dx, c[1] + dy), (h, w))
         if not target.any():
-            raise SpecError.one(f, "offset" if s.offset else "scale", "moves the object fully outside the frame")
+            raise SpecError.one(
+                f, "offset" if s.offset else "scale", "moves the object fully outside the frame"
+            )
         if target.sum() < 0.5 * inp.mask.sum() * s.effective_scale**2:
             inp.warnings.append("more than half of the moved object falls outside the frame")
         inp.target_mask = target
-        if s.mode == "resize" and s.fill_region is not None and s.guidance.resize_method == "scaled_copy":
-            inp.warnings.append("fill_region is not used by guidance.resize_method scaled_copy (the scaled copy's "
-                                "own surroundings fill the vacated place); use correspondence for it")
+        if (
+            s.mode == "resize"
+            and s.fill_region is not None
+            and s.guidance.resize_method == "scaled_copy"
+        ):
+            inp.warnings.append(
+                "fill_region is not used by guidance.resize_method scaled_copy (the scaled copy's "
+                "own surroundings fill the vacated place); use correspondence for it"
+            )
 
     if s.mode == "drag":
         if inp.mask is None:
@@ -131,14 +162,16 @@ def load_inputs(ls: LoadedSpec) -> EditInputs:
         for k, (handle, target) in enumerate(s.points or []):
             for j, (x, y) in enumerate((handle, target)):
                 if not _inside(x, y, w, h):
-                    raise SpecError.one(f, f"points[{k}][{j}]", f"point ({x}, {y}) is outside the {w}×{h} image")
+                    raise SpecError.one(
+                        f, f"points[{k}][{j}]", f"point ({x}, {y}) is outside the {w}×{h} image"
+                    )
             if handle == target:
                 inp.warnings.append(f"points[{k}] has zero length; it will not move anything")
             inp.points.append(((handle[0], handle[1]), (target[0], target[1])))
 
     if s.reference is not None:
-        ref, ref_bytes = read_image(ls.resolve(s.reference.image), f, "reference.image")
-        inp.reference, inp.reference_bytes = ref, ref_bytes
+        ref, _ = read_image(ls.resolve(s.reference.image), f, "reference.image")
+        inp.reference = ref
         inp.reference_mask = build_mask(ls, s.reference.mask, "reference.mask", *ref.shape[:2])
 
     if s.mode == "paste":
@@ -152,6 +185,7 @@ def load_inputs(ls: LoadedSpec) -> EditInputs:
     return inp
 
 
-def paste_target(ref_mask: np.ndarray, scale: float, at: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
+def paste_target(
+    ref_mask: np.ndarray, scale: float, at: tuple[float, float], shape: tuple[int, int]
+) -> np.ndarray:
     return geometry.warp_mask(ref_mask, scale, geometry.bbox_center(ref_mask), at, shape)
-

@@ -14,8 +14,13 @@ from dragonctl.schedules import Schedule, inversion_step
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]  # (z, timestep) → ε
 
 
-def invert(eps_fn: EpsFn, z0: torch.Tensor, schedule: Schedule,
-           progress: Callable[[], None] | None = None, refine: int = 0) -> torch.Tensor:
+def invert(
+    eps_fn: EpsFn,
+    z0: torch.Tensor,
+    schedule: Schedule,
+    progress: Callable[[], None] | None = None,
+    refine: int = 0,
+) -> torch.Tensor:
     """Return L with L[0] = z0 and L[k+1] = DDIM-up(L[k]); L[n-i] is at edit step i's noise level.
 
     Inversion step k uses edit step i = n-1-k's timestep, so the UNet call at (L[k], t_i) is the one

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from dragonctl.errors import ModelError
-from dragonctl.spec import SD15_MODEL, SHAPES_MODEL, is_shapes_folder
+from dragonctl.families import SD15_MODEL, SHAPES_MODEL, is_shapes_folder
+from dragonctl.features import FEATURE_BLOCKS, unsupported_embeddings
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-FEATURE_BLOCKS = (1, 2)  # up_blocks whose outputs are the guidance features ("decoder layers 2 and 3")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ModelBundle:
     encode_prompt: Callable[[list[str]], torch.Tensor]  # prompts → B×T×C context
     weights_hash: str
     decoder_self_attention: list[str] = field(default_factory=list)  # processor names
-    notes: list[str] = field(default_factory=list)
+    revision: str = ""  # the hub snapshot's commit, for hub models
 
     @property
     def prediction_type(self) -> str:
@@ -52,8 +52,14 @@ class ModelBundle:
 
     @property
     def identity(self) -> dict:
-        return {"model": self.name, "family": self.family, "weights_hash": self.weights_hash,
-                "prediction_type": self.prediction_type}
+        """What tells this model's results apart: in the cache key and every output's metadata."""
+        return {
+            "model": self.name,
+            "family": self.family,
+            "weights_hash": self.weights_hash,
+            "revision": self.revision,
+            "prediction_type": self.prediction_type,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +75,9 @@ def pick_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ModelError(f"--device: unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise ModelError(
+            f"--device: unknown device {device!r} (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {device}: CUDA is not available on this machine")
     return dev
@@ -85,7 +93,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def sampled_hash(paths: list[Path]) -> str:
-    """A fast identity for weight files: size plus the first and last MiB of each (not a full hash)."""
+    """A fast identity for weight files: size and the first and last MiB of each (no full hash)."""
     h = hashlib.sha256()
     for p in sorted(paths):
         size = p.stat().st_size
@@ -107,30 +115,36 @@ def find_decoder_self_attention(unet: torch.nn.Module) -> list[str]:
     return names
 
 
-def unsupported_embeddings(unet: torch.nn.Module) -> list[str]:
-    """UNet inputs the truncated feature forward does not reproduce (SD 1.x/2.x and the shapes model have none)."""
-    cfg = unet.config
-    return [what for what, present in (("class embeddings", getattr(unet, "class_embedding", None) is not None),
-                                       ("added embeddings", cfg.get("addition_embed_type") is not None),
-                                       ("center_input_sample", bool(cfg.get("center_input_sample")))) if present]
-
-
 def check_structure(unet: torch.nn.Module, name: str) -> list[str]:
     ups = getattr(unet, "up_blocks", None)
     if ups is None or len(ups) <= max(FEATURE_BLOCKS):
-        raise ModelError(f"model {name}: the method needs a UNet decoder with at least {max(FEATURE_BLOCKS) + 1} "
-                         "up blocks (features come from up_blocks 1 and 2)")
+        raise ModelError(
+            f"model {name}: the method needs a UNet decoder with at least "
+            f"{max(FEATURE_BLOCKS) + 1} "
+            "up blocks (features come from up_blocks 1 and 2)"
+        )
     if extras := unsupported_embeddings(unet):
-        raise ModelError(f"model {name}: UNets with {', '.join(extras)} are not supported (the guidance features "
-                         "come from a truncated forward that has no such inputs)")
+        raise ModelError(
+            f"model {name}: UNets with {', '.join(extras)} are not supported "
+            "(the guidance features "
+            "come from a truncated forward that has no such inputs)"
+        )
     attn = find_decoder_self_attention(unet)
     if not attn:
-        raise ModelError(f"model {name}: the UNet decoder has no self-attention layers, so there is no memory bank")
+        raise ModelError(
+            f"model {name}: the UNet decoder has no self-attention layers, "
+            "so there is no memory bank"
+        )
     return attn
 
 
-def load_bundle(model: str = SD15_MODEL, device: str = "auto", dtype: str = "auto",
-                local_files_only: bool = False, allow_pickle: bool = False) -> ModelBundle:
+def load_bundle(
+    model: str = SD15_MODEL,
+    device: str = "auto",
+    dtype: str = "auto",
+    local_files_only: bool = False,
+    allow_pickle: bool = False,
+) -> ModelBundle:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if dev.type == "cpu" and dt == torch.float16:
@@ -141,8 +155,10 @@ def load_bundle(model: str = SD15_MODEL, device: str = "auto", dtype: str = "aut
         return _load_shapes(WEIGHTS_DIR, SHAPES_MODEL, dev, dt)
     path = Path(model).expanduser()
     if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise ModelError(f"model {model}: pickle checkpoints ({path.suffix}) can run code when loaded; "
-                         "convert it to .safetensors or pass --allow-pickle if you trust it")
+        raise ModelError(
+            f"model {model}: pickle checkpoints ({path.suffix}) can run code when loaded; "
+            "convert it to .safetensors or pass --allow-pickle if you trust it"
+        )
     if path.exists():
         if is_shapes_folder(path):
             return _load_shapes(path, str(path), dev, dt)
@@ -159,25 +175,36 @@ def _offline() -> bool:
 
 
 def _hub_error(model: str, err: Exception) -> ModelError:
-    why = "offline (HF_HUB_OFFLINE or --local-files-only)" if _offline() else "no local copy and the hub could not be reached"
-    how = (f"fetch it once while online (`hf download {model}`), "
-           f"or give a local diffusers folder or .safetensors file with --model")
-    return ModelError(f"model {model} is not available offline: {why} ({type(err).__name__}); {how}; "
-                      f"`--model shapes` runs offline with the embedded model")
+    why = (
+        "offline (HF_HUB_OFFLINE or --local-files-only)"
+        if _offline()
+        else "no local copy and the hub could not be reached"
+    )
+    how = (
+        f"fetch it once while online (`hf download {model}`), "
+        f"or give a local diffusers folder or .safetensors file with --model"
+    )
+    return ModelError(
+        f"model {model} is not available offline: {why} ({type(err).__name__}); {how}; "
+        f"`--model shapes` runs offline with the embedded model"
+    )
 
 
-def _load_sd(source: str, dev: torch.device, dt: torch.dtype, local_files_only: bool,
-             files: Path | None) -> ModelBundle:
+def _load_sd(
+    source: str, dev: torch.device, dt: torch.dtype, local_files_only: bool, files: Path | None
+) -> ModelBundle:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     def load(local: bool):
         kw = dict(local_files_only=local)
-        return (UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw),
-                AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw),
-                CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dt, **kw),
-                DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw))
+        return (
+            UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw),
+            AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw),
+            CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dt, **kw),
+            DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+        )
 
     try:
         try:  # a copy in the local hub cache first: no network round trips when it is there
@@ -189,30 +216,81 @@ def _load_sd(source: str, dev: torch.device, dt: torch.dtype, local_files_only: 
     except (OSError, ValueError) as e:
         if files is None:
             raise _hub_error(source, e) from None
-        raise ModelError(f"model {source}: not a diffusers Stable Diffusion folder ({str(e).splitlines()[0]})") from None
-    weight_files = list(files.glob("unet/*.safetensors")) if files else []
-    return sd_bundle(source, unet, vae, tokenizer, text_encoder, scheduler.config, dev, dt,
-                      sampled_hash(weight_files) if weight_files else f"hub:{source}")
+        raise ModelError(
+            f"model {source}: not a diffusers Stable Diffusion folder ({str(e).splitlines()[0]})"
+        ) from None
+    snapshot = files or _hub_snapshot(source)
+    weight_files = sorted(snapshot.glob("unet/*.safetensors")) if snapshot else []
+    bundle = sd_bundle(
+        source,
+        unet,
+        vae,
+        tokenizer,
+        text_encoder,
+        scheduler.config,
+        dev,
+        dt,
+        sampled_hash(weight_files) if weight_files else f"hub:{source}",
+    )
+    if files is None and snapshot is not None:
+        bundle.revision = snapshot.name  # a new revision must not reuse the old one's trajectories
+    return bundle
 
 
-def _load_single_file(path: Path, dev: torch.device, dt: torch.dtype, local_files_only: bool) -> ModelBundle:
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The hub cache's snapshot folder (named by its commit) that a hub id loads from."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "unet/config.json")
+    return Path(found).parent.parent if isinstance(found, str) else None
+
+
+def _load_single_file(
+    path: Path, dev: torch.device, dt: torch.dtype, local_files_only: bool
+) -> ModelBundle:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     try:
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), dtype=dt, local_files_only=local_files_only or _offline(), safety_checker=None)
+            str(path),
+            dtype=dt,
+            local_files_only=local_files_only or _offline(),
+            safety_checker=None,
+        )
     except Exception as e:  # diffusers raises many types here; all mean "cannot use this file"
-        raise ModelError(f"model {path}: cannot load as a single-file SD checkpoint: {str(e).splitlines()[0]}") from None
+        raise ModelError(
+            f"model {path}: cannot load as a single-file SD checkpoint: {str(e).splitlines()[0]}"
+        ) from None
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    return sd_bundle(str(path), pipe.unet, pipe.vae, pipe.tokenizer, pipe.text_encoder, dict(sched.config), dev, dt,
-                      sampled_hash([path]))
+    return sd_bundle(
+        str(path),
+        pipe.unet,
+        pipe.vae,
+        pipe.tokenizer,
+        pipe.text_encoder,
+        dict(sched.config),
+        dev,
+        dt,
+        sampled_hash([path]),
+    )
 
 
-def sd_bundle(name: str, unet, vae, tokenizer, text_encoder, sched_config: dict, dev: torch.device, dt: torch.dtype,
-              weights_hash: str) -> ModelBundle:
+def sd_bundle(
+    name: str,
+    unet,
+    vae,
+    tokenizer,
+    text_encoder,
+    sched_config: dict,
+    dev: torch.device,
+    dt: torch.dtype,
+    weights_hash: str,
+) -> ModelBundle:
     """A bundle from loaded SD components (also used with components built in code)."""
     attn = check_structure(unet, name)
-    unet, vae, text_encoder = (m.to(dev).eval().requires_grad_(False) for m in (unet, vae, text_encoder))
+    unet, vae, text_encoder = (
+        m.to(dev).eval().requires_grad_(False) for m in (unet, vae, text_encoder)
+    )
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -225,13 +303,29 @@ def sd_bundle(name: str, unet, vae, tokenizer, text_encoder, sched_config: dict,
         return vae.decode(z.to(dev, dt) / scaling + shift).sample
 
     def encode_prompt(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return text_encoder(ids.to(dev))[0]
 
-    return ModelBundle(name=name, family="sd15", unet=unet, scheduler_config=dict(sched_config), device=dev, dtype=dt,
-                       latent_factor=latent_factor, encode_image=encode_image, decode_latent=decode_latent,
-                       encode_prompt=encode_prompt, weights_hash=weights_hash, decoder_self_attention=attn)
+    return ModelBundle(
+        name=name,
+        family="sd15",
+        unet=unet,
+        scheduler_config=dict(sched_config),
+        device=dev,
+        dtype=dt,
+        latent_factor=latent_factor,
+        encode_image=encode_image,
+        decode_latent=decode_latent,
+        encode_prompt=encode_prompt,
+        weights_hash=weights_hash,
+        decoder_self_attention=attn,
+    )
 
 
 def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) -> ModelBundle:
@@ -242,7 +336,10 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
 
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     if not weights.exists():
-        raise ModelError(f"model {name}: no weights at {weights}; train them with `python -m dragonctl.shapes.train`")
+        raise ModelError(
+            f"model {name}: no weights at {weights}; "
+            "train them with `python -m dragonctl.shapes.train`"
+        )
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dt, local_files_only=True)
     sched = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
     null = load_file(folder / "null_prompt.safetensors")["embedding"].to(dev, dt)
@@ -254,60 +351,16 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
         return null.expand(len(prompts), -1, -1)
 
     return ModelBundle(
-        name=name, family="shapes", unet=unet, scheduler_config=dict(sched.config), device=dev, dtype=dt,
+        name=name,
+        family="shapes",
+        unet=unet,
+        scheduler_config=dict(sched.config),
+        device=dev,
+        dtype=dt,
         latent_factor=LATENT_FACTOR,
-        encode_image=lambda x: codec.encode(x.to(dev, dt)), decode_latent=lambda z: codec.decode(z.to(dev, dt)),
-        encode_prompt=encode_prompt, weights_hash=sampled_hash([weights]), decoder_self_attention=attn,
-        notes=["the shapes model ignores prompts (it has a learned null prompt)"])
-
-
-UNetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (z, t, context) → fp32 output
-# torch.compile modes, plus "cudagraphs": CUDA graphs of the eager kernels (no code generation, so seconds
-# to build instead of minutes), and "eager": TorchDynamo capture alone (checks the graphs, fast to build)
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "cudagraphs", "eager")
-CUDA_GRAPH_MODES = ("reduce-overhead", "cudagraphs")
-
-
-def resolve_compile(setting: str, device: torch.device) -> str:
-    """`on` means CUDA graphs on a GPU and inductor's default elsewhere; other values are torch.compile modes."""
-    if setting == "on":
-        return "reduce-overhead" if device.type == "cuda" else "default"
-    return setting
-
-
-def compile_call(fn: Callable, compile: str, backend: str | Callable = "inductor") -> Callable:
-    """`fn` under torch.compile with static shapes (`dynamic=False`): each batch shape is captured once;
-    under "reduce-overhead" or "cudagraphs" on CUDA each becomes a CUDA graph, and every call starts a new graph step
-    (the previous call's outputs may be overwritten from then on, so callers copy or consume them)."""
-    if compile not in COMPILE_MODES or compile == "off":
-        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES[1:])}, not {compile!r}")
-    if compile in ("eager", "cudagraphs"):
-        backend = compile
-    # `mode` is an inductor option; other backends (tests use a counting one) take none
-    options = {"mode": compile} if backend == "inductor" else {}
-    compiled = torch.compile(fn, dynamic=False, backend=backend, **options)
-
-    def call(z: torch.Tensor, *args):
-        if z.device.type == "cuda" and compile in CUDA_GRAPH_MODES:
-            torch.compiler.cudagraph_mark_step_begin()
-        return compiled(z, *args)
-
-    return call
-
-
-def unet_forward(unet: torch.nn.Module, dtype: torch.dtype, compile: str = "off",
-                 backend: str | Callable = "inductor") -> UNetForward:
-    """The full UNet call of the step loop (CFG rows, memory-bank rows, inversion), optionally compiled.
-
-    Timesteps arrive as device tensors: a Python int would make diffusers build a tensor on the host
-    and copy it every call (and make torch.compile specialise, i.e. recompile, on every timestep).
-    Outputs are copied out of the graph's buffers, which the next replay overwrites.
-    """
-
-    def forward(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(z.to(dtype), t, encoder_hidden_states=context).sample
-
-    if compile == "off":
-        return lambda z, t, context: forward(z, t, context).float()
-    compiled = compile_call(forward, compile, backend)
-    return lambda z, t, context: compiled(z, t, context).to(torch.float32, copy=True)
+        encode_image=lambda x: codec.encode(x.to(dev, dt)),
+        decode_latent=lambda z: codec.decode(z.to(dev, dt)),
+        encode_prompt=encode_prompt,
+        weights_hash=sampled_hash([weights]),
+        decoder_self_attention=attn,
+    )

@@ -1,5 +1,5 @@
-"""Writing results: the PNG (with A1111-style `parameters` and a `dragonctl` JSON chunk), the sidecar
-JSON, and previews. Every file is written to a dot-prefixed temporary in its folder and renamed."""
+"""Writing results: the PNG (with A1111-style `parameters` and a `dragonctl` JSON chunk) and the
+sidecar JSON. Every file is written to a dot-prefixed temporary in its folder and renamed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from dragonctl.files import atomic_write
@@ -31,11 +31,16 @@ def package_versions() -> dict[str, str]:
 def parameters_text(spec: Spec, model_name: str) -> str:
     """The A1111-style `parameters` chunk: prompt on the first line, settings after it."""
     g = spec.guidance
-    return (f"{spec.prompt}\nSteps: {spec.steps}, Sampler: DDIM, CFG scale: {g.cfg_scale}, Seed: {spec.seed}, "
-            f"Mode: {spec.mode}, Method: {g.method}, Energy scale: {g.energy_scale}, Model: {model_name}")
+    return (
+        f"{spec.prompt}\nSteps: {spec.steps}, Sampler: DDIM, CFG scale: {g.cfg_scale}, "
+        f"Seed: {spec.seed}, Mode: {spec.mode}, Method: {g.method}, "
+        f"Energy scale: {g.energy_scale}, Model: {model_name}"
+    )
 
 
-def metadata_record(spec: Spec, spec_path: Path, identity: dict, timings: dict, extra: dict | None = None) -> dict:
+def metadata_record(
+    spec: Spec, spec_path: Path, identity: dict, timings: dict, extra: dict | None = None
+) -> dict:
     return {
         "spec_file": str(spec_path),
         "spec": spec.model_dump(mode="json"),
@@ -46,7 +51,9 @@ def metadata_record(spec: Spec, spec_path: Path, identity: dict, timings: dict, 
     }
 
 
-def png_bytes(image: np.ndarray, parameters: str | None = None, record: dict | None = None) -> bytes:
+def png_bytes(
+    image: np.ndarray, parameters: str | None = None, record: dict | None = None
+) -> bytes:
     info = PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
@@ -57,8 +64,13 @@ def png_bytes(image: np.ndarray, parameters: str | None = None, record: dict | N
     return buf.getvalue()
 
 
-def write_result(path: Path, image: np.ndarray, spec: Spec | None = None, record: dict | None = None,
-                 model_name: str = "") -> list[Path]:
+def write_result(
+    path: Path,
+    image: np.ndarray,
+    spec: Spec | None = None,
+    record: dict | None = None,
+    model_name: str = "",
+) -> list[Path]:
     """Write the image (and, with metadata, its sidecar `.json`); returns the paths written."""
     if record is None or spec is None:
         atomic_write(path, png_bytes(image))
@@ -76,36 +88,3 @@ def read_record(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return json.loads(text) if text else None
-
-
-# --- previews ------------------------------------------------------------------------------------
-
-
-def overlay(image: np.ndarray, mask: np.ndarray | None, color: tuple[int, int, int], alpha: float = 0.45) -> np.ndarray:
-    out = image.astype(np.float32).copy()
-    if mask is not None:
-        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, dtype=np.float32)
-    return out.round().astype(np.uint8)
-
-
-def draw_arrows(image: np.ndarray, pairs: list[tuple[tuple[float, float], tuple[float, float]]]) -> np.ndarray:
-    img = Image.fromarray(image)
-    d = ImageDraw.Draw(img)
-    r = max(2, min(image.shape[:2]) // 64)
-    for (hx, hy), (tx, ty) in pairs:
-        d.line([(hx, hy), (tx, ty)], fill=(255, 255, 255), width=max(1, r // 2))
-        d.ellipse([hx - r, hy - r, hx + r, hy + r], fill=(230, 40, 40))
-        d.ellipse([tx - r, ty - r, tx + r, ty + r], fill=(40, 90, 230))
-    return np.asarray(img)
-
-
-def side_by_side(*images: np.ndarray) -> np.ndarray:
-    """Panels left to right, top-aligned, with 4 px of white between them."""
-    h = max(i.shape[0] for i in images)
-    gap = np.full((h, 4, 3), 255, dtype=np.uint8)
-    parts: list[np.ndarray] = []
-    for k, img in enumerate(images):
-        if k:
-            parts.append(gap)
-        parts.append(np.pad(img, ((0, h - img.shape[0]), (0, 0), (0, 0)), constant_values=255))
-    return np.concatenate(parts, axis=1)

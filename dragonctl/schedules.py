@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from dragonctl.spec import Guidance
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -40,7 +38,9 @@ class Schedule:
         return cls(ts, alpha, alpha_prev, sched.config.prediction_type)
 
 
-def to_eps(output: torch.Tensor, z: torch.Tensor, alpha: float, prediction_type: str) -> torch.Tensor:
+def to_eps(
+    output: torch.Tensor, z: torch.Tensor, alpha: float, prediction_type: str
+) -> torch.Tensor:
     """The model's output as a noise prediction ε, at noise level ᾱ = alpha."""
     if prediction_type == "epsilon":
         return output
@@ -55,10 +55,16 @@ def predict_x0(z: torch.Tensor, eps: torch.Tensor, alpha: float) -> torch.Tensor
     return (z - (1 - alpha) ** 0.5 * eps) / alpha**0.5
 
 
-def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float,
-              eps_dir: torch.Tensor | None = None, sigma: torch.Tensor | float = 0.0,
-              noise: torch.Tensor | None = None) -> torch.Tensor:
-    """One DDIM step down: x̂0 from `eps` (the guided ε), direction from `eps_dir` (the unguided ε)."""
+def ddim_step(
+    z: torch.Tensor,
+    eps: torch.Tensor,
+    alpha: float,
+    alpha_prev: float,
+    eps_dir: torch.Tensor | None = None,
+    sigma: torch.Tensor | float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM step down: x̂0 from `eps` (guided ε), the direction from `eps_dir` (unguided)."""
     x0 = predict_x0(z, eps, alpha)
     d = eps if eps_dir is None else eps_dir
     out = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * d
@@ -67,7 +73,9 @@ def ddim_step(z: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: floa
     return out
 
 
-def inversion_step(z_prev: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float) -> torch.Tensor:
+def inversion_step(
+    z_prev: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float
+) -> torch.Tensor:
     """One DDIM step up (the exact inverse of `ddim_step` for the same ε)."""
     x0 = predict_x0(z_prev, eps, alpha_prev)
     return alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps
@@ -75,6 +83,23 @@ def inversion_step(z_prev: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_
 
 def ddim_variance(alpha: float, alpha_prev: float) -> float:
     return (1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)
+
+
+@dataclass(frozen=True)
+class StepWindows:
+    """The method's step windows as fractions of the schedule (0.6 of 50 steps = step 30)."""
+
+    method: str  # dragondiffusion | diffeditor (sparser guidance, regional SDE, time travel)
+    guided: bool  # any energy guidance at all (energy_scale > 0)
+    guide_until: float
+    dense_until: float
+    inject_from: float
+    inject_until: float
+    sde_from: float
+    sde_until: float
+    time_travel_from: float
+    time_travel_until: float
+    time_travel_repeats: int
 
 
 @dataclass(frozen=True)
@@ -87,17 +112,36 @@ class StepPlan:
     time_travel: frozenset[int]
     repeats: int
 
+    def passes(self, i: int) -> int:
+        """How many times step i runs: time travel repeats it, re-noising in between."""
+        return self.repeats if i in self.time_travel else 1
+
     @classmethod
-    def build(cls, g: Guidance, steps: int) -> StepPlan:
+    def build(cls, w: StepWindows, steps: int) -> StepPlan:
         def at(frac: float) -> int:
             return round(frac * steps)
 
-        diffeditor = g.method == "diffeditor"
-        guide_on = g.energy_scale > 0
-        guided = {i for i in range(at(g.guide_until))
-                  if guide_on and (not diffeditor or i < at(g.dense_until) or i % 2 == 0)}
-        injected = {i for i in range(steps) if at(g.inject_from) <= i < at(g.inject_until)}
-        sde = {i for i in range(steps) if diffeditor and at(g.sde_from) < i < at(g.sde_until)}
-        travel = {i for i in range(steps) if diffeditor and guide_on and at(g.time_travel_from) < i < at(g.time_travel_until)
-                  and i % 2 == 0 and i < steps - 1}
-        return cls(frozenset(guided), frozenset(injected), frozenset(sde), frozenset(travel), g.time_travel_repeats)
+        diffeditor = w.method == "diffeditor"
+        guided = {
+            i
+            for i in range(at(w.guide_until))
+            if w.guided and (not diffeditor or i < at(w.dense_until) or i % 2 == 0)
+        }
+        injected = {i for i in range(steps) if at(w.inject_from) <= i < at(w.inject_until)}
+        sde = {i for i in range(steps) if diffeditor and at(w.sde_from) < i < at(w.sde_until)}
+        in_travel = range(at(w.time_travel_from) + 1, at(w.time_travel_until))
+        travel = {
+            i for i in in_travel if diffeditor and w.guided and i % 2 == 0 and 0 <= i < steps - 1
+        }
+        return cls(
+            frozenset(guided),
+            frozenset(injected),
+            frozenset(sde),
+            frozenset(travel),
+            w.time_travel_repeats,
+        )
+
+    @classmethod
+    def none(cls) -> StepPlan:
+        """No guidance, no injection: plain DDIM (the reconstruction baseline)."""
+        return cls(frozenset(), frozenset(), frozenset(), frozenset(), 1)

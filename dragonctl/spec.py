@@ -11,17 +11,16 @@ from __future__ import annotations
 import copy
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dragonctl.errors import Problem, SpecError
+from dragonctl.families import SD15_MODEL, family_for_model
 
-MODES = ("move", "resize", "drag", "appearance", "paste")
 Mode = Literal["move", "resize", "drag", "appearance", "paste"]
-SHAPES_MODEL = "shapes"
-SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MODES: tuple[str, ...] = get_args(Mode)  # the one list of modes
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 PathStr = Annotated[str, Field(min_length=1)]
@@ -37,7 +36,8 @@ class _Model(BaseModel):
 
 
 class MaskSpec(_Model):
-    """A mask: a PNG (white = selected) or an inline shape, in the pixels of the image it belongs to."""
+    """A mask: a PNG (white = selected) or an inline shape, in the pixels of the image it belongs
+    to."""
 
     path: PathStr | None = None
     box: Annotated[list[Finite], Field(min_length=4, max_length=4)] | None = None
@@ -106,7 +106,8 @@ MODE_SPECIFIC = {"mask", "offset", "scale", "points", "reference", "at", "fill_r
 
 
 class Spec(_Model):
-    """A fully resolved edit spec (defaults merged). Paths are still as written, relative to the file."""
+    """A fully resolved edit spec (defaults merged). Paths are still as written, relative to the
+    file."""
 
     version: Literal[1]
     image: PathStr
@@ -131,7 +132,9 @@ class Spec(_Model):
     def _mode_fields(self) -> Spec:
         required, optional = MODE_FIELDS[self.mode]
         missing = sorted(f for f in required if getattr(self, f) is None)
-        extra = sorted(f for f in MODE_SPECIFIC - required - optional if getattr(self, f) is not None)
+        extra = sorted(
+            f for f in MODE_SPECIFIC - required - optional if getattr(self, f) is not None
+        )
         if missing:
             raise ValueError(f"mode {self.mode} needs: {', '.join(missing)}")
         if extra:
@@ -160,23 +163,10 @@ class LoadedSpec(BaseModel):
 
 
 def configs_dir() -> Path:
-    """`configs/` at the repository root (source checkout) or inside the installed package (wheel)."""
+    """`configs/` at the repository root (source checkout) or inside the installed package
+    (wheel)."""
     packaged = Path(__file__).parent / "configs"
     return packaged if packaged.is_dir() else Path(__file__).parent.parent / "configs"
-
-
-def family_for_model(model: str) -> str:
-    """Which `configs/` family a model's defaults come from: the embedded model, or a folder of one
-    trained with `python -m dragonctl.shapes.train --export-dir` (it has a null prompt), is "shapes"."""
-    return "shapes" if model == SHAPES_MODEL or is_shapes_folder(Path(model).expanduser()) else "sd15"
-
-
-def is_shapes_folder(path: Path) -> bool:
-    """A shapes-model folder (the package's, or one exported by the trainer): it holds a null prompt."""
-    try:
-        return path.is_dir() and (path / "null_prompt.safetensors").is_file()
-    except (OSError, ValueError):
-        return False
 
 
 @cache
@@ -257,9 +247,13 @@ def load_spec(path: str | Path, model: str | None = None, seed: int | None = Non
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError.one(path, "", f"not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        raise SpecError.one(
+            path, "", f"not valid YAML{where}: {getattr(e, 'problem', None) or e}"
+        ) from None
     if not isinstance(raw, dict):
-        raise SpecError.one(path, "", "a spec is a YAML mapping (field: value), got " + type(raw).__name__)
+        raise SpecError.one(
+            path, "", "a spec is a YAML mapping (field: value), got " + type(raw).__name__
+        )
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
         raise SpecError.one(path, str(bad_keys[0]), "field names must be strings")
@@ -277,4 +271,3 @@ def load_spec(path: str | Path, model: str | None = None, seed: int | None = Non
     except ValidationError as e:
         raise SpecError(_problems(path, e)) from None
     return LoadedSpec(path=path, spec=spec, raw=raw)
-

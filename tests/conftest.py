@@ -26,14 +26,14 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """A diffusers SD folder with tiny random components (epsilon prediction)."""
-    from dragonctl.synthetic import save_sd_folder
+    from dragonctl.bench.synthetic import save_sd_folder
 
     return save_sd_folder(tmp_path_factory.mktemp("tiny_sd"), "tiny", "epsilon")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory) -> Path:
-    from dragonctl.synthetic import save_sd_folder
+    from dragonctl.bench.synthetic import save_sd_folder
 
     return save_sd_folder(tmp_path_factory.mktemp("tiny_sd_v"), "tiny", "v_prediction")
 
@@ -74,11 +74,22 @@ def write_spec(folder: Path, name: str, **fields) -> Path:
 MODE_FIELDS = {
     "move": dict(mode="move", mask="mask.png", offset=[16, 4]),
     "resize": dict(mode="resize", mask={"box": [8, 10, 24, 26]}, scale=1.25),
-    "drag": dict(mode="drag", mask={"box": [0, 0, 40, 36]}, points=[[[16, 18], [26, 18]], [[10, 12], [10, 12]]]),
-    "appearance": dict(mode="appearance", mask="mask.png",
-                       reference={"image": "ref.png", "mask": {"box": [16, 16, 32, 32]}, "prompt": "green"}),
-    "paste": dict(mode="paste", reference={"image": "ref.png", "mask": {"box": [14, 14, 34, 34]}}, at=[40, 20],
-                  scale=0.75),
+    "drag": dict(
+        mode="drag",
+        mask={"box": [0, 0, 40, 36]},
+        points=[[[16, 18], [26, 18]], [[10, 12], [10, 12]]],
+    ),
+    "appearance": dict(
+        mode="appearance",
+        mask="mask.png",
+        reference={"image": "ref.png", "mask": {"box": [16, 16, 32, 32]}, "prompt": "green"},
+    ),
+    "paste": dict(
+        mode="paste",
+        reference={"image": "ref.png", "mask": {"box": [14, 14, 34, 34]}},
+        at=[40, 20],
+        scale=0.75,
+    ),
 }
 
 

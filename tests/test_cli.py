@@ -1,4 +1,5 @@
-"""The command line: exit codes, messages, outputs, in-process (CliRunner) plus a few real processes."""
+"""The command line: exit codes, messages, outputs, in-process (CliRunner) plus a few real
+processes."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def run(*args: str):
 
 def test_validate_exit_codes(spec_for, workdir):
     good = spec_for("move")
-    bad = write_spec(workdir, "bad.yaml", image="src.png", mode="move", mask="mask.png", offset=[500, 0])
+    bad = write_spec(
+        workdir, "bad.yaml", image="src.png", mode="move", mask="mask.png", offset=[500, 0]
+    )
     r = run("validate", str(good))
     assert r.exit_code == 0 and f"ok  {good}" in r.output
     r = run("validate", str(good), str(bad))
@@ -37,16 +40,28 @@ def test_validate_exit_codes(spec_for, workdir):
 
 def test_bench_speed_refuses_unknown_settings_before_building_anything():
     r = run("bench", "speed", "--size", "tiny", "--compile", "fast")
-    assert r.exit_code == 2 and "--compile is on or one of off, default, reduce-overhead" in r.output
+    assert (
+        r.exit_code == 2 and "--compile is on or one of off, default, reduce-overhead" in r.output
+    )
     assert run("bench", "speed", "--size", "tiny", "--kv-bank", "disk").exit_code == 2
     assert "--compile" in run("edit", "--help").output
 
 
 def test_bench_errors_are_one_line_not_a_traceback(tmp_path):
-    r = run("bench", "speed", "--size", "tiny", "--dtype", "float16", "--out", str(tmp_path / "s.json"))
+    r = run(
+        "bench", "speed", "--size", "tiny", "--dtype", "float16", "--out", str(tmp_path / "s.json")
+    )
     assert r.exit_code == 1 and "error: --dtype: unknown dtype 'float16'" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "s.json").exists()
-    r = run("bench", "quality", str(tmp_path / "q"), "--model", str(tmp_path / "no-such-model"), "--mode", "move")
+    r = run(
+        "bench",
+        "quality",
+        str(tmp_path / "q"),
+        "--model",
+        str(tmp_path / "no-such-model"),
+        "--mode",
+        "move",
+    )
     assert r.exit_code == 1 and r.output.count("\n") <= 3 and "no-such-model" in r.output, r.output
 
 
@@ -58,7 +73,9 @@ def test_validate_json_records(spec_for):
 
 def test_edit_batch_continues_past_failures_and_exits_1(tiny_sd, spec_for, workdir):
     good = spec_for("move", model=str(tiny_sd))
-    bad = write_spec(workdir, "bad.yaml", image="missing.png", mode="move", mask="mask.png", offset=[4, 0])
+    bad = write_spec(
+        workdir, "bad.yaml", image="missing.png", mode="move", mask="mask.png", offset=[4, 0]
+    )
     r = run("edit", str(good), str(bad), "--no-cache")
     assert r.exit_code == 1
     assert (workdir / "move.edited.png").exists() and not (workdir / "bad.edited.png").exists()
@@ -68,10 +85,27 @@ def test_edit_batch_continues_past_failures_and_exits_1(tiny_sd, spec_for, workd
 def test_edit_out_dir_mirrors_the_spec_layout(tiny_sd, workdir):
     for sub in ("a/b", "c"):
         (workdir / sub).mkdir(parents=True)
-        write_spec(workdir / sub, "s.yaml", image="../" * len(sub.split("/")) + "src.png", mode="move",
-                   mask="../" * len(sub.split("/")) + "mask.png", offset=[4, 0], model=str(tiny_sd), steps=3, resolution=32)
+        write_spec(
+            workdir / sub,
+            "s.yaml",
+            image="../" * len(sub.split("/")) + "src.png",
+            mode="move",
+            mask="../" * len(sub.split("/")) + "mask.png",
+            offset=[4, 0],
+            model=str(tiny_sd),
+            steps=3,
+            resolution=32,
+        )
     out = workdir / "out"
-    r = run("edit", str(workdir / "a"), str(workdir / "c" / "s.yaml"), "--out", str(out), "--no-cache", "--json")
+    r = run(
+        "edit",
+        str(workdir / "a"),
+        str(workdir / "c" / "s.yaml"),
+        "--out",
+        str(out),
+        "--no-cache",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert (out / "a" / "b" / "s.png").exists() and (out / "c" / "s.png").exists()
     assert (out / "c" / "s.json").exists()
@@ -121,7 +155,10 @@ def test_preview_and_init(spec_for, workdir):
     r = run("init", "drag", str(workdir / "src.png"), "-o", str(workdir / "starter.yaml"))
     assert r.exit_code == 0
     assert run("validate", str(workdir / "starter.yaml")).exit_code == 0
-    assert run("init", "drag", str(workdir / "src.png"), "-o", str(workdir / "starter.yaml")).exit_code == 2
+    assert (
+        run("init", "drag", str(workdir / "src.png"), "-o", str(workdir / "starter.yaml")).exit_code
+        == 2
+    )
     assert run("init", "spin", str(workdir / "src.png")).exit_code == 2
     assert run("init", "move", str(workdir / "nope.png")).exit_code == 2
 
@@ -148,8 +185,14 @@ def test_invert_then_cache_info_and_clear(tiny_sd, spec_for, workdir):
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "dragonctl", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "dragonctl", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_real_process_exit_codes_and_no_traceback(spec_for, workdir):
@@ -163,7 +206,10 @@ def test_real_process_exit_codes_and_no_traceback(spec_for, workdir):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from dragonctl.cli import app; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    code = (
+        "import sys; from dragonctl import api, cli\n"
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     r = _cli("edit", "--help")
     assert r.returncode == 0 and "--out" in r.stdout

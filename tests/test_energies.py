@@ -36,18 +36,53 @@ def mask(h=6, w=7, cells=()) -> torch.Tensor:
 
 
 CASES = {
-    "move_edit": lambda ref: lambda cur: E.move_edit_energy(cur, ref, torch.tensor([10, 11, 17]), torch.tensor([0, 1, 7]), 4.0),
-    "move_content": lambda ref: lambda cur: E.move_content_energy(
-        cur, ref, mask(cells=[(5, 5), (5, 6), (4, 6)]), mask(cells=[(0, 0), (0, 1)]), mask(cells=[(5, 5), (5, 6)]),
-        6.0, 0.2, 0.8),
-    "drag_edit": lambda ref: lambda cur: E.drag_edit_energy(
-        cur, ref, [E.drag_pair(torch.tensor([0, 1, 7, 8]), torch.tensor([2, 3, 9, 10]))], 4.0, 0.2),
-    "content": lambda ref: lambda cur: E.content_energy(cur, ref, mask(cells=[(3, 3), (4, 4)]), 6.0),
-    "appearance_edit": lambda ref: lambda cur: E.appearance_edit_energy(
-        cur, ref, feats(5), mask(cells=[(1, 1), (1, 2)]), mask(cells=[(4, 4), (5, 5)]),
-        mask(cells=[(1, 1), (1, 2), (2, 1)]), 3.5, 1.0),
-    "structure": lambda ref: lambda cur: E.structure(cur, ref, mask(cells=[(1, 1), (1, 2), (2, 1), (2, 2)]), 1.0),
-    "paste_edit": lambda ref: lambda cur: E.paste_edit_energy(cur, ref, mask(cells=[(2, 2), (2, 3), (3, 2)]), 4.0),
+    "move_edit": lambda ref: (
+        lambda cur: E.move_edit_energy(
+            cur, ref, torch.tensor([10, 11, 17]), torch.tensor([0, 1, 7]), 4.0
+        )
+    ),
+    "move_content": lambda ref: (
+        lambda cur: E.move_content_energy(
+            cur,
+            ref,
+            mask(cells=[(5, 5), (5, 6), (4, 6)]),
+            mask(cells=[(0, 0), (0, 1)]),
+            mask(cells=[(5, 5), (5, 6)]),
+            6.0,
+            0.2,
+            0.8,
+        )
+    ),
+    "drag_edit": lambda ref: (
+        lambda cur: E.drag_edit_energy(
+            cur,
+            ref,
+            [E.drag_pair(torch.tensor([0, 1, 7, 8]), torch.tensor([2, 3, 9, 10]))],
+            4.0,
+            0.2,
+        )
+    ),
+    "content": lambda ref: (
+        lambda cur: E.content_energy(cur, ref, mask(cells=[(3, 3), (4, 4)]), 6.0)
+    ),
+    "appearance_edit": lambda ref: (
+        lambda cur: E.appearance_edit_energy(
+            cur,
+            ref,
+            feats(5),
+            mask(cells=[(1, 1), (1, 2)]),
+            mask(cells=[(4, 4), (5, 5)]),
+            mask(cells=[(1, 1), (1, 2), (2, 1)]),
+            3.5,
+            1.0,
+        )
+    ),
+    "structure": lambda ref: (
+        lambda cur: E.structure(cur, ref, mask(cells=[(1, 1), (1, 2), (2, 1), (2, 2)]), 1.0)
+    ),
+    "copy_edit": lambda ref: (
+        lambda cur: E.copy_edit_energy(cur, ref, mask(cells=[(2, 2), (2, 3), (3, 2)]), 4.0)
+    ),
 }
 
 
@@ -61,8 +96,12 @@ def test_energy_decreases_along_its_negative_gradient(name):
 def test_matching_features_minimise_the_match_energies():
     ref = feats(3)
     idx = torch.tensor([3, 4, 5])
-    assert float(E.local_match(ref, ref, idx, idx, 4.0)) == pytest.approx(2 * 4.0 / 5.0)  # s̃ = 1 on both layers
-    assert float(E.local_match(ref, ref, idx, idx, 4.0, raw=True, layer_weight=0.5)) == pytest.approx(2 * 0.5 * 4.0 / 5)
+    assert float(E.local_match(ref, ref, idx, idx, 4.0)) == pytest.approx(
+        2 * 4.0 / 5.0
+    )  # s̃ = 1 on both layers
+    assert float(
+        E.local_match(ref, ref, idx, idx, 4.0, raw=True, layer_weight=0.5)
+    ) == pytest.approx(2 * 0.5 * 4.0 / 5)
     worse = float(E.local_match(feats(4), ref, idx, idx, 4.0))
     assert worse > 1.6
 
@@ -82,7 +121,9 @@ def test_raw_cosine_denominator_never_reaches_zero():
     anti = [-f for f in ref]
     idx = torch.arange(10)
     e = E.move_edit_energy(anti, ref, idx, idx, 4.0)
-    assert torch.isfinite(e) and float(e) == pytest.approx(2 * 0.5 * 4.0 / (1 + 4 * E.RAW_COS_FLOOR))
+    assert torch.isfinite(e) and float(e) == pytest.approx(
+        2 * 0.5 * 4.0 / (1 + 4 * E.RAW_COS_FLOOR)
+    )
 
 
 def test_degenerate_sets_are_finite_and_zero():

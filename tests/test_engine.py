@@ -1,4 +1,5 @@
-"""The engine on tiny SD models built in code: DDIM arithmetic, memory bank, modes, cache, counts."""
+"""The engine on tiny SD models built in code: DDIM arithmetic, memory bank, modes, cache,
+counts."""
 
 from __future__ import annotations
 
@@ -7,20 +8,27 @@ import pytest
 import torch
 from conftest import save_png, write_spec
 
-from dragonctl import api, geometry, modes
-from dragonctl.attention import BankControl, BankState, MemoryBankAttnProcessor
+from dragonctl import api, geometry
+from dragonctl.attention import BankAttention, BankState, MemoryBankAttnProcessor
 from dragonctl.cache import TrajectoryCache
-from dragonctl.engine import Editor
+from dragonctl.engine import Editor, step_windows
 from dragonctl.inputs import load_inputs
 from dragonctl.inversion import invert
 from dragonctl.models import load_bundle
-from dragonctl.modes import Grids, build_plan
-from dragonctl.sampler import Branches, guided_edit
+from dragonctl.modes import build_plan
+from dragonctl.modes.appearance import transfer_statistics
 from dragonctl.schedules import Schedule, StepPlan, ddim_step, to_eps
 from dragonctl.spec import MODES, load_spec
 
-SD_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
-                steps_offset=1, num_train_timesteps=1000, clip_sample=False)
+SD_SCHED = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    steps_offset=1,
+    num_train_timesteps=1000,
+    clip_sample=False,
+)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -30,7 +38,9 @@ def test_inversion_then_sampling_is_exact_for_a_constant_noise_model(prediction_
     noise = torch.randn_like(z0) if prediction_type == "v_prediction" else torch.zeros_like(z0)
     alpha_of = dict(zip(sched.timesteps, sched.alpha))
 
-    def model(z, t):  # the raw output whose ε is `noise` (zero for epsilon: the zeroed conv_out case)
+    def model(
+        z, t
+    ):  # the raw output whose ε is `noise` (zero for epsilon: the zeroed conv_out case)
         a = alpha_of[t]
         return noise if prediction_type == "epsilon" else (noise - (1 - a) ** 0.5 * z) / a**0.5
 
@@ -48,65 +58,67 @@ def test_inversion_then_sampling_is_exact_for_a_constant_noise_model(prediction_
 
 def test_step_plan_reproduces_the_reference_schedules(spec_for):
     g = load_spec(spec_for("move", model="shapes")).spec.guidance
-    d = StepPlan.build(g, 50)
+
+    def plan(guidance, steps=50):
+        return StepPlan.build(step_windows(guidance), steps)
+
+    d = plan(g)
     assert d.guided == frozenset(range(30)) and not d.sde and not d.time_travel
     assert d.injected == frozenset(range(5, 50))
-    dp = StepPlan.build(g.model_copy(update={"method": "diffeditor"}), 50)
+    dp = plan(g.model_copy(update={"method": "diffeditor"}))
     assert dp.guided == frozenset(range(10)) | frozenset(range(10, 30, 2))
     assert dp.sde == frozenset(range(11, 20)) and dp.time_travel == frozenset({22, 24, 26, 28})
+    assert [dp.passes(i) for i in (21, 22)] == [1, 3]
     app = load_spec(spec_for("appearance", model="shapes")).spec.guidance
-    assert StepPlan.build(app, 50).injected == frozenset(range(36))
-    assert not StepPlan.build(g.model_copy(update={"energy_scale": 0.0}), 50).guided
-
-
-def _run_sampler(bundle, spec, inp, cache=None):
-    editor = Editor(bundle, cache)
-    frame = editor.frame_for(inp.source, spec.resolution)
-    plan = build_plan(spec, inp, frame, bundle.latent_factor)
-    schedule = Schedule.from_config(bundle.scheduler_config, spec.steps)
-    bank = [editor.trajectory(frame.image_to_work(inp.source), inp.source_bytes, spec.prompt, schedule)]
-    with torch.no_grad():
-        branches = Branches(bank, [bundle.encode_prompt([spec.prompt])], bundle.encode_prompt([""]))
-    with BankControl(bundle.unet, bundle.decoder_self_attention) as state:
-        z, stats = guided_edit(editor.features, editor.forward, bundle.dtype, bundle.prediction_type, schedule, plan,
-                               StepPlan.build(spec.guidance, spec.steps), spec.guidance, branches, state,
-                               Grids((frame.work_h, frame.work_w), bundle.latent_factor), torch.Generator().manual_seed(0))
-    return z, stats, bank, branches
+    assert plan(app).injected == frozenset(range(36))
+    assert not plan(g.model_copy(update={"energy_scale": 0.0})).guided
 
 
 @pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sd_v"])
 def test_no_energy_and_no_injection_equals_plain_ddim_with_cfg(request, spec_for, fixture):
-    """Against diffusers' own DDIMScheduler loop from the same z_T: an independent implementation."""
+    """Against diffusers' own DDIMScheduler loop from the same z_T: an independent
+    implementation."""
     from diffusers import DDIMScheduler
 
     folder = request.getfixturevalue(fixture)
     bundle = load_bundle(str(folder))
-    spec = load_spec(spec_for("move", model=str(folder), offset=[0, 0], steps=6, prompt="a red box",
-                              guidance={"energy_scale": 0.0, "inject_from": 1.0, "cfg_scale": 3.0})).spec
+    spec = load_spec(
+        spec_for(
+            "move",
+            model=str(folder),
+            offset=[0, 0],
+            steps=6,
+            prompt="a red box",
+            guidance={"energy_scale": 0.0, "inject_from": 1.0, "cfg_scale": 3.0},
+        )
+    ).spec
     inp = load_inputs(load_spec(spec_for("move", model=str(folder), offset=[0, 0])))
-    z, stats, bank, br = _run_sampler(bundle, spec, inp)
+    out = Editor(bundle).edit_latent(spec, inp)
+    z, stats, traj = out.z0, out.stats, out.trajectories[0]
     assert stats.unet_backward == 0 and stats.unet_forward == 6
     sched = DDIMScheduler.from_config(bundle.scheduler_config)
     sched.set_timesteps(6)
-    ref = bank[0][-1].clone()
+    ref = traj[-1].clone()
     with torch.no_grad():
+        ctx = torch.cat([bundle.encode_prompt([""]), bundle.encode_prompt(["a red box"])])
         for t in sched.timesteps:
-            out = bundle.unet(torch.cat([ref, ref]), t, encoder_hidden_states=torch.cat([br.uncond, br.cond[0]])).sample
+            out = bundle.unet(torch.cat([ref, ref]), t, encoder_hidden_states=ctx).sample
             u, c = out.chunk(2)
             ref = sched.step(u + 3.0 * (c - u), t, ref, eta=0.0).prev_sample
     assert torch.allclose(z, ref, atol=1e-4, rtol=1e-4), (z - ref).abs().max()
 
 
 def test_zero_noise_model_reconstructs_the_source_latent(tmp_path, spec_for):
-    from dragonctl.synthetic import save_sd_folder
+    from dragonctl.bench.synthetic import save_sd_folder
 
     folder = save_sd_folder(tmp_path / "zero", zero_unet=True)
     bundle = load_bundle(str(folder))
-    spec = load_spec(spec_for("move", model=str(folder), offset=[0, 0], steps=5,
-                              guidance={"energy_scale": 0.0})).spec
+    spec = load_spec(
+        spec_for("move", model=str(folder), offset=[0, 0], steps=5, guidance={"energy_scale": 0.0})
+    ).spec
     inp = load_inputs(load_spec(spec_for("move", model=str(folder), offset=[0, 0])))
-    z, _stats, bank, _ = _run_sampler(bundle, spec, inp)
-    assert torch.allclose(z, bank[0][0], atol=1e-5)
+    out = Editor(bundle).edit_latent(spec, inp)
+    assert torch.allclose(out.z0, out.trajectories[0][0], atol=1e-5)
 
 
 def _attn_layer(tiny_sd):
@@ -122,11 +134,17 @@ def test_injection_processors_reproduce_default_attention_on_their_own_kv(tiny_s
     attn = _attn_layer(tiny_sd)
     x = torch.randn(1, 24, attn.to_q.in_features)
     default = AttnProcessor2_0()(attn, x)
+    every = np.ones((4, 6), dtype=bool)
     for mode in ("replace", "concat", "composite"):
-        state = BankState(mode=mode, n_bank=2 if mode == "composite" else 1, latent_hw=(4, 6),
-                          base_keep=torch.ones(4, 6, dtype=torch.bool), ref_keep=torch.ones(4, 6, dtype=torch.bool))
-        rows = torch.cat([x] * (state.n_bank + 1))
-        out = MemoryBankAttnProcessor(state)(attn, rows)
+        state = BankState()
+        state.configure(
+            BankAttention(mode, base_keep=every, ref_keep=every), (4, 6), torch.device("cpu")
+        )
+        n_bank = 2 if mode == "composite" else 1
+        rows = torch.cat([x] * (n_bank + 1))
+        with state.reading(0, n_bank):
+            out = MemoryBankAttnProcessor(state)(attn, rows)
+        assert state.mode == "off"  # switched on for one forward only
         assert torch.allclose(out[-1], default[0], atol=1e-5), mode
         assert torch.allclose(out[0], default[0], atol=1e-5)  # bank rows attend as usual
 
@@ -136,7 +154,10 @@ def test_replace_reads_the_bank_rows_kv(tiny_sd):
 
     attn = _attn_layer(tiny_sd)
     bank, gen = torch.randn(2, 1, 24, attn.to_q.in_features)
-    out = MemoryBankAttnProcessor(BankState(mode="replace", n_bank=1))(attn, torch.cat([bank, gen]))
+    state = BankState()
+    state.configure(BankAttention("replace"), (4, 6), torch.device("cpu"))
+    with state.reading(0, 1):
+        out = MemoryBankAttnProcessor(state)(attn, torch.cat([bank, gen]))
     q = attn.to_q(gen)
     k, v = attn.to_k(bank), attn.to_v(bank)
     h = attn.heads
@@ -150,9 +171,9 @@ def test_replace_reads_the_bank_rows_kv(tiny_sd):
 def test_regional_composite_confines_object_queries_to_the_reference_object(tiny_sd):
     attn = _attn_layer(tiny_sd)
     base, ref, gen = torch.randn(3, 1, 24, attn.to_q.in_features)
-    obj = torch.zeros(4, 6, dtype=torch.bool)
+    obj = np.zeros((4, 6), dtype=bool)
     obj[1:3, 2:4] = True  # the generation's object: 4 of 24 tokens
-    ref_obj = torch.zeros(4, 6, dtype=torch.bool)
+    ref_obj = np.zeros((4, 6), dtype=bool)
     ref_obj[0:2, 0:3] = True  # the reference object: 6 tokens elsewhere
     h = attn.heads
     split = lambda t: t.view(1, -1, h, t.shape[-1] // h).transpose(1, 2)  # noqa: E731
@@ -162,13 +183,18 @@ def test_regional_composite_confines_object_queries_to_the_reference_object(tiny
         o = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
         return attn.to_out[0](o.transpose(1, 2).reshape(1, q_rows.shape[1], -1))[0]
 
-    shared = BankState(mode="composite", n_bank=2, latent_hw=(4, 6), base_keep=~obj, ref_keep=ref_obj)
-    regional = BankState(mode="composite", n_bank=2, latent_hw=(4, 6), base_keep=~obj, ref_keep=ref_obj,
-                         query_region=obj)
-    rows = torch.cat([base, ref, gen])
-    out_shared = MemoryBankAttnProcessor(shared)(attn, rows)[2]
-    out = MemoryBankAttnProcessor(regional)(attn, rows)[2]
-    inside, outside = obj.flatten(), ~obj.flatten()
+    def composite(query_region):
+        state = BankState()
+        reading = BankAttention(
+            "composite", base_keep=~obj, ref_keep=ref_obj, query_region=query_region
+        )
+        state.configure(reading, (4, 6), torch.device("cpu"))
+        with state.reading(0, 2):
+            return MemoryBankAttnProcessor(state)(attn, torch.cat([base, ref, gen]))[2]
+
+    out_shared, out = composite(None), composite(obj)
+    inside, outside = torch.from_numpy(obj.flatten()), torch.from_numpy(~obj.flatten())
+    ref_obj = torch.from_numpy(ref_obj)
     ref_tokens = ref[:, ref_obj.flatten()]
     base_tokens = base[:, outside]
     for region, kv in ((inside, ref_tokens), (outside, base_tokens)):
@@ -178,10 +204,15 @@ def test_regional_composite_confines_object_queries_to_the_reference_object(tiny
     assert not torch.allclose(out[inside], out_shared[inside], atol=1e-3)
 
 
-@pytest.mark.parametrize("mode,guidance", [("move", {}), ("appearance", {"regional_attention": True})])
-def test_compiled_forward_edits_the_same_and_compiles_per_shape_not_per_step(tiny_sd, spec_for, mode, guidance):
+@pytest.mark.parametrize(
+    "mode,guidance", [("move", {}), ("appearance", {"regional_attention": True})]
+)
+def test_compiled_forward_edits_the_same_and_compiles_per_shape_not_per_step(
+    tiny_sd, spec_for, mode, guidance
+):
     """`--compile` must capture each batch shape once: timesteps are tensors and the bank's token
-    indices are fixed before the loop, so neither the step nor a second edit triggers a recompile."""
+    indices are fixed before the loop, so neither the step nor a second edit triggers a
+    recompile."""
     graphs = []
 
     def counting_backend(gm, _example_inputs):
@@ -200,14 +231,16 @@ def test_compiled_forward_edits_the_same_and_compiles_per_shape_not_per_step(tin
         assert np.array_equal(compiled.work_image, eager.work_image)
         counts.append(len(graphs))
     # full forwards: inversion (batch 1), plain CFG rows (2), CFG + bank rows (3 or 4); the guided
-    # steps' truncated forwards (the bank rows without grad, two rows with): nothing more, however many steps
+    # steps' truncated forwards (the bank rows without grad, two rows with): nothing more, however
+    # many steps
     assert 2 <= counts[0] == counts[1] == counts[2] <= 6, counts
     torch._dynamo.reset()
 
 
 def test_cuda_graph_compile_mode_edits_the_same(tiny_sd, spec_for):
     """`cudagraphs` (dynamo + AOT autograd, CUDA graphs of eager kernels) captures the full and the
-    guided forwards with their backward; on a CPU the graphs run without CUDA graphs, same result."""
+    guided forwards with their backward; on a CPU the graphs run without CUDA graphs, same
+    result."""
     torch._dynamo.reset()
     bundle = load_bundle(str(tiny_sd))
     ls = load_spec(spec_for("move", model=str(tiny_sd), steps=4))
@@ -220,18 +253,46 @@ def test_cuda_graph_compile_mode_edits_the_same(tiny_sd, spec_for):
 
 def test_count_of_unet_calls_follows_the_diffeditor_schedule(tiny_sd, spec_for):
     bundle = load_bundle(str(tiny_sd))
-    ls = load_spec(spec_for("move", model=str(tiny_sd), steps=20, guidance={"method": "diffeditor"}))
-    _z, stats, _b, _ = _run_sampler(bundle, ls.spec, load_inputs(ls))
-    # guided: 0..3 and 4, 6, 8, 10; time travel at step 10 (8 < i < 12, even): 3 passes, 2 re-noises;
+    ls = load_spec(
+        spec_for("move", model=str(tiny_sd), steps=20, guidance={"method": "diffeditor"})
+    )
+    stats = Editor(bundle).edit(ls.spec, load_inputs(ls)).stats
+    # guided: 0..3 and 4, 6, 8, 10; time travel at step 10 (8 < i < 12, even): 3 passes, 2 re-
+    # noises;
     # each guided pass: the bank's truncated forward (no grad) and the edited latent's (with grad)
     assert stats.guided_steps == 8 + 2
     assert stats.unet_backward == 10
     assert stats.unet_forward == 20 + 2 + 2 + 2 * 10
 
 
+@pytest.mark.parametrize(
+    "mode,guidance,bank_images",
+    [("move", {}, 1), ("paste", {}, 2), ("resize", {"resize_method": "scaled_copy"}, 2)],
+)
+def test_the_loop_records_the_batch_rows_of_every_unet_call(
+    tiny_sd, spec_for, mode, guidance, bank_images
+):
+    """What the speed bench's plain loop replays: bank rows on injected steps (two for modes
+    that read a second image, resize's scaled copy included), CFG pairs, feature forwards."""
+    bundle = load_bundle(str(tiny_sd))
+    ls = load_spec(spec_for(mode, model=str(tiny_sd), steps=6, guidance=guidance))
+    result = Editor(bundle).edit(ls.spec, load_inputs(ls))
+    steps = StepPlan.build(step_windows(ls.spec.guidance), 6)
+    assert result.bank_images == bank_images
+    assert result.stats.forward_rows == [
+        bank_images + 2 if i in steps.injected else 2 for i in range(6)
+    ]
+    assert result.stats.feature_rows == [bank_images, 2] * len(steps.guided)
+
+
 def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):
-    for mode, guidance in [("move", {}), ("drag", {}), ("paste", {}), ("resize", {"resize_method": "scaled_copy"}),
-                           ("appearance", {"appearance_init": "reference_statistics"})]:
+    for mode, guidance in [
+        ("move", {}),
+        ("drag", {}),
+        ("paste", {}),
+        ("resize", {"resize_method": "scaled_copy"}),
+        ("appearance", {"appearance_init": "reference_statistics"}),
+    ]:
         ls = load_spec(spec_for(mode, model=str(tiny_sd), guidance=guidance))
         inp = load_inputs(ls)
         bundle = load_bundle(str(tiny_sd))
@@ -260,8 +321,12 @@ def test_every_mode_runs_end_to_end(request, spec_for, workdir, mode, fixture):
 
 
 def test_diffeditor_method_runs_every_mode(tiny_sd, spec_for, workdir):
-    specs = [spec_for(m, name=f"de_{m}.yaml", model=str(tiny_sd), steps=10, guidance={"method": "diffeditor"})
-             for m in MODES]
+    specs = [
+        spec_for(
+            m, name=f"de_{m}.yaml", model=str(tiny_sd), steps=10, guidance={"method": "diffeditor"}
+        )
+        for m in MODES
+    ]
     reports = api.edit(specs, api.EditOptions(no_cache=True))
     assert all(r.ok for r in reports), [r.errors for r in reports]
 
@@ -277,7 +342,9 @@ def test_cache_hit_runs_no_inversion(tiny_sd, spec_for, workdir):
     n_first = len(calls)
     second = Editor(bundle, TrajectoryCache(workdir / "cache")).edit(ls.spec, inp)
     assert first.inversions == 1 and second.inversions == 0
-    assert n_first - (len(calls) - n_first) == ls.spec.steps  # exactly the inversion's UNet calls were saved
+    assert (
+        n_first - (len(calls) - n_first) == ls.spec.steps
+    )  # exactly the inversion's UNet calls were saved
     assert np.array_equal(first.image, second.image)
 
 
@@ -290,7 +357,9 @@ def test_processors_are_restored_after_an_edit(tiny_sd, spec_for):
 
 
 def test_same_spec_same_seed_gives_identical_bytes(tiny_sd, spec_for, workdir):
-    spec = spec_for("move", model=str(tiny_sd), guidance={"method": "diffeditor"}, steps=12, output="a.png")
+    spec = spec_for(
+        "move", model=str(tiny_sd), guidance={"method": "diffeditor"}, steps=12, output="a.png"
+    )
     api.edit([spec], api.EditOptions(no_cache=True, metadata=False))
     first = (workdir / "a.png").read_bytes()
     api.edit([spec], api.EditOptions(no_cache=True, metadata=False))
@@ -302,8 +371,16 @@ def test_same_spec_same_seed_gives_identical_bytes(tiny_sd, spec_for, workdir):
 def test_large_and_wide_sources_come_back_at_their_size(tiny_sd, workdir):
     img = np.random.default_rng(0).integers(0, 255, (37, 90, 3), dtype=np.uint8)
     save_png(workdir / "wide.png", img)
-    spec = write_spec(workdir, "wide.yaml", image="wide.png", mode="drag", points=[[[89, 36], [60, 5]]],
-                      model=str(tiny_sd), steps=3, resolution=32)
+    spec = write_spec(
+        workdir,
+        "wide.yaml",
+        image="wide.png",
+        mode="drag",
+        points=[[[89, 36], [60, 5]]],
+        model=str(tiny_sd),
+        steps=3,
+        resolution=32,
+    )
     rep = api.edit([spec], api.EditOptions(no_cache=True))[0]
     assert rep.ok, rep.errors
     from PIL import Image
@@ -343,16 +420,25 @@ def test_stored_and_recomputed_memory_banks_give_the_same_edit(tiny_sd, spec_for
     bundle = load_bundle(str(tiny_sd))
     ls = load_spec(spec_for(mode, model=str(tiny_sd), steps=6))
     inp = load_inputs(ls)
-    a = Editor(bundle, kv_bank="recompute").edit(ls.spec, inp)
-    b = Editor(bundle, kv_bank="stored").edit(ls.spec, inp)
-    injected = len(StepPlan.build(ls.spec.guidance, 6).injected)
+    a = Editor(bundle).edit(ls.spec, inp)
+    b = Editor(bundle, stored_kv=True).edit(ls.spec, inp)
+    injected = len(StepPlan.build(step_windows(ls.spec.guidance), 6).injected)
     assert b.stats.unet_forward == a.stats.unet_forward + injected  # the recording pass
     assert b.stats.stored_kv_bytes > 0 and a.stats.stored_kv_bytes == 0
     assert np.abs(a.work_image.astype(int) - b.work_image.astype(int)).max() <= 1
 
 
-SYNCING_OPS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "_unique2", "unique_dim",
-               "unique_consecutive", "item"}
+SYNCING_OPS = {
+    "_local_scalar_dense",
+    "nonzero",
+    "is_nonzero",
+    "equal",
+    "masked_select",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "item",
+}
 
 
 @pytest.mark.parametrize("mode", ["move", "drag", "appearance"])
@@ -369,7 +455,8 @@ def test_the_step_loops_make_no_host_round_trips(tiny_sd, spec_for, mode):
             if self.active:
                 name = func.overloadpacket.__name__
                 bool_index = name in ("index", "index_put", "index_put_") and any(
-                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])
+                )
                 if name in SYNCING_OPS or bool_index:
                     self.seen.append(f"{name} in {self.phase}")
             return func(*args, **(kwargs or {}))
@@ -381,7 +468,14 @@ def test_the_step_loops_make_no_host_round_trips(tiny_sd, spec_for, mode):
         rec.phase, rec.active = phase, done < total
 
     bundle = load_bundle(str(tiny_sd))
-    ls = load_spec(spec_for(mode, model=str(tiny_sd), steps=12, guidance={"method": "diffeditor", "time_travel_repeats": 2}))
+    ls = load_spec(
+        spec_for(
+            mode,
+            model=str(tiny_sd),
+            steps=12,
+            guidance={"method": "diffeditor", "time_travel_repeats": 2},
+        )
+    )
     with rec:
         result = Editor(bundle).edit(ls.spec, load_inputs(ls), progress=progress)
     assert result.stats.guided_steps > 0 and result.inversions >= 1
@@ -399,20 +493,31 @@ def _plan(tiny_sd, spec_path):
 def test_scaled_copy_resize_reads_the_source_scaled_about_the_object(tiny_sd, spec_for):
     red = np.array([220, 40, 40])
     for scale in (0.75, 1.5):
-        path = spec_for("resize", model=str(tiny_sd), scale=scale, resolution=64,
-                        guidance={"resize_method": "scaled_copy"})
+        path = spec_for(
+            "resize",
+            model=str(tiny_sd),
+            scale=scale,
+            resolution=64,
+            guidance={"resize_method": "scaled_copy"},
+        )
         plan, frame, inp = _plan(tiny_sd, path)
-        assert plan.bank_mode == "composite" and plan.reference_work is not None
-        is_red = lambda img: (np.abs(img.astype(int) - red).sum(-1) < 120)  # noqa: E731  (half-way to the background)
-        before, after = is_red(frame.image_to_work(inp.source)).sum(), is_red(plan.reference_work).sum()
+        assert plan.attention.mode == "composite" and plan.second_image is not None
+        is_red = lambda img: np.abs(img.astype(int) - red).sum(-1) < 120  # noqa: E731  (half-way to the background)
+        before, after = (
+            is_red(frame.image_to_work(inp.source)).sum(),
+            is_red(plan.second_image).sum(),
+        )
         assert abs(after / before - scale**2) < 0.15 * scale**2
         # the copy covers the object's old and new places and leaves the rest of the source as it is
-        region = plan.composite_ref_keep
-        assert region[frame.mask_to_work(inp.mask)].all() and region[frame.mask_to_work(inp.target_mask)].all()
-        assert np.array_equal(plan.reference_work[~region], frame.image_to_work(inp.source)[~region])
-        assert plan.edit_latent_mask.any() and not plan.edit_latent_mask.all()
+        region = plan.attention.ref_keep
+        assert (
+            region[frame.mask_to_work(inp.mask)].all()
+            and region[frame.mask_to_work(inp.target_mask)].all()
+        )
+        assert np.array_equal(plan.second_image[~region], frame.image_to_work(inp.source)[~region])
+        assert plan.edit_mask.any() and not plan.edit_mask.all()
     correspondence = _plan(tiny_sd, spec_for("resize", model=str(tiny_sd)))[0]
-    assert correspondence.bank_mode == "replace" and correspondence.reference_work is None
+    assert correspondence.attention.mode == "replace" and correspondence.second_image is None
 
 
 def test_scaled_copy_resize_edits_with_a_second_bank_image(tiny_sd, spec_for, workdir):
@@ -430,34 +535,48 @@ def test_transfer_statistics_moves_the_region_to_the_reference_statistics():
     region[2:6, 1:5] = True
     ref_region = torch.zeros(8, 8, dtype=torch.bool)
     ref_region[4:8, 4:8] = True
-    out = modes.transfer_statistics(z, region, z_ref, ref_region)
+    out = transfer_statistics(z, region, z_ref, ref_region)
     assert torch.equal(out[..., ~region], z[..., ~region])
     a, b = out[..., region], z_ref[..., ref_region]
-    assert torch.allclose(a.mean(-1), b.mean(-1), atol=1e-5) and torch.allclose(a.std(-1), b.std(-1), atol=1e-4)
-    # each cell keeps its place in the region's layout: a per-channel increasing affine map of the source's
+    assert torch.allclose(a.mean(-1), b.mean(-1), atol=1e-5) and torch.allclose(
+        a.std(-1), b.std(-1), atol=1e-4
+    )
+    # each cell keeps its place in the region's layout: a per-channel increasing affine map of the
+    # source's
     for c in range(4):
         assert torch.equal(torch.argsort(a[0, c]), torch.argsort(z[..., region][0, c]))
 
 
 def test_appearance_can_start_from_the_reference_statistics(tiny_sd, spec_for):
     plain = _plan(tiny_sd, spec_for("appearance", model=str(tiny_sd)))[0]
-    moved, frame, _ = _plan(tiny_sd, spec_for("appearance", name="a2.yaml", model=str(tiny_sd),
-                                              guidance={"appearance_init": "reference_statistics"}))
+    moved, frame, _ = _plan(
+        tiny_sd,
+        spec_for(
+            "appearance",
+            name="a2.yaml",
+            model=str(tiny_sd),
+            guidance={"appearance_init": "reference_statistics"},
+        ),
+    )
     z = torch.randn(1, 4, frame.work_h // 2, frame.work_w // 2)
     z_ref = torch.randn_like(z) + 5
     assert torch.equal(plain.init_latent(z, z_ref), z)
     out = moved.init_latent(z, z_ref)
     changed = (out != z).any(dim=1)[0]
-    assert changed.any() and not (changed & ~moved.edit_latent_mask).any()
+    assert changed.any() and not (changed & ~moved.edit_mask).any()
 
 
 def test_appearance_reads_the_reference_object_without_its_border(tiny_sd, spec_for):
     plan = _plan(tiny_sd, spec_for("appearance", model=str(tiny_sd), resolution=64))[0]
-    keep = plan.composite_ref_keep
-    green = np.abs(plan.reference_work.astype(int) - np.array([30, 200, 60])).sum(-1) < 120  # the placed object
+    keep = plan.attention.ref_keep
+    green = (
+        np.abs(plan.second_image.astype(int) - np.array([30, 200, 60])).sum(-1) < 120
+    )  # the placed object
     lf = load_bundle(str(tiny_sd)).latent_factor
     assert keep.any() and keep.sum() < green.sum()
-    assert not (geometry.dilate(keep, lf) & ~green).any()  # a latent cell inside the object's outline
+    assert not (
+        geometry.dilate(keep, lf) & ~green
+    ).any()  # a latent cell inside the object's outline
     line = np.zeros((8, 8), dtype=bool)
     line[3] = True
-    assert np.array_equal(modes._interior(line, 2), line)  # nothing would be left: kept whole
+    assert np.array_equal(geometry.interior(line, 2), line)  # nothing would be left: kept whole

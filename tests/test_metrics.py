@@ -1,4 +1,5 @@
-"""DragBench protocol metrics on hand-made features and random weights (the real weights are not bundled)."""
+"""DragBench protocol metrics on hand-made features and random weights (the real weights are not
+bundled)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from dragonctl import metrics
+from dragonctl.bench import dragbench_metrics as metrics
 from dragonctl.models import load_bundle
 
 
@@ -33,7 +34,9 @@ def test_lpips_is_zero_on_identical_images_and_symmetric():
 
 def test_lpips_weights_round_trip_through_a_file(tmp_path):
     lp = metrics.LPIPS()
-    save_file({k: v.contiguous() for k, v in lp.state_dict().items()}, tmp_path / "lpips.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in lp.state_dict().items()}, tmp_path / "lpips.safetensors"
+    )
     loaded = metrics.LPIPS.from_file(tmp_path / "lpips.safetensors")
     img = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
     assert metrics.image_fidelity(loaded, img, img) == 1.0

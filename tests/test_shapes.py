@@ -21,7 +21,9 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 def test_world_is_reproducible_and_its_ground_truth_exact():
     a, b = random_scene(np.random.default_rng(5)), random_scene(np.random.default_rng(5))
     assert a == b and 1 <= len(a.shapes) <= 3
-    sq = Scene(64, ((0.5, 0.5, 0.5),) * 4, (0, 0, 0, 0), (Shape("square", 20, 30, 10, (1.0, 0.0, 0.0)),))
+    sq = Scene(
+        64, ((0.5, 0.5, 0.5),) * 4, (0, 0, 0, 0), (Shape("square", 20, 30, 10, (1.0, 0.0, 0.0)),)
+    )
     r = render(sq)
     assert r.masks[0].sum() == 100 and r.centroids[0] == (20.0, 30.0)
     assert np.allclose(r.image[r.masks[0]], [1, 0, 0]) and np.allclose(r.image[~r.masks[0]], 0.5)
@@ -63,8 +65,9 @@ def test_the_sample_move_really_moves_the_circle(tmp_path):
 
 
 def test_training_resumes_from_the_package_weights_then_from_its_checkpoint(tmp_path):
-    """Two optimiser steps at batch 2: a fresh machine starts from the shipped fp16 weights, a second
-    run resumes from the full checkpoint, and the exported folder loads as a model with shapes defaults."""
+    """Two optimiser steps at batch 2: a fresh machine starts from the shipped fp16 weights, a
+    second run resumes from the full checkpoint, and the exported folder loads as a model with
+    shapes defaults."""
     import signal
 
     from dragonctl.shapes import train
@@ -72,8 +75,18 @@ def test_training_resumes_from_the_package_weights_then_from_its_checkpoint(tmp_
 
     start = json.loads((shapes_model.WEIGHTS_DIR / "training.json").read_text())["step"]
     handler = signal.getsignal(signal.SIGTERM)
-    common = ["--batch", "2", "--threads", "1", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ck"),
-              "--export-dir", str(tmp_path / "model")]
+    common = [
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--export-dir",
+        str(tmp_path / "model"),
+    ]
     assert train.main(["--steps", str(start + 2), *common]) == 0
     assert json.loads((tmp_path / "model" / "training.json").read_text())["step"] == start + 2
     assert (tmp_path / "ck" / "state.pt").exists()
@@ -93,7 +106,9 @@ def test_learning_rate_warms_up_from_a_fresh_optimiser_and_cools_down():
     args = argparse.Namespace(lr=1e-3, warmup=100, steps=1000, cooldown=200)
     assert learning_rate(0, args) == pytest.approx(1e-5)
     assert learning_rate(500, args) == pytest.approx(1e-3)
-    assert learning_rate(600, args, optimiser_start=600) == pytest.approx(1e-5)  # fresh optimiser: warm up again
+    assert learning_rate(600, args, optimiser_start=600) == pytest.approx(
+        1e-5
+    )  # fresh optimiser: warm up again
     assert learning_rate(900, args) == pytest.approx(1e-3 * (1 - 0.9 * 0.5))
     assert learning_rate(1000, args) == learning_rate(2000, args) == pytest.approx(1e-4)
 
@@ -107,7 +122,9 @@ def test_a_timed_chunk_ends_where_its_measured_speed_reaches_and_cools_down_over
     plan_end(args, run_start=18_500, step=18_600, steps_per_s=20.0, seconds_left=100.0)
     assert args.steps == 18_600 + int(20 * 100 * 0.95)  # a 5 % margin for the save at the end
     assert args.cooldown == (args.steps - 18_500) // 2
-    assert learning_rate(args.steps - args.cooldown, args, optimiser_start=18_500) == pytest.approx(1e-3)
+    assert learning_rate(args.steps - args.cooldown, args, optimiser_start=18_500) == pytest.approx(
+        1e-3
+    )
     assert learning_rate(args.steps, args, optimiser_start=18_500) == pytest.approx(1e-4)
     args = argparse.Namespace(lr=1e-3, warmup=100, steps=19_000, cooldown=0, cooldown_share=0.5)
     plan_end(args, run_start=18_500, step=18_600, steps_per_s=20.0, seconds_left=100.0)

@@ -22,19 +22,28 @@ def problems(path: Path, model: str | None = None) -> list[str]:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_validates_and_merges_defaults(spec_for, mode):
-    path = spec_for(mode, model="shapes")
+    path = spec_for(mode, model="shapes", guidance={"w_edit": 7.5})
     ls = load_spec(path)
     assert ls.spec.mode == mode
-    # defaults come from configs/, per family and mode, and the spec's own values win
-    assert ls.spec.guidance.energy_scale == defaults_for("shapes", mode)["guidance"]["energy_scale"]
+    # configs/shapes.yaml: the family's defaults, then the mode's, then the spec's own values
+    energy = {"move": 0.6, "resize": 0.6, "drag": 0.4, "appearance": 2.0, "paste": 0.4}[mode]
+    g = ls.spec.guidance
+    assert (g.energy_scale, g.w_edit, g.cfg_scale, g.guide_until) == (energy, 7.5, 1.0, 0.6)
     assert ls.spec.steps == 4 and ls.spec.seed == 42 and ls.spec.prompt == ""
+    assert ls.spec.resolution == 32 and ls.spec.inversion_refine == 2  # spec's; family's
     assert api.validate([path])[0].ok
 
 
 def test_sd_defaults_follow_the_reference():
     d = defaults_for("stable-diffusion-v1-5/stable-diffusion-v1-5", "move")
     g = d["guidance"]
-    assert (d["steps"], d["resolution"], g["cfg_scale"], g["energy_scale"], g["gradient_scale"]) == (50, 512, 4.0, 0.5, 0.08)
+    assert (
+        d["steps"],
+        d["resolution"],
+        g["cfg_scale"],
+        g["energy_scale"],
+        g["gradient_scale"],
+    ) == (50, 512, 4.0, 0.5, 0.08)
     assert (g["w_edit"], g["w_content"], g["w_contrast"], g["w_inpaint"]) == (4.0, 6.0, 0.2, 0.8)
     assert defaults_for("x/y", "appearance")["guidance"]["cfg_scale"] == 5.0
     assert defaults_for("x/y", "drag")["guidance"]["energy_scale"] == 2.0
@@ -51,30 +60,67 @@ def test_a_trained_shapes_folder_gets_the_shapes_defaults(tmp_path):
 def test_spec_values_override_defaults_and_cli_overrides_spec(spec_for):
     path = spec_for("move", seed=7, guidance={"energy_scale": 0.25, "method": "diffeditor"})
     ls = load_spec(path)
-    assert ls.spec.seed == 7 and ls.spec.guidance.energy_scale == 0.25 and ls.spec.guidance.method == "diffeditor"
+    assert (
+        ls.spec.seed == 7
+        and ls.spec.guidance.energy_scale == 0.25
+        and ls.spec.guidance.method == "diffeditor"
+    )
     assert ls.spec.guidance.w_edit == 4.0  # untouched keys keep their defaults
     assert load_spec(path, seed=3, model="shapes").spec.seed == 3
     assert load_spec(path, model="shapes").spec.model == "shapes"
 
 
 def test_inline_masks_and_dilation(workdir):
-    for i, mask in enumerate([{"box": [8, 10, 24, 26]}, {"polygon": [[8, 10], [24, 10], [16, 26]]},
-                              {"circle": [16, 18, 6]}, {"path": "mask.png", "dilate": 2}]):
-        path = write_spec(workdir, f"m{i}.yaml", image="src.png", mode="move", mask=mask, offset=[10, 0])
+    for i, mask in enumerate(
+        [
+            {"box": [8, 10, 24, 26]},
+            {"polygon": [[8, 10], [24, 10], [16, 26]]},
+            {"circle": [16, 18, 6]},
+            {"path": "mask.png", "dilate": 2},
+        ]
+    ):
+        path = write_spec(
+            workdir, f"m{i}.yaml", image="src.png", mode="move", mask=mask, offset=[10, 0]
+        )
         inp = load_inputs(load_spec(path))
         assert inp.mask is not None and inp.mask.any() and inp.mask.shape == (40, 56)
-    box = load_inputs(load_spec(write_spec(workdir, "b.yaml", image="src.png", mode="move",
-                                           mask={"box": [8, 10, 24, 26]}, offset=[1, 0]))).mask
+    box = load_inputs(
+        load_spec(
+            write_spec(
+                workdir,
+                "b.yaml",
+                image="src.png",
+                mode="move",
+                mask={"box": [8, 10, 24, 26]},
+                offset=[1, 0],
+            )
+        )
+    ).mask
     assert box.sum() == 16 * 16 and box[10, 8] and not box[26, 24]  # half-open
-    dil = load_inputs(load_spec(write_spec(workdir, "d.yaml", image="src.png", mode="move",
-                                           mask={"box": [8, 10, 24, 26], "dilate": 2}, offset=[1, 0]))).mask
+    dil = load_inputs(
+        load_spec(
+            write_spec(
+                workdir,
+                "d.yaml",
+                image="src.png",
+                mode="move",
+                mask={"box": [8, 10, 24, 26], "dilate": 2},
+                offset=[1, 0],
+            )
+        )
+    ).mask
     assert dil.sum() == 20 * 20
 
 
 def test_resize_target_is_about_the_object_centre(spec_for):
     inp = load_inputs(load_spec(spec_for("resize", scale=1.5)))
     ys, xs = np.nonzero(inp.target_mask)
-    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (4, 28, 6, 30)  # 16 px box → 24 px, same centre
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (
+        4,
+        28,
+        6,
+        30,
+    )  # 16 px box → 24 px, same centre
 
 
 def test_move_with_scale_and_offset(spec_for):
@@ -90,7 +136,9 @@ def test_zero_length_pair_is_a_warning(spec_for):
 
 def test_a_fill_region_the_resize_method_cannot_use_is_a_warning(spec_for):
     fill = {"box": [30, 2, 50, 12]}
-    rep = api.validate([spec_for("resize", fill_region=fill, guidance={"resize_method": "scaled_copy"})])[0]
+    rep = api.validate(
+        [spec_for("resize", fill_region=fill, guidance={"resize_method": "scaled_copy"})]
+    )[0]
     assert rep.ok and any("fill_region is not used" in w for w in rep.warnings)
     rep = api.validate([spec_for("resize", name="r2.yaml", fill_region=fill)])[0]
     assert rep.ok and not rep.warnings
@@ -106,7 +154,12 @@ def test_paste_target_and_any_reference_size(spec_for):
     inp = load_inputs(load_spec(spec_for("paste")))
     ys, xs = np.nonzero(inp.target_mask)
     assert inp.reference.shape == (48, 48, 3)
-    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (32, 47, 12, 27)  # 20 px × 0.75 = 15 px, centred at (40, 20)
+    assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (
+        32,
+        47,
+        12,
+        27,
+    )  # 20 px × 0.75 = 15 px, centred at (40, 20)
 
 
 BAD = [
@@ -174,7 +227,9 @@ def rewrite(path: Path, change: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("change,field,reason", BAD, ids=[f"{b[1] or 'spec'}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+    "change,field,reason", BAD, ids=[f"{b[1] or 'spec'}-{i}" for i, b in enumerate(BAD)]
+)
 def test_broken_specs_name_file_field_and_reason(broken_files, spec_for, change, field, reason):
     path = rewrite(spec_for("move", name="bad.yaml"), change)
     errs = problems(path)
@@ -183,17 +238,30 @@ def test_broken_specs_name_file_field_and_reason(broken_files, spec_for, change,
     assert all("Traceback" not in e and "\n" not in e for e in errs)
 
 
-@pytest.mark.parametrize("mode,change,field,reason", [
-    ("drag", dict(points=[[[100, 5], [10, 5]]]), "points[0][0]", "outside the 56×40 image"),
-    ("drag", dict(points=[]), "points", "at least 1"),
-    ("drag", dict(points=[[[1, 2]]]), "points[0]", "at least 2"),
-    ("paste", dict(at=[-1, 5]), "at", "outside"),
-    ("paste", dict(reference={"image": "ref.png"}), "reference.mask", "required"),
-    ("paste", dict(reference={"image": "nope.png", "mask": {"box": [0, 0, 4, 4]}}), "reference.image", "not found"),
-    ("paste", dict(reference={"image": "ref.png", "mask": {"box": [0, 0, 99, 4]}}), "reference.mask.box", "48×48"),
-    ("appearance", dict(reference=None), "", "mode appearance needs: reference"),
-    ("resize", dict(scale=None), "", "needs: scale"),
-])
+@pytest.mark.parametrize(
+    "mode,change,field,reason",
+    [
+        ("drag", dict(points=[[[100, 5], [10, 5]]]), "points[0][0]", "outside the 56×40 image"),
+        ("drag", dict(points=[]), "points", "at least 1"),
+        ("drag", dict(points=[[[1, 2]]]), "points[0]", "at least 2"),
+        ("paste", dict(at=[-1, 5]), "at", "outside"),
+        ("paste", dict(reference={"image": "ref.png"}), "reference.mask", "required"),
+        (
+            "paste",
+            dict(reference={"image": "nope.png", "mask": {"box": [0, 0, 4, 4]}}),
+            "reference.image",
+            "not found",
+        ),
+        (
+            "paste",
+            dict(reference={"image": "ref.png", "mask": {"box": [0, 0, 99, 4]}}),
+            "reference.mask.box",
+            "48×48",
+        ),
+        ("appearance", dict(reference=None), "", "mode appearance needs: reference"),
+        ("resize", dict(scale=None), "", "needs: scale"),
+    ],
+)
 def test_mode_specific_errors(workdir, spec_for, mode, change, field, reason):
     path = rewrite(spec_for(mode, name="bad.yaml"), change)
     errs = problems(path)
@@ -212,13 +280,22 @@ def test_file_level_errors(tmp_path):
 
 
 def test_yaml_is_loaded_safely(tmp_path):
-    (tmp_path / "evil.yaml").write_text("version: 1\nimage: !!python/object/apply:os.system ['echo hacked']\nmode: move\n")
+    (tmp_path / "evil.yaml").write_text(
+        "version: 1\nimage: !!python/object/apply:os.system ['echo hacked']\nmode: move\n"
+    )
     errs = problems(tmp_path / "evil.yaml")
     assert "not valid YAML" in errs[0]
 
 
 def test_spec_that_references_itself(workdir):
-    path = write_spec(workdir, "self.yaml", image="self.yaml", mode="move", mask={"box": [0, 0, 4, 4]}, offset=[1, 0])
+    path = write_spec(
+        workdir,
+        "self.yaml",
+        image="self.yaml",
+        mode="move",
+        mask={"box": [0, 0, 4, 4]},
+        offset=[1, 0],
+    )
     assert any("image: not an image" in e for e in problems(path))
 
 
@@ -235,7 +312,9 @@ def test_validation_never_loads_a_model(spec_for, monkeypatch):
 def test_paths_are_relative_to_the_spec_file(workdir, tmp_path_factory):
     sub = workdir / "specs" / "deep"
     sub.mkdir(parents=True)
-    path = write_spec(sub, "s.yaml", image="../../src.png", mode="move", mask="../../mask.png", offset=[4, 0])
+    path = write_spec(
+        sub, "s.yaml", image="../../src.png", mode="move", mask="../../mask.png", offset=[4, 0]
+    )
     assert api.validate([path])[0].ok
 
 
@@ -243,7 +322,9 @@ def test_decompression_bomb_is_refused(workdir, monkeypatch):
     import dragonctl.inputs as inputs
 
     monkeypatch.setattr(inputs, "MAX_PIXELS", 100)
-    path = write_spec(workdir, "big.yaml", image="src.png", mode="move", mask="mask.png", offset=[4, 0])
+    path = write_spec(
+        workdir, "big.yaml", image="src.png", mode="move", mask="mask.png", offset=[4, 0]
+    )
     with pytest.raises(SpecError) as e:
         load_inputs(load_spec(path))
     assert "over the 100-pixel limit" in str(e.value)

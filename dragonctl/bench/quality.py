@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,9 @@ import yaml
 from PIL import Image
 
 from dragonctl.shapes.world import Scene, Shape, render
+from dragonctl.spec import MODES
 
 COLOR_TOL = 0.2  # RGB distance (in [0, 1] units) under which a pixel counts as the object's colour
-MODES = ("move", "resize", "drag", "appearance", "paste")
 
 
 @dataclass
@@ -44,8 +44,6 @@ class Case:
     edit_region: np.ndarray  # pixels the edit may change (for background PSNR: outside, dilated)
     reference: np.ndarray | None = None
     reference_mask: np.ndarray | None = None
-    target_xy: tuple[float, float] | None = None  # drag: where the handle's object centroid should go
-    files: dict = field(default_factory=dict)
 
 
 def _dilate(m: np.ndarray, n: int) -> np.ndarray:
@@ -54,28 +52,45 @@ def _dilate(m: np.ndarray, n: int) -> np.ndarray:
     return dilate(m, n)
 
 
-def _scene(rng: np.random.Generator, flat: bool, n_other: int, size: int = 64) -> tuple[Scene, Shape]:
+def _scene(
+    rng: np.random.Generator, flat: bool, n_other: int, size: int = 64
+) -> tuple[Scene, Shape]:
     """A scene with one main object (kept clear of the frame edges) and n_other others."""
     from dragonctl.shapes.world import random_scene
 
     while True:
-        sc = random_scene(rng, size, n_shapes=(1 + n_other, 1 + n_other), shape_size=(12.0, 18.0), flat_background=flat)
+        sc = random_scene(
+            rng,
+            size,
+            n_shapes=(1 + n_other, 1 + n_other),
+            shape_size=(12.0, 18.0),
+            flat_background=flat,
+        )
         if len(sc.shapes) == 1 + n_other:
             return sc, sc.shapes[0]
 
 
 def _free(sc: Scene, cand: Shape, skip: int, margin: float = 3.0) -> bool:
     half = cand.size / 2
-    if not (half + 1 <= cand.cx <= sc.size - half - 1 and half + 1 <= cand.cy <= sc.size - half - 1):
+    if not (
+        half + 1 <= cand.cx <= sc.size - half - 1 and half + 1 <= cand.cy <= sc.size - half - 1
+    ):
         return False
-    return all(math.hypot(cand.cx - o.cx, cand.cy - o.cy) > (cand.size + o.size) / 2 + margin
-               for k, o in enumerate(sc.shapes) if k != skip)
+    return all(
+        math.hypot(cand.cx - o.cx, cand.cy - o.cy) > (cand.size + o.size) / 2 + margin
+        for k, o in enumerate(sc.shapes)
+        if k != skip
+    )
 
 
 def _box(mask: np.ndarray, margin: int, size: int) -> list[int]:
     ys, xs = np.nonzero(mask)
-    return [max(0, int(xs.min()) - margin), max(0, int(ys.min()) - margin),
-            min(size, int(xs.max()) + 1 + margin), min(size, int(ys.max()) + 1 + margin)]
+    return [
+        max(0, int(xs.min()) - margin),
+        max(0, int(ys.min()) - margin),
+        min(size, int(xs.max()) + 1 + margin),
+        min(size, int(ys.max()) + 1 + margin),
+    ]
 
 
 def make_cases(mode: str, n: int, seed: int = 1000) -> list[Case]:
@@ -91,78 +106,134 @@ def make_cases(mode: str, n: int, seed: int = 1000) -> list[Case]:
 
 
 def _make_case(mode: str, rng: np.random.Generator, user_style: bool, index: int) -> Case | None:
-    flat = user_style
-    sc, obj = _scene(rng, flat, n_other=int(rng.integers(0, 2)))
+    """One case; None when the drawn scene leaves no room for the edit (the caller draws again)."""
+    sc, obj = _scene(rng, user_style, n_other=int(rng.integers(0, 2)))
     src = render(sc)
-    old = src.masks[0]
     name = f"{mode}-{index:02d}"
-    mask_spec: object = {"box": _box(old, 2, sc.size)} if user_style else "mask"
+    mask_spec: object = {"box": _box(src.masks[0], 2, sc.size)} if user_style else "mask"
     if mode in ("move", "resize"):
-        for _ in range(40):
-            if mode == "move":
-                dx, dy = (float(v) for v in rng.integers(-20, 21, 2))
-                if math.hypot(dx, dy) < 8:
-                    continue
-                new = obj.moved(dx, dy)
-                spec = {"mode": "move", "mask": mask_spec, "offset": [dx, dy]}
-            else:
-                s = float(rng.choice([0.7, 0.8, 1.25, 1.4]))
-                new = obj.scaled(s)
-                spec = {"mode": "resize", "mask": mask_spec, "scale": s}
-            if _free(sc, new, 0):
-                break
-        else:
-            return None
-        truth_scene = sc.with_shape(0, new)
-        truth = render(truth_scene)
-        return Case(mode, name, spec, src.to_uint8(), truth.to_uint8(), old, truth.masks[0], obj.color,
-                    old | truth.masks[0])
+        return _move_case(mode, name, rng, sc, obj, src, mask_spec)
     if mode == "drag":
-        for _ in range(40):
-            dx, dy = (float(v) for v in rng.integers(-12, 13, 2))
-            if math.hypot(dx, dy) < 6:
+        return _drag_case(name, rng, sc, obj, src, user_style)
+    return _two_image_case(mode, name, rng, sc, obj, src, mask_spec, user_style)
+
+
+def _move_case(mode, name, rng, sc: Scene, obj: Shape, src, mask_spec) -> Case | None:
+    for _ in range(40):
+        if mode == "move":
+            dx, dy = (float(v) for v in rng.integers(-20, 21, 2))
+            if math.hypot(dx, dy) < 8:
                 continue
             new = obj.moved(dx, dy)
-            if _free(sc, new, 0):
-                break
+            spec = {"mode": "move", "mask": mask_spec, "offset": [dx, dy]}
         else:
-            return None
-        truth = render(sc.with_shape(0, new))
-        region = _dilate(old | truth.masks[0], 4)
-        hx, hy = src.centroids[0]
-        spec = {"mode": "drag", "points": [[[hx, hy], [hx + dx, hy + dy]]],
-                "mask": {"box": _box(region, 0, sc.size)} if user_style else "mask"}
-        return Case(mode, name, spec, src.to_uint8(), truth.to_uint8(), old, truth.masks[0], obj.color,
-                    region if not user_style else _box_mask(_box(region, 0, sc.size), sc.size),
-                    target_xy=(hx + dx, hy + dy))
-    # two-image modes: the reference holds one object of another colour
-    ref_sc, ref_obj = _scene(rng, flat=bool(rng.integers(0, 2)), n_other=0)
-    if min(np.linalg.norm(np.subtract(ref_obj.color, c)) for c in [obj.color]) < 0.5:
-        return None
-    ref = render(ref_sc)
-    ref_mask_spec: object = {"box": _box(ref.masks[0], 2, ref_sc.size)} if user_style else "ref_mask"
-    if mode == "appearance":
-        truth_scene = sc.with_shape(0, Shape(obj.kind, obj.cx, obj.cy, obj.size, ref_obj.color))
-        truth = render(truth_scene)
-        spec = {"mode": "appearance", "mask": mask_spec,
-                "reference": {"image": "reference", "mask": ref_mask_spec}}
-        return Case(mode, name, spec, src.to_uint8(), truth.to_uint8(), old, old, ref_obj.color, old,
-                    reference=ref.to_uint8(), reference_mask=ref.masks[0])
-    # paste: put the reference object somewhere free in the source
-    for _ in range(60):
-        s = float(rng.choice([0.8, 1.0, 1.2]))
-        cx, cy = (float(v) for v in rng.uniform(12, sc.size - 12, 2))
-        placed = Shape(ref_obj.kind, cx, cy, ref_obj.size * s, ref_obj.color)
-        if _free(Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,)), placed, len(sc.shapes)):
+            s = float(rng.choice([0.7, 0.8, 1.25, 1.4]))
+            new = obj.scaled(s)
+            spec = {"mode": "resize", "mask": mask_spec, "scale": s}
+        if _free(sc, new, 0):
             break
     else:
         return None
-    truth_scene = Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,))
-    truth = render(truth_scene)
+    truth = render(sc.with_shape(0, new))
+    old = src.masks[0]
+    return Case(
+        mode,
+        name,
+        spec,
+        src.to_uint8(),
+        truth.to_uint8(),
+        old_mask=old,
+        new_mask=truth.masks[0],
+        color=obj.color,
+        edit_region=old | truth.masks[0],
+    )
+
+
+def _drag_case(name, rng, sc: Scene, obj: Shape, src, user_style: bool) -> Case | None:
+    for _ in range(40):
+        dx, dy = (float(v) for v in rng.integers(-12, 13, 2))
+        if math.hypot(dx, dy) < 6:
+            continue
+        new = obj.moved(dx, dy)
+        if _free(sc, new, 0):
+            break
+    else:
+        return None
+    truth = render(sc.with_shape(0, new))
+    old = src.masks[0]
+    region = _dilate(old | truth.masks[0], 4)
+    box = _box(region, 0, sc.size)
+    hx, hy = src.centroids[0]
+    spec = {
+        "mode": "drag",
+        "points": [[[hx, hy], [hx + dx, hy + dy]]],
+        "mask": {"box": box} if user_style else "mask",
+    }
+    return Case(
+        "drag",
+        name,
+        spec,
+        src.to_uint8(),
+        truth.to_uint8(),
+        old_mask=old,
+        new_mask=truth.masks[0],
+        color=obj.color,
+        edit_region=_box_mask(box, sc.size) if user_style else region,
+    )
+
+
+def _two_image_case(
+    mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, user_style: bool
+) -> Case | None:
+    """Appearance and paste: the reference holds one object of another colour."""
+    ref_sc, ref_obj = _scene(rng, flat=bool(rng.integers(0, 2)), n_other=0)
+    if np.linalg.norm(np.subtract(ref_obj.color, obj.color)) < 0.5:
+        return None
+    ref = render(ref_sc)
+    ref_mask: object = {"box": _box(ref.masks[0], 2, ref_sc.size)} if user_style else "ref_mask"
+    reference = {"image": "reference", "mask": ref_mask}
+    old = src.masks[0]
+    if mode == "appearance":
+        truth = render(sc.with_shape(0, Shape(obj.kind, obj.cx, obj.cy, obj.size, ref_obj.color)))
+        spec = {"mode": "appearance", "mask": mask_spec, "reference": reference}
+        return Case(
+            mode,
+            name,
+            spec,
+            src.to_uint8(),
+            truth.to_uint8(),
+            old_mask=old,
+            new_mask=old,
+            color=ref_obj.color,
+            edit_region=old,
+            reference=ref.to_uint8(),
+            reference_mask=ref.masks[0],
+        )
+    for _ in range(60):  # paste: put the reference object somewhere free in the source
+        s = float(rng.choice([0.8, 1.0, 1.2]))
+        cx, cy = (float(v) for v in rng.uniform(12, sc.size - 12, 2))
+        placed = Shape(ref_obj.kind, cx, cy, ref_obj.size * s, ref_obj.color)
+        with_placed = Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,))
+        if _free(with_placed, placed, len(sc.shapes)):
+            break
+    else:
+        return None
+    truth = render(with_placed)
     new = truth.masks[-1]
-    spec = {"mode": "paste", "reference": {"image": "reference", "mask": ref_mask_spec}, "at": [cx, cy], "scale": s}
-    return Case(mode, name, spec, src.to_uint8(), truth.to_uint8(), np.zeros_like(new), new, ref_obj.color, new,
-                reference=ref.to_uint8(), reference_mask=ref.masks[0])
+    spec = {"mode": "paste", "reference": reference, "at": [cx, cy], "scale": s}
+    return Case(
+        mode,
+        name,
+        spec,
+        src.to_uint8(),
+        truth.to_uint8(),
+        old_mask=np.zeros_like(new),
+        new_mask=new,
+        color=ref_obj.color,
+        edit_region=new,
+        reference=ref.to_uint8(),
+        reference_mask=ref.masks[0],
+    )
 
 
 def _box_mask(box: list[int], size: int) -> np.ndarray:
@@ -175,10 +246,17 @@ def write_case(case: Case, folder: Path, model: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     Image.fromarray(case.source).save(folder / f"{case.name}.png")
     Image.fromarray(case.old_mask.astype(np.uint8) * 255).save(folder / f"{case.name}_mask.png")
-    spec = {"version": 1, "image": f"{case.name}.png", **json.loads(json.dumps(case.spec)), "model": model,
-            "output": f"out/{case.name}.png"}
+    spec = {
+        "version": 1,
+        "image": f"{case.name}.png",
+        **json.loads(json.dumps(case.spec)),
+        "model": model,
+        "output": f"out/{case.name}.png",
+    }
     if case.mode == "drag" and spec.get("mask") == "mask":
-        Image.fromarray(case.edit_region.astype(np.uint8) * 255).save(folder / f"{case.name}_region.png")
+        Image.fromarray(case.edit_region.astype(np.uint8) * 255).save(
+            folder / f"{case.name}_region.png"
+        )
         spec["mask"] = f"{case.name}_region.png"
     elif spec.get("mask") == "mask":
         spec["mask"] = f"{case.name}_mask.png"
@@ -186,17 +264,21 @@ def write_case(case: Case, folder: Path, model: str) -> Path:
         Image.fromarray(case.reference).save(folder / f"{case.name}_ref.png")
         spec["reference"]["image"] = f"{case.name}_ref.png"
         if spec["reference"]["mask"] == "ref_mask":
-            Image.fromarray(case.reference_mask.astype(np.uint8) * 255).save(folder / f"{case.name}_refmask.png")
+            Image.fromarray(case.reference_mask.astype(np.uint8) * 255).save(
+                folder / f"{case.name}_refmask.png"
+            )
             spec["reference"]["mask"] = f"{case.name}_refmask.png"
     path = folder / f"{case.name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
-# --- metrics ---------------------------------------------------------------------------------------
+# --- metrics -----------------------------------------------------------------------------------
 
 
-def color_mask(img: np.ndarray, color: tuple[float, float, float], tol: float = COLOR_TOL) -> np.ndarray:
+def color_mask(
+    img: np.ndarray, color: tuple[float, float, float], tol: float = COLOR_TOL
+) -> np.ndarray:
     d = np.linalg.norm(img.astype(np.float32) / 255 - np.asarray(color, dtype=np.float32), axis=-1)
     return d < tol
 
@@ -234,7 +316,8 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
         vacated = case.old_mask & ~case.new_mask
         present = cm & ~vacated
         out["centroid_error"] = _centroid_error(present, case.new_mask)
-        # a resized object is judged whole: an object that failed to shrink must not pass by its core
+        # a resized object is judged whole: an object that failed to shrink must not pass by its
+        # core
         whole = cm if case.mode == "resize" else present
         out["iou"] = iou(whole, case.new_mask)
         out["residue"] = float(cm[vacated].mean()) if vacated.any() else 0.0
@@ -248,32 +331,42 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
     return out
 
 
-
 # --- running -------------------------------------------------------------------------------------
 
 
-def reconstruct(editor, image: np.ndarray, steps: int, refine: int = 0, resolution: int = 64,
-                image_bytes: bytes | None = None, prompt: str = "") -> np.ndarray:
-    """The no-guidance baseline: DDIM inversion of the source and plain DDIM back from its noise.
+def reconstruct(
+    editor,
+    image: np.ndarray,
+    steps: int,
+    refine: int = 0,
+    resolution: int = 64,
+    image_bytes: bytes | None = None,
+    prompt: str = "",
+) -> np.ndarray:
+    """The no-guidance baseline: DDIM inversion of the source and plain DDIM back from its noise,
+    through the sampler's own loop (no bank, no guidance).
 
-    Given the source file's bytes and the edit's prompt, the edit's own inversion is reused (no second pass).
+    Given the source file's bytes and the edit's prompt, the edit's own inversion is reused.
     """
     import torch
 
+    from dragonctl.attention import BankState
     from dragonctl.engine import to_uint8
-    from dragonctl.schedules import Schedule, ddim_step, to_eps
+    from dragonctl.sampler import Prompts, UNetCalls
+    from dragonctl.sampler import reconstruct as plain_ddim
+    from dragonctl.schedules import Schedule
 
     b = editor.bundle
     frame = editor.frame_for(image, resolution)
     schedule = Schedule.from_config(b.scheduler_config, steps)
     work = frame.image_to_work(image)
     traj = editor.trajectory(work, image_bytes or work.tobytes(), prompt, schedule, refine=refine)
-    ctx = b.encode_prompt([prompt])
-    z = traj[-1]
     with torch.no_grad():
-        for i, t in enumerate(schedule.timesteps):
-            out = b.unet(z.to(b.dtype), t, encoder_hidden_states=ctx).sample.float()
-            z = ddim_step(z, to_eps(out, z, schedule.alpha[i], b.prediction_type), schedule.alpha[i], schedule.alpha_prev[i])
+        ctx = b.encode_prompt([prompt])
+        calls = UNetCalls(
+            editor.forward, editor.features, b.dtype, b.prediction_type, schedule, b.device
+        )
+        z = plain_ddim(calls, traj, Prompts.build([ctx], ctx, cfg=False), BankState())
         return frame.image_to_source(to_uint8(b.decode_latent(z)))
 
 
@@ -282,12 +375,23 @@ def _median(values: list[float]) -> float:
     return float(np.median(v)) if v else float("nan")
 
 
-def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: str = "shapes", seed: int = 1000,
-        overrides: dict | None = None, log=print, spec_overrides: dict | None = None) -> dict:
-    """Run the benchmark; writes specs, results, contact sheets and `quality.json` under out_dir."""
+def run(
+    out_dir: Path,
+    modes: tuple[str, ...] = MODES,
+    cases: int = 6,
+    model: str = "shapes",
+    seed: int = 1000,
+    overrides: dict | None = None,
+    log=print,
+    spec_overrides: dict | None = None,
+) -> dict:
+    """Run the benchmark; writes specs, results, contact sheets and `quality.json` under out_dir.
+
+    Args:
+        overrides: guidance settings for every case; spec_overrides: top-level spec fields.
+    """
     from dragonctl import api
     from dragonctl.files import atomic_write
-    from dragonctl.outputs import side_by_side
 
     out_dir.mkdir(parents=True, exist_ok=True)
     opts = api.EditOptions(no_cache=True, metadata=False)
@@ -295,52 +399,91 @@ def run(out_dir: Path, modes: tuple[str, ...] = MODES, cases: int = 6, model: st
     session.editor(model)  # a model that does not load fails the run here, not once per case
     summary: dict = {"model": model, "cases_per_mode": cases, "seed": seed, "modes": {}}
     for mode in modes:
-        mcases = make_cases(mode, cases, seed)
-        folder = out_dir / mode
         rows, per_case = [], []
-        for case in mcases:
-            path = write_case(case, folder, model)
-            if overrides or spec_overrides:
-                data = yaml.safe_load(path.read_text())
-                data.update(spec_overrides or {})
-                if overrides:
-                    data.setdefault("guidance", {}).update(overrides)
-                path.write_text(yaml.safe_dump(data, sort_keys=False))
-            ls, inp = api.load(path)
-            t0 = time.perf_counter()
-            rep = api.edit_one(session, ls, inp, api.output_path(ls, None, None), opts, None)
-            seconds = time.perf_counter() - t0
-            if not rep.ok:
-                per_case.append({"case": case.name, "ok": False, "errors": rep.errors})
-                log(f"{case.name}: FAILED {rep.errors}")
-                continue
-            result = np.asarray(Image.open(rep.output).convert("RGB"))
-            base = reconstruct(session.editor(ls.spec.model), case.source, ls.spec.steps, ls.spec.inversion_refine,
-                               ls.spec.resolution, inp.source_bytes, ls.spec.prompt)
-            m, b = score(case, result), score(case, base)
-            per_case.append({"case": case.name, "ok": True, "seconds": round(seconds, 3), "metrics": m, "baseline": b})
-            log(f"{case.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) + f" ({seconds:.1f} s)")
-            overlay = api.preview_image(ls, inp)[:, : case.source.shape[1]]
-            rows.append(side_by_side(case.source, overlay, result, case.truth, base))
+        for case in make_cases(mode, cases, seed):
+            path = write_case(case, out_dir / mode, model)
+            _override(path, overrides, spec_overrides)
+            record, row = run_case(session, opts, case, path, log)
+            per_case.append(record)
+            if row is not None:
+                rows.append(row)
         if rows:
-            sheet = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows])
-            Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.Resampling.NEAREST).save(
-                out_dir / f"sheet_{mode}.png")
-        done = [c for c in per_case if c["ok"]]
-        keys = sorted({k for c in done for k in c["metrics"]})
-        summary["modes"][mode] = {
-            "cases": len(per_case), "completed": len(done),
-            "median": {k: _median([c["metrics"][k] for c in done]) for k in keys},
-            "baseline_median": {k: _median([c["baseline"][k] for c in done]) for k in keys},
-            "seconds_per_edit": _median([c["seconds"] for c in done]),
-            "per_case": per_case,
-        }
+            sheet = np.concatenate(
+                [np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows]
+            )
+            Image.fromarray(sheet).resize(
+                (sheet.shape[1] * 3, sheet.shape[0] * 3), Image.Resampling.NEAREST
+            ).save(out_dir / f"sheet_{mode}.png")
+        summary["modes"][mode] = _mode_summary(per_case)
     atomic_write(out_dir / "quality.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
+def _override(path: Path, guidance: dict | None, fields: dict | None) -> None:
+    if not (guidance or fields):
+        return
+    data = yaml.safe_load(path.read_text())
+    data.update(fields or {})
+    if guidance:
+        data.setdefault("guidance", {}).update(guidance)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def run_case(session, opts, case: Case, path: Path, log) -> tuple[dict, np.ndarray | None]:
+    """Edit one case through the public API and score it and its baseline; returns its record
+    and its contact-sheet row (None when the edit failed)."""
+    from dragonctl import api
+    from dragonctl.preview import side_by_side
+
+    ls, inp = api.load(path)
+    t0 = time.perf_counter()
+    rep = api.edit_one(session, ls, inp, api.output_path(ls, None, None), opts, None)
+    seconds = time.perf_counter() - t0
+    if not rep.ok:
+        log(f"{case.name}: FAILED {rep.errors}")
+        return {"case": case.name, "ok": False, "errors": rep.errors}, None
+    result = np.asarray(Image.open(rep.output).convert("RGB"))
+    s = ls.spec
+    base = reconstruct(
+        session.editor(s.model),
+        case.source,
+        s.steps,
+        s.inversion_refine,
+        s.resolution,
+        inp.source_bytes,
+        s.prompt,
+    )
+    m, b = score(case, result), score(case, base)
+    log(f"{case.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) + f" ({seconds:.1f} s)")
+    overlay = api.preview_image(ls, inp)[:, : case.source.shape[1]]
+    record = {
+        "case": case.name,
+        "ok": True,
+        "seconds": round(seconds, 3),
+        "metrics": m,
+        "baseline": b,
+    }
+    return record, side_by_side(case.source, overlay, result, case.truth, base)
+
+
+def _mode_summary(per_case: list[dict]) -> dict:
+    done = [c for c in per_case if c["ok"]]
+    keys = sorted({k for c in done for k in c["metrics"]})
+    return {
+        "cases": len(per_case),
+        "completed": len(done),
+        "median": {k: _median([c["metrics"][k] for c in done]) for k in keys},
+        "baseline_median": {k: _median([c["baseline"][k] for c in done]) for k in keys},
+        "seconds_per_edit": _median([c["seconds"] for c in done]),
+        "per_case": per_case,
+    }
+
+
 def table(summary: dict) -> str:
-    lines = ["| mode | done | metric | result (median) | no-guidance baseline |", "|---|---|---|---|---|"]
+    lines = [
+        "| mode | done | metric | result (median) | no-guidance baseline |",
+        "|---|---|---|---|---|",
+    ]
     for mode, m in summary["modes"].items():
         done = f"{m['completed']}/{m['cases']}"
         for j, (k, v) in enumerate(m["median"].items()):

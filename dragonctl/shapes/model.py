@@ -1,9 +1,9 @@
 """The small "shapes" diffusion model: architecture, lossless latent codec and null prompt.
 
 The UNet is a plain diffusers `UNet2DConditionModel` with Stable Diffusion's decoder order (a plain
-first up block, cross-attention up blocks after it), so the engine treats it exactly like SD: decoder
-self-attention in up_blocks 1 and 2 forms the memory bank, and their outputs are the feature stages.
-The latent is a lossless pixel-unshuffle (3×64×64 → 48×16×16), so there is no VAE to train.
+first up block, cross-attention up blocks after it), so the engine treats it exactly like SD:
+decoder self-attention in up_blocks 1 and 2 forms the memory bank, and their outputs are the feature
+stages. The latent is a lossless pixel-unshuffle (3×64×64 → 48×16×16), so there is no VAE to train.
 Prompts do not exist in this world: a learned constant "null prompt" keeps the cross-attention path
 exercised, and every prompt maps to it.
 """
@@ -31,14 +31,18 @@ def unet_config() -> dict:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=CONTEXT_DIM,
-        attention_head_dim=(2, 4, 6),  # diffusers' legacy name: these are head counts (24 channels per head)
+        attention_head_dim=(
+            2,
+            4,
+            6,
+        ),  # diffusers' legacy name: these are head counts (24 channels per head)
         norm_num_groups=16,
     )
 
 
 def scheduler_config() -> dict:
-    # SD's noise schedule; v-prediction, because epsilon prediction on this latent failed to learn
-    # the high-noise end (see design/shapes-model-notes.md).
+    # SD's noise schedule; v-prediction: epsilon prediction on this latent failed to learn the
+    # high-noise end
     return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -1,10 +1,10 @@
 """Train the shapes model: `python -m dragonctl.shapes.train --minutes 8`.
 
-Reproducible from `--seed`: step k's batch and noise come from generators seeded with (seed, k), so a
-run resumed from a checkpoint sees the same data as one that never stopped. Full training state
+Reproducible from `--seed`: step k's batch and noise come from generators seeded with (seed, k), so
+a run resumed from a checkpoint sees the same data as one that never stopped. Full training state
 (fp32 weights, EMA, optimiser) goes to `--checkpoint-dir` (kept out of git); the fp16 EMA weights
-that ship with the package are exported to `--export-dir` at every save. When no checkpoint exists but
-exported weights do, training resumes from those (with a fresh optimiser) so work carries across
+that ship with the package are exported to `--export-dir` at every save. When no checkpoint exists
+but exported weights do, training resumes from those (with a fresh optimiser) so work carries across
 machines that only share the git repository.
 """
 
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads starve other jobs
+os.environ.setdefault(
+    "OMP_WAIT_POLICY", "PASSIVE"
+)  # before torch: spinning OpenMP threads starve other jobs
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -42,7 +44,9 @@ def build(device: torch.device):
 
     unet = UNet2DConditionModel(**shapes_model.unet_config()).to(device)
     null = shapes_model.NullPrompt().to(device)
-    sched = DDPMScheduler(**{k: v for k, v in shapes_model.scheduler_config().items() if k != "set_alpha_to_one"})
+    sched = DDPMScheduler(
+        **{k: v for k, v in shapes_model.scheduler_config().items() if k != "set_alpha_to_one"}
+    )
     return unet, null, sched
 
 
@@ -58,7 +62,10 @@ def export(unet, null, out: Path, meta: dict) -> None:
     half = copy.deepcopy(unet).to("cpu", torch.float16)
     half.save_pretrained(tmp / "unet", safe_serialization=True)
     DDIMScheduler(**shapes_model.scheduler_config()).save_pretrained(tmp / "scheduler")
-    save_file({"embedding": null.embedding.detach().to("cpu", torch.float16).contiguous()}, tmp / "null_prompt.safetensors")
+    save_file(
+        {"embedding": null.embedding.detach().to("cpu", torch.float16).contiguous()},
+        tmp / "null_prompt.safetensors",
+    )
     (tmp / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     for p in sorted(tmp.rglob("*")):
         if p.is_file():
@@ -79,38 +86,63 @@ def learning_rate(step: int, args: argparse.Namespace, optimiser_start: int = 0)
     return args.lr * scale
 
 
-def plan_end(args: argparse.Namespace, run_start: int, step: int, steps_per_s: float, seconds_left: float) -> None:
-    """Fix a timed run's last step from its measured speed, and its cool-down as a share of the run."""
+def plan_end(
+    args: argparse.Namespace, run_start: int, step: int, steps_per_s: float, seconds_left: float
+) -> None:
+    """Fix a timed run's last step from its measured speed, and its cool-down as a share of it."""
     end = min(args.steps, step + max(1, int(steps_per_s * seconds_left * 0.95)))
     args.cooldown = max(1, int(args.cooldown_share * (end - run_start)))
     args.steps = end
-    print(f"{steps_per_s:.1f} steps/s: ending at step {end}, cooling down over the last {args.cooldown}", flush=True)
+    print(
+        f"{steps_per_s:.1f} steps/s: ending at step {end}, "
+        f"cooling down over the last {args.cooldown}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dragonctl.shapes.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m dragonctl.shapes.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--steps", type=int, default=20000, help="total optimiser steps to reach")
-    ap.add_argument("--minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    ap.add_argument(
+        "--minutes", type=float, default=None, help="stop (and save) after this many minutes"
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=200)
-    ap.add_argument("--cooldown", type=int, default=0,
-                    help="decay the learning rate linearly to 10%% over the last N steps before --steps")
-    ap.add_argument("--cooldown-share", type=float, default=0.0,
-                    help="with --minutes: end at the step the measured speed reaches in that time, cooling down "
-                         "over this share of the run's steps (a timed chunk, e.g. on a lent GPU)")
+    ap.add_argument(
+        "--cooldown",
+        type=int,
+        default=0,
+        help="decay the learning rate linearly to 10%% over the last N steps before --steps",
+    )
+    ap.add_argument(
+        "--cooldown-share",
+        type=float,
+        default=0.0,
+        help="with --minutes: end at the step the measured speed reaches in that time, "
+        "cooling down "
+        "over this share of the run's steps (a timed chunk, e.g. on a lent GPU)",
+    )
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--workers", type=int, default=0, help="data-generating processes (0: in-process)")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="data-generating processes (0: in-process)"
+    )
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints/shapes"))
     ap.add_argument("--export-dir", type=Path, default=shapes_model.WEIGHTS_DIR)
     args = ap.parse_args(argv)
     # Background jobs ignore SIGINT, so SIGTERM also means "save and stop".
-    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, signal.default_int_handler)
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         return train(args)
     finally:
@@ -118,21 +150,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
-def train(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # one batch shape throughout: pick the fastest kernels once
-    unet, null, sched = build(device)
-    ema_unet, ema_null = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(null).requires_grad_(False)
-    params = list(unet.parameters()) + list(null.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    step = 0
-    optimiser_start = 0
-    history: list[dict] = []
-
-    state_path = args.checkpoint_dir / "state.pt"
+def resume(
+    args: argparse.Namespace,
+    state_path: Path,
+    device: torch.device,
+    unet,
+    null,
+    ema_unet,
+    ema_null,
+    opt,
+) -> tuple[int, int, list[dict]]:
+    """Load the full training state, or else exported weights (a fresh machine), the package's if
+    none are there yet. Returns (step, the step a fresh optimiser started at, loss history)."""
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         unet.load_state_dict(state["unet"])
@@ -140,85 +169,159 @@ def train(args: argparse.Namespace) -> int:
         ema_unet.load_state_dict(state["ema_unet"])
         ema_null.load_state_dict(state["ema_null"])
         opt.load_state_dict(state["opt"])
-        step = int(state["step"])
-        history = json.loads(state["history"])
-        print(f"resumed from {state_path} at step {step}", flush=True)
-    elif init_dir := next((d for d in (args.export_dir, shapes_model.WEIGHTS_DIR)
-                           if (d / "unet" / "diffusion_pytorch_model.safetensors").exists()), None):
-        # no checkpoint (a fresh machine): start from exported weights, the package's if none are there yet
-        w = load_file(init_dir / "unet" / "diffusion_pytorch_model.safetensors")
-        unet.load_state_dict({k: v.float() for k, v in w.items()})
-        null.embedding.data.copy_(load_file(init_dir / "null_prompt.safetensors")["embedding"].float())
-        ema_unet.load_state_dict(unet.state_dict())
-        ema_null.load_state_dict(null.state_dict())
-        meta = json.loads((init_dir / "training.json").read_text())
-        step, history = int(meta["step"]), meta.get("history", [])
-        optimiser_start = step
-        print(f"resumed from the fp16 weights in {init_dir} at step {step} (fresh optimiser)", flush=True)
+        print(f"resumed from {state_path} at step {int(state['step'])}", flush=True)
+        return int(state["step"]), 0, json.loads(state["history"])
+    weights = Path("unet") / "diffusion_pytorch_model.safetensors"
+    init_dir = next(
+        (d for d in (args.export_dir, shapes_model.WEIGHTS_DIR) if (d / weights).exists()), None
+    )
+    if init_dir is None:
+        return 0, 0, []
+    w = load_file(init_dir / weights)
+    unet.load_state_dict({k: v.float() for k, v in w.items()})
+    null.embedding.data.copy_(load_file(init_dir / "null_prompt.safetensors")["embedding"].float())
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_null.load_state_dict(null.state_dict())
+    meta = json.loads((init_dir / "training.json").read_text())
+    step = int(meta["step"])
+    print(
+        f"resumed from the fp16 weights in {init_dir} at step {step} (fresh optimiser)", flush=True
+    )
+    return step, step, meta.get("history", [])
 
-    n_params = sum(p.numel() for p in unet.parameters())
-    print(f"shapes model: {n_params / 1e6:.2f} M parameters, device {device}, batch {args.batch}", flush=True)
-    alphas = sched.alphas_cumprod.to(device)
-    t_start = time.time()
+
+def train_step(
+    x0: torch.Tensor,
+    step: int,
+    seed: int,
+    models: tuple,
+    alphas: torch.Tensor,
+    opt,
+    params: list,
+    autocast,
+) -> torch.Tensor:
+    """One v-prediction step on a batch of images; its noise comes from (seed, step)."""
+    unet, null = models
+    device = x0.device
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    t = torch.randint(0, len(alphas), (x0.shape[0],), generator=g).to(device)
+    z0 = torch.nn.functional.pixel_unshuffle(x0, shapes_model.LATENT_FACTOR)
+    noise = torch.nn.functional.pixel_unshuffle(noise, shapes_model.LATENT_FACTOR)
+    a = alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * z0
+    with autocast:
+        pred = unet(zt, t, null(x0.shape[0])).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), v)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss
+
+
+def save_checkpoint(
+    args: argparse.Namespace, state_path: Path, step: int, history: list[dict], models: dict, opt
+) -> None:
+    """The full training state (atomically), then the fp16 EMA export."""
+    args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_name(".state.pt.tmp")
+    state = {name: m.state_dict() for name, m in models.items()}
+    state.update(opt=opt.state_dict(), step=step, history=json.dumps(history))
+    torch.save(state, tmp)
+    os.replace(tmp, state_path)
+    meta = {"step": step, "seed": args.seed, "batch": args.batch, "lr": args.lr, "history": history}
+    export(models["ema_unet"], models["ema_null"], args.export_dir, meta)
+
+
+@torch.no_grad()
+def update_ema(ema_unet, ema_null, params: list, decay: float) -> None:
+    for e, p in zip(list(ema_unet.parameters()) + list(ema_null.parameters()), params):
+        e.lerp_(p, 1 - decay)
+
+
+def batch_stream(args: argparse.Namespace, step: int):
+    """(worker pool or None, the batches from `step` on): step k's batch comes from (seed, k)."""
     pool = get_context("spawn").Pool(args.workers) if args.workers else None
     jobs = ((args.seed, s, args.batch) for s in range(step, args.steps))
-    batches = pool.imap(make_batch, jobs, chunksize=4) if pool else map(make_batch, jobs)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return pool, (pool.imap(make_batch, jobs, chunksize=4) if pool else map(make_batch, jobs))
+
+
+def _timed_chunk(
+    args: argparse.Namespace, run_start: int, step: int, timed_from: float | None, t_start: float
+) -> float | None:
+    """A timed chunk measures its speed over steps 50–100 of the run, then fixes its end."""
+    if args.minutes is not None and args.cooldown_share > 0 and step - run_start == 50:
+        return time.time()
+    if timed_from is not None and step - run_start == 100:
+        seconds_left = args.minutes * 60 - (time.time() - t_start)
+        plan_end(args, run_start, step, 50 / (time.time() - timed_from), seconds_left)
+    return timed_from
+
+
+def train(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    # one batch shape throughout: pick the fastest kernels once
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    unet, null, sched = build(device)
+    ema_unet, ema_null = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(null).requires_grad_(False),
+    )
+    params = list(unet.parameters()) + list(null.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    state_path = args.checkpoint_dir / "state.pt"
+    step, optimiser_start, history = resume(
+        args, state_path, device, unet, null, ema_unet, ema_null, opt
+    )
+
+    n_params = sum(p.numel() for p in unet.parameters())
+    print(
+        f"shapes model: {n_params / 1e6:.2f} M parameters, device {device}, batch {args.batch}",
+        flush=True,
+    )
+    alphas = sched.alphas_cumprod.to(device)
+    t_start = time.time()
+    pool, batches = batch_stream(args, step)
+    # bf16 on a GPU; fp32 on the CPU
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     running = None
     run_start, timed_from = step, None
     waited, ready = 0.0, time.time()  # time spent waiting for batches: is the run data-bound?
 
     def save() -> None:
-        meta = {"step": step, "seed": args.seed, "batch": args.batch, "lr": args.lr, "history": history}
-        args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_name(".state.pt.tmp")
-        torch.save({"unet": unet.state_dict(), "null": null.state_dict(), "ema_unet": ema_unet.state_dict(),
-                    "ema_null": ema_null.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "history": json.dumps(history)}, tmp)
-        os.replace(tmp, state_path)
-        export(ema_unet, ema_null, args.export_dir, meta)
+        models = {"unet": unet, "null": null, "ema_unet": ema_unet, "ema_null": ema_null}
+        save_checkpoint(args, state_path, step, history, models, opt)
 
     try:
         for x_np in batches:
             waited += time.time() - ready
-            x0 = torch.from_numpy(x_np).to(device)
-            g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(device)
-            z0 = torch.nn.functional.pixel_unshuffle(x0, shapes_model.LATENT_FACTOR)
-            noise = torch.nn.functional.pixel_unshuffle(noise, shapes_model.LATENT_FACTOR)
-            a = alphas[t].view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            v = a.sqrt() * noise - (1 - a).sqrt() * z0
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, args, optimiser_start)
-            with autocast:
-                pred = unet(zt, t, null(x0.shape[0])).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), v)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            with torch.no_grad():
-                decay = min(args.ema, (1 + step) / (10 + step))
-                for e, p in zip(list(ema_unet.parameters()) + list(ema_null.parameters()), params):
-                    e.lerp_(p, 1 - decay)
+            x0 = torch.from_numpy(x_np).to(device)
+            loss = train_step(x0, step, args.seed, (unet, null), alphas, opt, params, autocast)
+            update_ema(ema_unet, ema_null, params, min(args.ema, (1 + step) / (10 + step)))
             step += 1
-            if args.minutes is not None and args.cooldown_share > 0 and step - run_start == 50:
-                timed_from = time.time()
-            if timed_from is not None and step - run_start == 100:
-                plan_end(args, run_start, step, 50 / (time.time() - timed_from), args.minutes * 60 - (time.time() - t_start))
+            timed_from = _timed_chunk(args, run_start, step, timed_from, t_start)
             running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
             if step % 25 == 0:
                 el = time.time() - t_start
-                print(f"step {step}/{args.steps} loss {running:.4f} {el / 60:.1f} min, "
-                      f"{100 * waited / el:.0f} % waiting for data", flush=True)
+                print(
+                    f"step {step}/{args.steps} loss {running:.4f} {el / 60:.1f} min, "
+                    f"{100 * waited / el:.0f} % waiting for data",
+                    flush=True,
+                )
             if step % 100 == 0:
                 history.append({"step": step, "loss": round(running, 5)})
             if step % args.save_every == 0:
                 save()
             ready = time.time()
-            if step >= args.steps or (args.minutes is not None and time.time() - t_start > args.minutes * 60):
+            if step >= args.steps or (
+                args.minutes is not None and time.time() - t_start > args.minutes * 60
+            ):
                 break
     except KeyboardInterrupt:
         print("interrupted: saving", flush=True)

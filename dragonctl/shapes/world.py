@@ -1,4 +1,5 @@
-"""The synthetic "shapes" world: flat-coloured shapes on smooth backgrounds, with exact ground truth.
+"""The synthetic "shapes" world: flat-coloured shapes on smooth backgrounds, with exact ground
+truth.
 
 A `Scene` is a plain description (background corner colours and texture, a list of `Shape`s);
 `render` turns it into an image plus one exact mask per object. Edits for the quality benchmark
@@ -102,7 +103,9 @@ def render(scene: Scene) -> Rendered:
     centroids = []
     for m in visible:
         ys, xs = np.nonzero(m)
-        centroids.append((float(xs.mean() + 0.5), float(ys.mean() + 0.5)) if len(xs) else (math.nan, math.nan))
+        centroids.append(
+            (float(xs.mean() + 0.5), float(ys.mean() + 0.5)) if len(xs) else (math.nan, math.nan)
+        )
     return Rendered(img, visible, centroids, [s.color for s in scene.shapes])
 
 
@@ -132,8 +135,12 @@ def random_scene(
         texture = (0.0, 0.0, 0.0, 0.0)
     else:
         corners = [np.clip(base + rng.normal(0, 0.18, 3), 0, 1) for _ in range(4)]
-        texture = (float(rng.uniform(0.0, 0.04)), float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.5, 2.0)),
-                   float(rng.uniform(0, 2 * math.pi)))
+        texture = (
+            float(rng.uniform(0.0, 0.04)),
+            float(rng.uniform(0.5, 2.0)),
+            float(rng.uniform(0.5, 2.0)),
+            float(rng.uniform(0, 2 * math.pi)),
+        )
     avoid = [np.asarray(c, dtype=np.float32) for c in corners]
     shapes: list[Shape] = []
     n = int(rng.integers(n_shapes[0], n_shapes[1] + 1))

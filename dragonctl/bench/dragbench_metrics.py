@@ -1,9 +1,10 @@
 """DragBench's protocol metrics: Mean Distance (DIFT correspondence) and Image Fidelity (1 - LPIPS).
 
-- Mean Distance: DIFT features (a diffusion UNet's up_blocks[1] output on the noised image at t = 261,
-  averaged over an ensemble of noise draws) of the source and of the edited image; each handle's source
-  feature is matched (cosine nearest neighbour) in the edited image, and the distance from the match to
-  the target point is averaged over all pairs. DragDiffusion's protocol uses SD 2.1 for DIFT.
+- Mean Distance: DIFT features (a diffusion UNet's up_blocks[1] output on the noised image at
+  t = 261, averaged over an ensemble of noise draws) of the source and of the edited image; each
+  handle's source feature is matched (cosine nearest neighbour) in the edited image, and the
+  distance from the match to the target point is averaged over all pairs. DragDiffusion's protocol
+  uses SD 2.1 for DIFT.
 - Image Fidelity: 1 - LPIPS(source, edited) with LPIPS over AlexNet features at 224 px.
 
 Both need weights that are not bundled (SD 2.1; AlexNet + LPIPS heads): pass them in, and the
@@ -26,8 +27,14 @@ DIFT_ENSEMBLE = 8
 
 
 @torch.no_grad()
-def dift_features(bundle, image: np.ndarray, prompt: str = "", t: int = DIFT_T, ensemble: int = DIFT_ENSEMBLE,
-                  seed: int = 0) -> torch.Tensor:
+def dift_features(
+    bundle,
+    image: np.ndarray,
+    prompt: str = "",
+    t: int = DIFT_T,
+    ensemble: int = DIFT_ENSEMBLE,
+    seed: int = 0,
+) -> torch.Tensor:
     """C×h×w DIFT features of an RGB uint8 image (already at the model's working size)."""
     from diffusers import DDPMScheduler
 
@@ -44,9 +51,15 @@ def dift_features(bundle, image: np.ndarray, prompt: str = "", t: int = DIFT_T, 
     return feats.float().mean(dim=0)
 
 
-def match_distance(src: torch.Tensor, edited: torch.Tensor, handles: list[tuple[float, float]],
-                   targets: list[tuple[float, float]], image_hw: tuple[int, int]) -> float:
-    """Mean distance (image pixels) between each target and the best match of its handle's source feature."""
+def match_distance(
+    src: torch.Tensor,
+    edited: torch.Tensor,
+    handles: list[tuple[float, float]],
+    targets: list[tuple[float, float]],
+    image_hw: tuple[int, int],
+) -> float:
+    """Mean distance (image pixels) between each target and the best match of its handle's source
+    feature."""
     c, h, w = src.shape
     H, W = image_hw
     up = lambda f: F.interpolate(f[None], size=(H, W), mode="bilinear", align_corners=False)[0]  # noqa: E731
@@ -66,10 +79,15 @@ class AlexNetFeatures(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.convs = nn.ModuleList([
-            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.Conv2d(64, 192, 5, padding=2),
-            nn.Conv2d(192, 384, 3, padding=1), nn.Conv2d(384, 256, 3, padding=1), nn.Conv2d(256, 256, 3, padding=1),
-        ])
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(3, 64, 11, stride=4, padding=2),
+                nn.Conv2d(64, 192, 5, padding=2),
+                nn.Conv2d(192, 384, 3, padding=1),
+                nn.Conv2d(384, 256, 3, padding=1),
+                nn.Conv2d(256, 256, 3, padding=1),
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = []
@@ -82,7 +100,8 @@ class AlexNetFeatures(nn.Module):
 
 
 class LPIPS(nn.Module):
-    """Learned perceptual distance: unit-normalised AlexNet activations, weighted by 1×1 heads, averaged."""
+    """Learned perceptual distance: unit-normalised AlexNet activations, weighted by 1×1 heads,
+    averaged."""
 
     CHANNELS = (64, 192, 384, 256, 256)
     SHIFT = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)

@@ -1,8 +1,9 @@
-"""DragBench: import its samples as drag specs, and run them as a batch benchmark.
+"""DragBench: import its samples as drag specs (`dragonctl import dragbench`).
 
 Two layouts are read:
-- converted (DirectDrag's): `<category>/<sample>/{original_image.png, mask.png, drag_instruction.json}`
-  with `{"prompt": str, "points": [[x, y], ...]}` alternating handle, target;
+- converted (DirectDrag's): `<category>/<sample>/{original_image.png, mask.png,
+  drag_instruction.json}` with `{"prompt": str, "points": [[x, y], ...]}` alternating handle,
+  target;
 - original (DragDiffusion's): `<category>/<sample>/{original_image.png, meta_data.pkl}` with
   `{prompt, points, mask}`. The pickle is read by an allow-list unpickler that admits numpy arrays
   and plain containers and refuses every other global, so a malicious file runs nothing.
@@ -27,12 +28,22 @@ from dragonctl.errors import DragonError
 from dragonctl.files import atomic_write
 
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("builtins", "list"), ("builtins", "dict"), ("builtins", "tuple"), ("builtins", "set"),
-    ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bytes"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "int"),
+    ("builtins", "float"),
+    ("builtins", "str"),
+    ("builtins", "bytes"),
     ("collections", "OrderedDict"),
 }
 
@@ -41,7 +52,9 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only numpy arrays and plain containers are allowed")
+        raise pickle.UnpicklingError(
+            f"refused to load {module}.{name}: only numpy arrays and plain containers are allowed"
+        )
 
 
 def safe_load_pickle(data: bytes):
@@ -62,7 +75,9 @@ class Sample:
 def _pairs(points, where: Path) -> list[list[list[float]]]:
     pts = [[float(v) for v in p] for p in np.asarray(points, dtype=float).reshape(-1, 2)]
     if len(pts) % 2:
-        raise DragonError(f"{where}: points: an odd number of points ({len(pts)}); they alternate handle, target")
+        raise DragonError(
+            f"{where}: points: an odd number of points ({len(pts)}); they alternate handle, target"
+        )
     return [[pts[i], pts[i + 1]] for i in range(0, len(pts), 2)]
 
 
@@ -75,24 +90,46 @@ def read_sample(folder: Path) -> Sample:
     if instr.exists():
         try:
             d = json.loads(instr.read_text())
-            return Sample(category, name, image, str(d.get("prompt", "")), _pairs(d["points"], instr), folder / "mask.png")
+            return Sample(
+                category,
+                name,
+                image,
+                str(d.get("prompt", "")),
+                _pairs(d["points"], instr),
+                folder / "mask.png",
+            )
         except (ValueError, KeyError, TypeError) as e:
-            raise DragonError(f"{instr}: not a drag instruction ({type(e).__name__}: {e})") from None
+            raise DragonError(
+                f"{instr}: not a drag instruction ({type(e).__name__}: {e})"
+            ) from None
     meta = folder / "meta_data.pkl"
     if meta.exists():
         try:
             d = safe_load_pickle(meta.read_bytes())
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            ImportError,
+        ) as e:
             raise DragonError(f"{meta}: {e}") from None
         if not isinstance(d, dict) or not {"prompt", "points", "mask"} <= set(d):
             raise DragonError(f"{meta}: expected a dict with prompt, points and mask")
         mask = np.asarray(d["mask"])
-        return Sample(category, name, image, str(d["prompt"]), _pairs(d["points"], meta), mask_array=mask)
+        return Sample(
+            category, name, image, str(d["prompt"]), _pairs(d["points"], meta), mask_array=mask
+        )
     raise DragonError(f"{folder}: neither drag_instruction.json nor meta_data.pkl")
 
 
 def find_samples(src: Path) -> list[Path]:
-    folders = {p.parent for pattern in ("*/*/drag_instruction.json", "*/*/meta_data.pkl") for p in src.glob(pattern)}
+    folders = {
+        p.parent
+        for pattern in ("*/*/drag_instruction.json", "*/*/meta_data.pkl")
+        for p in src.glob(pattern)
+    }
     return sorted(folders)
 
 
@@ -122,25 +159,11 @@ def import_dragbench(src: Path, out: Path) -> tuple[list[Path], list[str]]:
                 "mask": mask_rel,
                 "points": s.pairs,
             }
-            text = f"# DragBench {s.category}/{s.name}\n" + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None)
+            text = f"# DragBench {s.category}/{s.name}\n" + yaml.safe_dump(
+                spec, sort_keys=False, default_flow_style=None
+            )
             atomic_write(spec_path, text.encode())
             written.append(spec_path)
         except DragonError as e:
             failed.append(str(e))
     return written, failed
-
-
-def peak_memory_mb() -> float:
-    """Peak GPU memory when CUDA is in use, else this process's peak RSS."""
-    try:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-            return torch.cuda.max_memory_allocated() / 2**20
-    except ImportError:
-        pass
-    import resource
-    import sys
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024

@@ -1,0 +1,130 @@
+"""Stable Diffusion components built in code with random weights: no download, any size.
+
+`tiny` has SD 1.5's decoder topology at a size tests can run on a CPU in milliseconds; `sd15` has
+SD 1.5's real sizes for the speed benchmark (timing does not depend on the weights' values).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def byte_level_tokenizer(max_length: int = 77):
+    """A CLIPTokenizer over the 256 byte-level symbols and their word-final forms: any text."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+SIZES = {
+    "tiny": dict(
+        unet=dict(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+        vae=dict(block_out_channels=(32, 32), norm_num_groups=32, layers_per_block=1),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "sd15": dict(
+        unet=dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2),
+        text=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+        ),
+    ),
+}
+
+
+def build_components(size: str = "tiny", prediction_type: str = "epsilon", seed: int = 0) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = SIZES[size]
+    torch.manual_seed(seed)
+    vae_levels = len(cfg["vae"]["block_out_channels"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
+        **cfg["vae"],
+    )
+    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, **cfg["unet"])
+    tokenizer = byte_level_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            bos_token_id=len(tokenizer) - 2,
+            eos_token_id=len(tokenizer) - 1,
+            pad_token_id=len(tokenizer) - 1,
+            **cfg["text"],
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return dict(
+        unet=unet, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler
+    )
+
+
+def save_sd_folder(
+    path: Path,
+    size: str = "tiny",
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    zero_unet: bool = False,
+) -> Path:
+    """Write a diffusers Stable Diffusion folder (unet, vae, text_encoder, tokenizer, scheduler).
+
+    `zero_unet` zeroes the UNet's last convolution, so it predicts exactly zero: inversion followed
+    by sampling is then an exact round trip for epsilon prediction.
+    """
+    comps = build_components(size, prediction_type, seed)
+    if zero_unet:
+        with torch.no_grad():
+            comps["unet"].conv_out.weight.zero_()
+            comps["unet"].conv_out.bias.zero_()
+    for name, comp in comps.items():
+        comp.save_pretrained(path / name)
+    return path

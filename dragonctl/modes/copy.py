@@ -1,0 +1,87 @@
+"""Generation from a pixel-aligned copy: resize's scaled source and paste's placed reference.
+
+The copy is a second bank image that holds the wanted content in a region. The region starts from
+the copy's inverted noise, reads its K/V (the source's elsewhere: composite), and its features are
+guided to the copy's, cell by cell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dragonctl import energies, geometry
+from dragonctl.attention import BankAttention
+from dragonctl.geometry import Frame, Grids
+from dragonctl.inputs import EditInputs
+from dragonctl.modes import EditPlan, cells, latent_mask, plan_on
+from dragonctl.spec import Spec
+
+
+def copy_plan(
+    spec: Spec, grids: Grids, dev: torch.device, copy_work: np.ndarray, region_w: np.ndarray
+) -> EditPlan:
+    g = spec.guidance
+    region_f = grids.feature(region_w)
+    region_idx = cells(region_f, dev)
+    keep = cells(~region_f, dev)
+
+    def edit_energy(cur, refs):
+        return energies.copy_edit_energy(cur, refs[1], region_idx, g.w_edit)
+
+    def content_energy(cur, refs):
+        return energies.content_energy(cur, refs[0], keep, g.w_content)
+
+    region_lat = latent_mask(grids.latent(region_w))
+
+    def init_latent(z_src: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
+        assert z_ref is not None
+        return torch.where(region_lat.to(z_src.device), z_ref, z_src)
+
+    attention = BankAttention(
+        "composite",
+        base_keep=~region_w,
+        ref_keep=region_w,
+        query_region=region_w if g.regional_attention else None,
+    )
+    return plan_on(
+        grids,
+        spec.mode,
+        attention,
+        region_lat,
+        edit_energy,
+        content_energy,
+        init_latent,
+        second_image=copy_work,
+    )
+
+
+def scaled_copy_plan(
+    spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
+) -> EditPlan:
+    """Resize from an image-space copy: the source scaled about the object (and offset), over the
+    object's old and new places. A small resize moves the outline by less than a latent cell,
+    which correspondence guidance barely moves; the copy resamples the object exactly."""
+    assert inp.mask is not None and inp.target_mask is not None
+    dx, dy = spec.offset or (0.0, 0.0)
+    cx, cy = geometry.bbox_center(inp.mask)
+    scaled, _ = geometry.place_reference(
+        inp.source, inp.mask, spec.effective_scale, (cx + dx, cy + dy), inp.source.shape[:2]
+    )
+    region_w = geometry.dilate(frame.mask_to_work(inp.mask | inp.target_mask), grids.blend_margin())
+    source_w = frame.image_to_work(inp.source)
+    copy_w = np.where(region_w[..., None], frame.image_to_work(scaled), source_w)
+    return copy_plan(spec, grids, dev, copy_w, region_w)
+
+
+def paste_plan(
+    spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
+) -> EditPlan:
+    """Paste the object found inside the reference's mask (a loose box would paste its margin's
+    background too), with no blending margin: the reference's surroundings are not the source's."""
+    assert inp.reference is not None and inp.reference_mask is not None and spec.at is not None
+    ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
+    placed, placed_mask = geometry.place_reference(
+        inp.reference, ref_obj, spec.effective_scale, (spec.at[0], spec.at[1]), inp.source.shape[:2]
+    )
+    return copy_plan(spec, grids, dev, frame.image_to_work(placed), frame.mask_to_work(placed_mask))

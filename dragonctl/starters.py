@@ -1,0 +1,75 @@
+"""Starter specs: `dragonctl init MODE IMAGE` writes one, commented, for each mode."""
+
+from __future__ import annotations
+
+from textwrap import dedent
+
+from dragonctl.errors import UsageError
+from dragonctl.spec import MODES
+
+STARTERS = {
+    "move": """\
+        mask: {box: [X0, Y0, X1, Y1]}   # the object, in source pixels (or a PNG: mask: object.png)
+        offset: [40, 0]                # move it 40 px right (dx, dy)
+        # scale: 1.0                   # optional: resize while moving
+        """,
+    "resize": """\
+        mask: {box: [X0, Y0, X1, Y1]}   # the object
+        scale: 1.3                      # about the object's centre
+        """,
+    "drag": """\
+        mask: {box: [X0, Y0, X1, Y1]}   # the editable region (omit: the whole image)
+        points:                        # handle → target pairs, source pixels
+          - [[HX, HY], [TX, TY]]
+        """,
+    "appearance": """\
+        mask: {box: [X0, Y0, X1, Y1]}   # the object to restyle
+        reference:
+          image: reference.png
+          mask: {box: [X0, Y0, X1, Y1]}   # the object to take the look from
+          prompt: ""
+        """,
+    "paste": """\
+        reference:
+          image: reference.png
+          mask: {box: [X0, Y0, X1, Y1]}   # the object to paste
+          prompt: ""
+        at: [X, Y]                      # where its centre lands in the source
+        # scale: 1.0
+        """,
+}
+HEAD = """\
+    # dragonctl edit spec (MODE). Check it with `dragonctl validate` and `dragonctl preview`.
+    version: 1
+    image: IMAGE              # relative to this file
+    mode: MODE
+    prompt: ""                    # describe the image (SD models); the shapes model ignores it
+    """
+TAIL = """\
+    # model: shapes                # default: Stable Diffusion 1.5; `shapes` runs offline
+    # seed: 42
+    # steps: 50
+    # output: result.png
+    # guidance: {method: dragondiffusion, energy_scale: 1.0, cfg_scale: 4.0}
+    """
+
+
+def init_spec(mode: str, image: str, width: int | None = None, height: int | None = None) -> str:
+    """A commented starter spec for MODE on IMAGE (placeholders sized to the image when known)."""
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    body = dedent(STARTERS[mode])
+    if width and height:
+        body = (
+            body.replace("X0", str(width // 4))
+            .replace("Y0", str(height // 4))
+            .replace("X1", str(width // 2))
+            .replace("Y1", str(height // 2))
+            .replace("HX", str(width // 3))
+            .replace("HY", str(height // 2))
+            .replace("TX", str(width // 2))
+            .replace("TY", str(height // 2))
+            .replace("[X, Y]", f"[{width // 2}, {height // 2}]")
+        )
+    head = dedent(HEAD).replace("MODE", mode).replace("IMAGE", image)
+    return head + body + dedent(TAIL)
