@@ -3,9 +3,9 @@
 #   bash benchmarks/device.sh speed          the speed table: move at 512² and 768², eager and --compile on,
 #                                            then every mode at 512² eager (about 5-7 minutes on an H100)
 #   bash benchmarks/device.sh train MINUTES  a shapes-training chunk (batch 256), resumed from the package weights
-#   bash benchmarks/device.sh all SECONDS    one call for a whole lease: the eager table, the compiled move
-#                                            rows (cudagraphs, then inductor's reduce-overhead), then training
-#                                            for what is left of SECONDS
+#   bash benchmarks/device.sh all SECONDS    one call for a whole lease: fp16 against fp32 guidance, the
+#                                            eager table, the compiled move rows (cudagraphs, then
+#                                            inductor's reduce-overhead), then training for what is left
 # Carry `.whl` (diffusers and pydantic are not installed there). Results land in $OUT: speed.json and
 # speed_modes.json, or the exported model (copy it into dragonctl/shapes/weights/ and commit it).
 # At most 8 files come back from $OUT, so logs go to stdout only.
@@ -37,6 +37,9 @@ case "${1:-speed}" in
     # a pipe open (a first lease lost 75 s that way).
     budget=${2:-540}
     stage() { local cap=$1; shift; timeout -k 5 "$cap" "$@" >/tmp/stage.log 2>&1; grep -v "Warning\|should be kept in float32" /tmp/stage.log | tail -30; }
+    # fp16 guidance against fp32 with SD 1.5-sized weights (random: the backward's range)
+    stage 90 python3 -m dragonctl bench precision --size sd15 --resolution 512 --resolution 768 \
+      --out "$OUT/precision.json"
     stage 170 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
       --mode drag --mode appearance --mode paste --out "$OUT/speed_eager.json"
     # CUDA graphs of the eager kernels: seconds to build; then inductor's (minutes to build)

@@ -520,6 +520,30 @@ def bench_speed(
     _err(f"wrote {out}")
 
 
+@bench_app.command("precision")
+def bench_precision(
+    size: str = typer.Option("tiny8", help="tiny8 (SD's VAE factor 8, CPU) or sd15 (random)."),
+    resolution: list[int] = typer.Option([512, 768], help="Working resolutions (repeatable)."),
+    mode: list[str] = typer.Option(["move"], help="Modes (repeatable)."),
+    model: str | None = typer.Option(None, help="A real model instead of random weights."),
+    device: str = typer.Option("auto"),
+    edits: bool = typer.Option(False, "--edits", help="Also compare whole edits' effects."),
+    out: Path = typer.Option(Path("runs/precision.json"), "--out", "-o", help="JSON results."),
+) -> None:
+    """fp16 against fp32 guidance: one guided step's gradient (cosine, norm), per resolution."""
+    from dragonctl.bench import precision
+    from dragonctl.files import atomic_write
+
+    if size not in ("tiny8", "sd15"):
+        _usage("--size is tiny8 or sd15")
+    with _reported_errors():
+        rows = precision.run(
+            size, tuple(resolution), tuple(mode), model, device, edits=edits, log=_err
+        )
+    atomic_write(out, (json.dumps(rows, indent=2) + "\n").encode())
+    _err(f"wrote {out}")
+
+
 @import_app.command("dragbench")
 def import_dragbench(
     src: Path = typer.Argument(

@@ -18,11 +18,11 @@ from dragonctl.attention import BankControl
 from dragonctl.cache import TrajectoryCache, TrajectoryKey
 from dragonctl.compilation import feature_forward, unet_forward
 from dragonctl.errors import EditInterrupted
-from dragonctl.geometry import Frame, working_size
+from dragonctl.geometry import FEATURE_UPSCALE, Frame, working_size
 from dragonctl.inputs import EditInputs
 from dragonctl.inversion import invert
 from dragonctl.models import ModelBundle
-from dragonctl.modes import build_plan
+from dragonctl.modes import EditPlan, build_plan
 from dragonctl.progress import Progress
 from dragonctl.sampler import (
     ENERGY_UNIT,
@@ -51,6 +51,19 @@ class EditResult:
 
 
 @dataclass
+class EditSetup:
+    """What `Editor.prepare` builds for one spec: the loop's inputs."""
+
+    frame: Frame
+    plan: EditPlan
+    trajectories: list[torch.Tensor]
+    prompts: Prompts
+    settings: GuidanceSettings
+    steps: StepPlan
+    calls: UNetCalls
+
+
+@dataclass
 class EditedLatent:
     """An edit before decoding: what tests and the benchmarks inspect."""
 
@@ -64,10 +77,15 @@ class EditedLatent:
     inversion_unet_calls: int
 
 
-def loop_settings(g: Guidance) -> GuidanceSettings:
+def loop_settings(g: Guidance, feature_hw: tuple[int, int], latent_factor: int) -> GuidanceSettings:
+    """The loop's settings. The energies are means over cells, so their per-cell gradient falls
+    with the grid's size: the gain grows with it, relative to the grid of a square
+    `energy_resolution`² image, where `energy_scale` was tuned."""
+    tuned_side = g.energy_resolution * FEATURE_UPSCALE / latent_factor
+    per_cell = feature_hw[0] * feature_hw[1] / tuned_side**2
     return GuidanceSettings(
         cfg_scale=g.cfg_scale,
-        energy_gain=g.gradient_scale * ENERGY_UNIT * g.energy_scale,
+        energy_gain=g.gradient_scale * ENERGY_UNIT * g.energy_scale * per_cell,
         sde_strength=g.sde_strength,
         sde_strength_outside=g.sde_strength_outside,
     )
@@ -252,6 +270,27 @@ class Editor:
             warnings=list(inp.warnings),
         )
 
+    def prepare(self, spec: Spec, inp: EditInputs, progress: Progress | None = None) -> EditSetup:
+        """Everything the loop takes for this spec: plan, schedule, trajectories (inverted or
+        cached), prompts, settings, steps, and fresh counted UNet calls."""
+        b = self.bundle
+        frame = self.frame_for(inp.source, spec.resolution)
+        plan = build_plan(spec, inp, frame, b.latent_factor, b.device)
+        schedule = Schedule.from_config(b.scheduler_config, spec.steps)
+        source_work = frame.image_to_work(inp.source)
+        trajectories = self.memory_bank(
+            spec, inp, source_work, plan.second_image, schedule, progress
+        )
+        settings = loop_settings(spec.guidance, plan.feature_hw, b.latent_factor)
+        with torch.no_grad():
+            cond = [b.encode_prompt([p]) for p in bank_prompts(spec)[: len(trajectories)]]
+            prompts = Prompts.build(cond, b.encode_prompt([""]), settings.cfg)
+        calls = UNetCalls(
+            self.forward, self.features, b.dtype, b.prediction_type, schedule, b.device
+        )
+        steps = StepPlan.build(step_windows(spec.guidance), spec.steps)
+        return EditSetup(frame, plan, trajectories, prompts, settings, steps, calls)
+
     def edit_latent(
         self,
         spec: Spec,
@@ -260,47 +299,28 @@ class Editor:
         should_stop: Callable[[], bool] | None = None,
     ) -> EditedLatent:
         """The edit up to its latent: plan, inversion (cached), the guided loop."""
-        b = self.bundle
         t0 = time.perf_counter()
         inv_before, calls_before = self.inversions, self.inversion_unet_calls
-        frame = self.frame_for(inp.source, spec.resolution)
-        plan = build_plan(spec, inp, frame, b.latent_factor, b.device)
-        schedule = Schedule.from_config(b.scheduler_config, spec.steps)
-        trajectories = self.memory_bank(
-            spec, inp, frame.image_to_work(inp.source), plan.second_image, schedule, progress
-        )
-        settings = loop_settings(spec.guidance)
-        with torch.no_grad():
-            cond = [b.encode_prompt([p]) for p in bank_prompts(spec)[: len(trajectories)]]
-            prompts = Prompts.build(cond, b.encode_prompt([""]), settings.cfg)
+        s = self.prepare(spec, inp, progress)
         t1 = time.perf_counter()
+        n = s.calls.schedule.steps
 
         def step_done(i: int) -> None:
             if progress:
-                progress("editing", i + 1, schedule.steps)
+                progress("editing", i + 1, n)
             if should_stop and should_stop():
-                raise EditInterrupted(f"interrupted at step {i + 1} of {schedule.steps}")
+                raise EditInterrupted(f"interrupted at step {i + 1} of {n}")
 
-        calls = UNetCalls(
-            self.forward, self.features, b.dtype, b.prediction_type, schedule, b.device
-        )
-        steps = StepPlan.build(step_windows(spec.guidance), spec.steps)
         with self.bank_control as state:
-            bank = MemoryBank(trajectories, state, self.stored_kv)
+            bank = MemoryBank(s.trajectories, state, self.stored_kv)
+            generator = torch.Generator().manual_seed(spec.seed)
             z0, stats = guided_edit(
-                calls,
-                bank,
-                prompts,
-                plan,
-                steps,
-                settings,
-                torch.Generator().manual_seed(spec.seed),
-                step_done,
+                s.calls, bank, s.prompts, s.plan, s.steps, s.settings, generator, step_done
             )
         return EditedLatent(
             z0,
-            frame,
-            trajectories,
+            s.frame,
+            s.trajectories,
             stats,
             t1 - t0,
             time.perf_counter() - t1,

@@ -147,8 +147,6 @@ def load_bundle(
 ) -> ModelBundle:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    if dev.type == "cpu" and dt == torch.float16:
-        raise ModelError("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
     if model == SHAPES_MODEL:
         from dragonctl.shapes.model import WEIGHTS_DIR
 

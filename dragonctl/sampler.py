@@ -43,7 +43,9 @@ class GuidanceSettings:
     """The loop's settings, as plain values (the engine builds them from a spec once)."""
 
     cfg_scale: float
-    energy_gain: float  # the energy gradient's factor: λ · 1000 · energy_scale (the reference's)
+    # the energy gradient's factor: λ · 1000 · energy_scale (the reference's), times the working
+    # grid's cells over those of the size energy_scale was tuned at (the same guidance per cell)
+    energy_gain: float
     sde_strength: float  # DiffEditor's SDE inside the edit region ...
     sde_strength_outside: float  # ... and outside it
 
@@ -249,11 +251,15 @@ class EnergyGuidance:
             feats = calls.features(torch.cat([z_edit, z_content]), i, self.prompts.source_pair, hw)
             e_edit = plan.edit_energy([f[0] for f in feats], refs)
             e_content = plan.content_energy([f[1] for f in feats], refs)
-            g_edit, g_content = self._backward(e_edit + e_content, z_edit, z_content)
+            # The backward starts from gain·E, as the reference's does: what flows back through
+            # the (fp16) UNet is then the guidance itself, of ε's scale, inside fp16's normal
+            # range at any working size (the bare energy's per-cell gradients are not).
+            scaled = self.gain * (e_edit + e_content)
+            g_edit, g_content = self._backward(scaled, z_edit, z_content)
         self._log.append((i, e_edit.detach(), e_content.detach()))  # read after the loop: no sync
         g_edit = torch.zeros_like(z) if g_edit is None else g_edit.float()
         g_content = torch.zeros_like(z) if g_content is None else g_content.float()
-        return self.gain * (g_edit * self.edit_mask + g_content * (1 - self.edit_mask))
+        return g_edit * self.edit_mask + g_content * (1 - self.edit_mask)
 
     def _backward(self, total: torch.Tensor, *leaves: torch.Tensor):
         if not total.requires_grad:  # no term touched the latent (e.g. every weight is zero)

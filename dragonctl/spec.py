@@ -72,6 +72,7 @@ class Guidance(_Model):
     method: Literal["dragondiffusion", "diffeditor"]
     cfg_scale: Annotated[float, Field(allow_inf_nan=False, ge=0, le=50)]
     energy_scale: Annotated[float, Field(allow_inf_nan=False, ge=0, le=1000)]
+    energy_resolution: Annotated[int, Field(ge=16, le=4096)]
     gradient_scale: NonNeg
     w_edit: NonNeg
     w_content: NonNeg

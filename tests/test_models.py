@@ -103,8 +103,7 @@ def test_dtype_policy():
     assert pick_dtype("auto", torch.device("cuda")) == torch.float16
     with pytest.raises(ModelError):
         pick_dtype("int8", torch.device("cpu"))
-    with pytest.raises(ModelError, match="not supported on the CPU"):
-        load_bundle("shapes", dtype="fp16", device="cpu")
+    assert load_bundle("shapes", dtype="fp16", device="cpu").dtype == torch.float16  # slow, works
 
 
 def test_a_folder_that_is_not_a_model(tmp_path):

@@ -49,6 +49,21 @@ SIZES = {
         vae=dict(block_out_channels=(32, 32), norm_num_groups=32, layers_per_block=1),
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     ),
+    # SD's VAE factor 8 (four levels); decoder attention only below the latent's full size,
+    # so 512² and 768² working sizes stay cheap on a CPU (fp16 precision checks)
+    "tiny8": dict(
+        unet=dict(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        ),
+        vae=dict(block_out_channels=(16, 16, 16, 16), norm_num_groups=16, layers_per_block=1),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    ),
     "sd15": dict(
         unet=dict(
             block_out_channels=(320, 640, 1280, 1280),
