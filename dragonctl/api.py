@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dragonctl.batch import Job, assign_to_devices, check_jobs, expand_specs, run_order
-from dragonctl.errors import DragonError, EditInterrupted, SpecError
+from dragonctl.errors import DragonError, EditInterrupted, SpecError, UsageError
 from dragonctl.inputs import EditInputs, load_inputs
-from dragonctl.paths import common_folder, output_path, protected_paths
+from dragonctl.paths import common_folder, output_path, output_problems, protected_paths
 from dragonctl.preview import preview_image, side_by_side
 from dragonctl.progress import Progress
 from dragonctl.spec import LoadedSpec, load_spec
@@ -80,6 +80,7 @@ class EditOptions:
     metadata: bool = True
     save_preview: bool = False
     skip_existing: bool = False
+    overwrite: bool = False  # replace existing files that dragonctl did not write
     compile: str = "off"  # off | on | a torch.compile mode: the step loop's UNet forward
 
 
@@ -90,14 +91,28 @@ def load(
     return ls, load_inputs(ls)
 
 
-def validate(paths: Iterable[str | Path], model: str | None = None) -> list[SpecReport]:
+def validate(
+    paths: Iterable[str | Path],
+    model: str | None = None,
+    out_dir: Path | None = None,
+    overwrite: bool = False,
+    metadata: bool = True,
+) -> list[SpecReport]:
+    """Every check `edit` makes before it runs, outputs included, without loading a model.
+    Raises UsageError when two specs would write one file or read each other's outputs."""
+    jobs = check_jobs(expand_specs(paths), out_dir, None, model, None, metadata)
     reports = []
-    for p in expand_specs(paths):
-        try:
-            _, inp = load(p, model=model)
-            reports.append(SpecReport(p, True, warnings=inp.warnings))
-        except SpecError as e:
-            reports.append(SpecReport(p, False, errors=[str(x) for x in e.problems]))
+    for j in jobs:
+        errors = list(j.errors)
+        if not overwrite:
+            errors += [
+                f"{j.path}: output: {p} exists and was not written by dragonctl "
+                "(edit --overwrite replaces it)"
+                for p in j.clobbers
+            ]
+        reports.append(
+            SpecReport(j.path, not errors, errors=errors, warnings=j.warnings, output=j.output)
+        )
     return reports
 
 
@@ -146,7 +161,8 @@ def edit(
     """
     opts = opts or EditOptions()
     specs = expand_specs(paths)
-    jobs = check_jobs(specs, opts.out_dir, opts.out_root, opts.model, opts.seed)
+    jobs = check_jobs(specs, opts.out_dir, opts.out_root, opts.model, opts.seed, opts.metadata)
+    refuse_clobbering(jobs, opts.overwrite)
     devices = [d.strip() for d in opts.device.split(",") if d.strip()]
     if len(devices) > 1:
         return _edit_on_devices(jobs, opts, devices, on_report)
@@ -154,12 +170,29 @@ def edit(
     by_index: dict[int, SpecReport] = {}
     interrupted = False
     for k in run_order(jobs):
-        rep = _run_job(session, jobs[k], opts, progress, stop, interrupted)
+        failed = [jobs[d].path for d in jobs[k].after if not by_index[d].ok]
+        if failed:
+            why = f"{jobs[k].path}: not run: it reads the output of {failed[0]}, which failed"
+            rep = SpecReport(jobs[k].path, False, errors=[why], output=jobs[k].output)
+        else:
+            rep = _run_job(session, jobs[k], opts, progress, stop, interrupted)
         interrupted = interrupted or rep.interrupted
         by_index[k] = rep
         if on_report:
             on_report(rep)
     return [by_index[k] for k in range(len(jobs))]
+
+
+def refuse_clobbering(jobs: list[Job], overwrite: bool) -> None:
+    """Outputs may replace nothing, or files dragonctl wrote; anything else needs --overwrite."""
+    lines = [
+        f"{j.path}: output: {p} exists and was not written by dragonctl (pass --overwrite "
+        "to replace it)"
+        for j in jobs
+        for p in j.clobbers
+    ]
+    if lines and not overwrite:
+        raise UsageError("\n".join(lines))
 
 
 def _run_job(
@@ -238,10 +271,9 @@ def edit_one(
 
     t0 = time.perf_counter()
     rep = SpecReport(ls.path, False, warnings=list(inp.warnings), output=out)
-    if out.resolve() in protected_paths(ls):
-        rep.errors.append(
-            f"{ls.path}: output: {out} is one of the spec's inputs; refusing to overwrite it"
-        )
+    problems = output_problems(ls, out, opts.metadata)
+    if problems:  # a single spec's edit, or a file that changed since the batch's check
+        rep.errors += [f"{ls.path}: output: {p}" for p in problems]
         return rep
     if opts.skip_existing and out.exists():
         rec = outputs.read_record(out)

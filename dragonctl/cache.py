@@ -144,10 +144,13 @@ class TrajectoryCache:
         if not ok:
             self.stats.corrupt += 1
             self.warnings.append(f"cache entry {path.name} was damaged; recomputing it")
-            path.unlink(missing_ok=True)
+            self._forget(path)
             return None
         self.stats.hits += 1
-        os.utime(path)  # recency for LRU eviction
+        try:
+            os.utime(path)  # recency for LRU eviction
+        except OSError:
+            pass  # a read-only cache still serves its entries
         return latents
 
     def put(self, key: TrajectoryKey, latents: torch.Tensor) -> None:
@@ -161,8 +164,21 @@ class TrajectoryCache:
             "sha256": hashlib.sha256(latents.numpy().tobytes()).hexdigest(),
         }
         path = self._path(key)
-        atomic_write(path, save({"latents": latents}, metadata=meta))
-        self.evict()
+        try:
+            atomic_write(path, save({"latents": latents}, metadata=meta))
+            self.evict()
+        except OSError as e:  # the cache's fault, not the edit's: go on without it
+            self.enabled = False
+            self.warnings.append(
+                f"cache {self.root} cannot be written ({e.strerror or e}); editing without it"
+            )
+
+    def _forget(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # e.g. a directory where the entry should be
+            self.enabled = False
+            self.warnings.append(f"cache entry {path} cannot be removed; editing without the cache")
 
     def entries(self) -> list[Path]:
         folder = self.root / "trajectories"

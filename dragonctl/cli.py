@@ -57,7 +57,9 @@ app.add_typer(import_app, name="import")
 
 
 def _err(msg: str) -> None:
-    typer.echo(msg, err=True)
+    from dragonctl.errors import printable
+
+    typer.echo("\n".join(printable(line, 2000) for line in msg.splitlines()), err=True)
 
 
 def _usage(msg: str) -> None:
@@ -170,6 +172,11 @@ def edit(
     skip_existing: bool = typer.Option(
         False, "--skip-existing", help="Skip specs whose output exists with the same spec."
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace existing files that dragonctl did not write (without it they are refused).",
+    ),
     compile: bool = typer.Option(
         False,
         "--compile",
@@ -200,6 +207,7 @@ def edit(
         metadata=not no_metadata,
         save_preview=save_preview,
         skip_existing=skip_existing,
+        overwrite=overwrite,
         compile="on" if compile else "off",
     )
     _run_batch(paths, opts, as_json)
@@ -261,18 +269,24 @@ def _finish(reports: list, as_json: bool, interrupted: bool) -> None:
 def validate(
     specs: list[str] = typer.Argument(None, help="Spec files, folders or globs."),
     model: str | None = typer.Option(None, help="Validate as if run with this --model."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Check outputs under this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="As `edit --overwrite`."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec."),
 ) -> None:
-    """Check specs without loading a model: fields, files (fully decoded), masks, points. Exit 2 if
-    any is invalid."""
+    """Check specs as `edit` does before it runs, without loading a model: fields, files (fully
+    decoded), masks, points, outputs. Exit 2 if any is invalid."""
     from dragonctl import api
+    from dragonctl.errors import UsageError
 
     if not specs:
         _usage("give at least one spec file, folder or glob")
     paths = api.expand_specs(specs)
     if not paths:
         _usage(f"no spec files found in: {' '.join(specs)}")
-    reports = api.validate(paths, model=model)
+    try:
+        reports = api.validate(paths, model=model, out_dir=out, overwrite=overwrite)
+    except UsageError as e:
+        _usage(str(e))
     for r in reports:
         if as_json:
             typer.echo(json.dumps(r.as_json()))
@@ -336,6 +350,10 @@ def init(
     if output is None:
         typer.echo(text, nl=False)
         return
+    if output.suffix != ".yaml":
+        _usage(f"{output}: spec files end in .yaml")
+    if output.resolve() == image.resolve():
+        _usage(f"{output} is the image itself")
     if output.exists() and not force:
         _usage(f"{output} exists; pass --force to overwrite it")
     from dragonctl.files import atomic_write

@@ -45,6 +45,7 @@ _ALLOWED_GLOBALS = {
     ("builtins", "str"),
     ("builtins", "bytes"),
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # protocol 2 pickles numpy's bytes through it
 }
 
 
@@ -57,8 +58,28 @@ class SafeUnpickler(pickle.Unpickler):
         )
 
 
+MAX_ITEMS = 10_000_000  # list and dict items a sample may hold, shared references counted each time
+
+
 def safe_load_pickle(data: bytes):
-    return SafeUnpickler(io.BytesIO(data)).load()
+    """Only numpy arrays and plain containers; and no more items than MAX_ITEMS once shared
+    references are expanded (a few KB of them can stand for billions)."""
+    value = SafeUnpickler(io.BytesIO(data)).load()
+    _count_items(value, [0], 0)
+    return value
+
+
+def _count_items(value, count: list[int], depth: int) -> None:
+    if depth > 64:
+        raise pickle.UnpicklingError("nested too deeply")
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple, set)):
+        count[0] += len(value)
+        if count[0] > MAX_ITEMS:
+            raise pickle.UnpicklingError(f"more than {MAX_ITEMS:,} items once expanded")
+        for item in value:
+            _count_items(item, count, depth + 1)
 
 
 @dataclass
@@ -166,4 +187,6 @@ def import_dragbench(src: Path, out: Path) -> tuple[list[Path], list[str]]:
             written.append(spec_path)
         except DragonError as e:
             failed.append(str(e))
+        except (ValueError, TypeError, KeyError, IndexError, OSError) as e:  # malformed data
+            failed.append(f"{folder}: not a DragBench sample ({type(e).__name__}: {e})"[:300])
     return written, failed

@@ -16,11 +16,15 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        return (
-            f"{self.file}: {self.field}: {self.reason}"
-            if self.field
-            else f"{self.file}: {self.reason}"
-        )
+        parts = [self.file, self.field, self.reason] if self.field else [self.file, self.reason]
+        return ": ".join(printable(p) for p in parts)
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """One line for a terminal: control characters escaped (a value can carry escape sequences
+    or a newline that forges another line), at most `limit` characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 1] + "…"
 
 
 class DragonError(Exception):

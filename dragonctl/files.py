@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp$")
@@ -59,3 +60,24 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class NotARegularFile(OSError):
+    """A FIFO, device or other special file where a regular file is expected."""
+
+
+def read_regular(path: Path, cap: int) -> bytes:
+    """A regular file's bytes, at most `cap` of them: a FIFO would block and a device such as
+    /dev/zero would never end, so both are refused before they are opened."""
+    st = os.stat(path)  # follows links: a link to /dev/zero is refused too
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(21, "is a directory", str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise NotARegularFile(f"not a regular file: {path}")
+    if st.st_size > cap:
+        raise OSError(f"larger than {cap >> 20} MiB: {path}")
+    with open(path, "rb") as fh:  # read(n) allocates n up front: ask for what the file holds
+        data = fh.read(st.st_size + 1)
+    if len(data) > cap:  # it grew while being read
+        raise OSError(f"larger than {cap >> 20} MiB: {path}")
+    return data

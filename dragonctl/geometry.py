@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 
 def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
@@ -107,10 +107,22 @@ def circle_mask(circle: list[float], height: int, width: int) -> np.ndarray:
 
 
 def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Square dilation by `pixels` (a (2p+1)² window), separable and by running sums: the same
+    cost at any radius."""
     if pixels <= 0:
         return mask
-    img = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(img.filter(ImageFilter.MaxFilter(2 * pixels + 1))) > 0
+    return _dilate_axis(_dilate_axis(mask, pixels, 0), pixels, 1)
+
+
+def _dilate_axis(mask: np.ndarray, r: int, axis: int) -> np.ndarray:
+    """Each pixel is set when any pixel within r of it along `axis` is (the frame clips)."""
+    m = np.moveaxis(mask, axis, 0)
+    n = m.shape[0]
+    counts = np.zeros((n + 1, *m.shape[1:]), dtype=np.int32)
+    np.cumsum(m, axis=0, out=counts[1:])
+    idx = np.arange(n)
+    hi, lo = np.minimum(idx + r + 1, n), np.maximum(idx - r, 0)
+    return np.moveaxis(counts[hi] - counts[lo] > 0, 0, axis)
 
 
 def erode(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -173,16 +185,18 @@ def warp_mask(
 ) -> np.ndarray:
     """Scale `mask` by `scale` about `center` and place that centre at `dest` (nearest sampling).
 
-    A destination pixel p is in when the source pixel at center + (p − dest)/scale is.
+    A destination pixel p is in when the source pixel at center + (p − dest)/scale is. The map is
+    separable (columns from x, rows from y), so it costs a byte per output pixel.
     """
     h, w = out_shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
-    sx = center[0] + (xs - dest[0]) / scale
-    sy = center[1] + (ys - dest[1]) / scale
-    ix, iy = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
-    ok = (ix >= 0) & (ix < mask.shape[1]) & (iy >= 0) & (iy < mask.shape[0])
-    out = np.zeros((h, w), dtype=bool)
-    out[ok] = mask[iy[ok], ix[ok]]
+    ix = np.floor(center[0] + (np.arange(w) + 0.5 - dest[0]) / scale)
+    iy = np.floor(center[1] + (np.arange(h) + 0.5 - dest[1]) / scale)
+    okx, oky = (ix >= 0) & (ix < mask.shape[1]), (iy >= 0) & (iy < mask.shape[0])
+    cols = np.where(okx, ix, 0).astype(np.int64)
+    rows = np.where(oky, iy, 0).astype(np.int64)
+    out = mask[np.ix_(rows, cols)].copy()
+    out[~oky, :] = False
+    out[:, ~okx] = False
     return out
 
 

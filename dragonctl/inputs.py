@@ -16,9 +16,11 @@ from PIL import Image, UnidentifiedImageError
 
 from dragonctl import geometry
 from dragonctl.errors import SpecError
+from dragonctl.files import read_regular
 from dragonctl.spec import LoadedSpec, MaskSpec
 
 MAX_PIXELS = 8192 * 8192  # decompression-bomb limit: larger images are refused before decoding
+MAX_FILE_BYTES = 512 << 20  # an image or mask file larger than this is refused unread
 
 
 @dataclass
@@ -40,13 +42,14 @@ class EditInputs:
 
 def read_image(path: Path, spec_file: Path, fld: str) -> tuple[np.ndarray, bytes]:
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise SpecError.one(spec_file, fld, f"file not found: {path}") from None
     except IsADirectoryError:
         raise SpecError.one(spec_file, fld, f"is a directory, not an image: {path}") from None
-    except OSError as e:
-        raise SpecError.one(spec_file, fld, f"cannot read {path}: {e.strerror or e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        why = getattr(e, "strerror", None) or e
+        raise SpecError.one(spec_file, fld, f"cannot read {path}: {why}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -59,7 +62,7 @@ def read_image(path: Path, spec_file: Path, fld: str) -> tuple[np.ndarray, bytes
                         f"image is {w}×{h}, over the {MAX_PIXELS:,}-pixel limit: {path}",
                     )
                 img.load()
-                arr = np.asarray(img.convert("RGB"))
+                arr = to_rgb(img)
     except SpecError:
         raise
     except (
@@ -80,6 +83,17 @@ def read_image(path: Path, spec_file: Path, fld: str) -> tuple[np.ndarray, bytes
             f"image is {arr.shape[1]}×{arr.shape[0]}; at least 8×8 is needed: {path}",
         )
     return arr, data
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """H×W×3 uint8. 16- and 32-bit greyscale keep their range (Pillow's RGB conversion clips
+    them to white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        grey = np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
 
 
 def build_mask(ls: LoadedSpec, m: MaskSpec, fld: str, height: int, width: int) -> np.ndarray:

@@ -38,10 +38,14 @@ def parameters_text(spec: Spec, model_name: str) -> str:
     )
 
 
+SOFTWARE = "dragonctl"  # every PNG and sidecar says it: the files a later run may replace
+
+
 def metadata_record(
     spec: Spec, spec_path: Path, identity: dict, timings: dict, extra: dict | None = None
 ) -> dict:
     return {
+        "written_by": SOFTWARE,
         "spec_file": str(spec_path),
         "spec": spec.model_dump(mode="json"),
         "model": identity,
@@ -55,6 +59,7 @@ def png_bytes(
     image: np.ndarray, parameters: str | None = None, record: dict | None = None
 ) -> bytes:
     info = PngInfo()
+    info.add_text("Software", SOFTWARE)
     if parameters is not None:
         info.add_text("parameters", parameters)
     if record is not None:
@@ -82,9 +87,29 @@ def write_result(
 
 
 def read_record(path: Path) -> dict | None:
+    """The `dragonctl` metadata of an output (None when it has none, or none that parses)."""
     try:
         with Image.open(path) as img:
             text = img.text.get("dragonctl")  # type: ignore[attr-defined]
-    except (OSError, ValueError):
+        record = json.loads(text) if text else None
+    except (OSError, ValueError, SyntaxError):
         return None
-    return json.loads(text) if text else None
+    return record if isinstance(record, dict) else None
+
+
+def written_by_dragonctl(path: Path) -> bool:
+    """Whether an existing file is one dragonctl wrote (a PNG or sidecar that says so)."""
+    try:
+        if not path.is_file() or path.stat().st_size > 512 << 20:
+            return False
+        if path.suffix == ".json":
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(record, dict) and (
+                record.get("written_by") == SOFTWARE
+                or {"spec_file", "spec", "model"} <= set(record)
+            )
+        with Image.open(path) as img:
+            text = getattr(img, "text", {})
+            return text.get("Software") == SOFTWARE or "dragonctl" in text
+    except (OSError, ValueError, SyntaxError):
+        return False

@@ -1,11 +1,14 @@
-"""Where results go, and which files an edit must never overwrite."""
+"""Where results go, and which files an edit may write: `edit` and `validate` share these checks."""
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from dragonctl.spec import LoadedSpec
+
+OUTPUT_SUFFIX = ".png"
 
 
 def output_path(ls: LoadedSpec, out_dir: Path | None, common_root: Path | None) -> Path:
@@ -18,6 +21,15 @@ def output_path(ls: LoadedSpec, out_dir: Path | None, common_root: Path | None) 
     if ls.spec.output:
         return ls.resolve(ls.spec.output)
     return ls.path.with_name(ls.path.stem + ".edited.png")
+
+
+def resolved(p: Path) -> Path:
+    """The absolute path with links followed; as written (made absolute) when the system cannot
+    follow it (a NUL byte in it, a loop)."""
+    try:
+        return p.resolve()
+    except (OSError, ValueError, RuntimeError):
+        return p.absolute()
 
 
 def common_folder(paths: list[Path]) -> Path:
@@ -36,4 +48,56 @@ def protected_paths(ls: LoadedSpec) -> set[Path]:
         paths.add(ls.resolve(s.reference.image))
         if s.reference.mask.path:
             paths.add(ls.resolve(s.reference.mask.path))
-    return {p.resolve() for p in paths}
+    return {resolved(p) for p in paths}
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_suffix(".json")
+
+
+def output_problems(ls: LoadedSpec, out: Path, metadata: bool = True) -> list[str]:
+    """Why `out` cannot be written for this spec (empty when it can), before anything runs:
+    not a PNG, one of the spec's inputs, not a regular file, under a file, an unwritable folder."""
+    if "\0" in str(out):
+        return ["a path cannot hold a NUL byte"]
+    if out.suffix.lower() != OUTPUT_SUFFIX:
+        return [f"{out}: outputs are PNG files and end in {OUTPUT_SUFFIX}"]
+    targets = [out, sidecar_path(out)] if metadata else [out]
+    problems = []
+    for target in targets:
+        if resolved(target) in protected_paths(ls):
+            problems.append(f"{target} is one of the spec's inputs; refusing to overwrite it")
+        elif _exists(target) and not _is_regular(target):
+            problems.append(f"{target} exists and is not a regular file")
+    folder = _first_existing(out.parent)
+    if folder is not None and not folder.is_dir():
+        problems.append(f"{out}: {folder} is a file, not a folder")
+    elif folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        problems.append(f"{out}: cannot write in {folder}")
+    return problems
+
+
+def clobbered(out: Path, metadata: bool = True) -> list[Path]:
+    """Existing files the output would replace that dragonctl did not write."""
+    from dragonctl.outputs import written_by_dragonctl
+
+    targets = [out, sidecar_path(out)] if metadata else [out]
+    return [t for t in targets if _exists(t) and not written_by_dragonctl(t)]
+
+
+def _exists(p: Path) -> bool:
+    return os.path.lexists(p)
+
+
+def _is_regular(p: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        return False
+
+
+def _first_existing(folder: Path) -> Path | None:
+    for p in (folder, *folder.parents):
+        if _exists(p):
+            return p
+    return None

@@ -9,20 +9,30 @@ spec file. This module only checks the structure; `inputs.py` decodes the files 
 from __future__ import annotations
 
 import copy
+import reprlib
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dragonctl.errors import Problem, SpecError
 from dragonctl.families import SD15_MODEL, family_for_model
+from dragonctl.files import read_regular
 
 Mode = Literal["move", "resize", "drag", "appearance", "paste"]
 MODES: tuple[str, ...] = get_args(Mode)  # the one list of modes
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+# coordinates and offsets in pixels: far beyond any image, short of float overflow
+Finite = Annotated[float, Field(allow_inf_nan=False, ge=-1e6, le=1e6)]
 PathStr = Annotated[str, Field(min_length=1)]
 NonNeg = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 Fraction = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
@@ -59,7 +69,15 @@ class MaskSpec(_Model):
             raise ValueError("box must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1")
         if self.circle is not None and not self.circle[2] > 0:
             raise ValueError("circle radius must be > 0")
+        if self.polygon is not None and _area(self.polygon) < 0.5:
+            raise ValueError("polygon encloses no area (its vertices are collinear)")
         return self
+
+
+def _area(points: list[list[float]]) -> float:
+    """The polygon's area (shoelace formula)."""
+    twice = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))
+    return abs(twice) / 2
 
 
 class Reference(_Model):
@@ -94,6 +112,19 @@ class Guidance(_Model):
     resize_method: Literal["correspondence", "scaled_copy"]
     appearance_init: Literal["source", "reference_statistics"]
 
+    @model_validator(mode="after")
+    def _windows_in_order(self) -> Guidance:
+        for start, end in (
+            ("inject_from", "inject_until"),
+            ("sde_from", "sde_until"),
+            ("time_travel_from", "time_travel_until"),
+        ):
+            if getattr(self, start) > getattr(self, end):
+                raise ValueError(
+                    f"{start} ({getattr(self, start)}) is after {end} ({getattr(self, end)})"
+                )
+        return self
+
 
 # Which optional fields each mode needs (required) and accepts.
 MODE_FIELDS: dict[str, tuple[set[str], set[str]]] = {
@@ -116,18 +147,25 @@ class Spec(_Model):
     prompt: str = ""
     mask: MaskSpec | None = None
     offset: Point | None = None
-    scale: Annotated[float, Field(allow_inf_nan=False, gt=0, le=16)] | None = None
+    scale: Annotated[float, Field(allow_inf_nan=False, ge=0.01, le=16)] | None = None
     points: Annotated[list[Pair], Field(min_length=1)] | None = None
     reference: Reference | None = None
     at: Point | None = None
     fill_region: MaskSpec | None = None
-    model: str
+    model: Annotated[str, Field(min_length=1)]
     seed: Annotated[int, Field(ge=0, lt=2**63)]
     steps: Annotated[int, Field(ge=2, le=1000)]
     inversion_refine: Annotated[int, Field(ge=0, le=10)]
     resolution: Annotated[int, Field(ge=16, le=4096)]
     guidance: Guidance
     output: PathStr | None = None
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_a_number(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML's true is not 1
+            raise ValueError(f"version must be 1, not {value}")
+        return value
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Spec:
@@ -155,7 +193,10 @@ class LoadedSpec(BaseModel):
     raw: dict  # the file's own values, before defaults
 
     def resolve(self, relative: str) -> Path:
-        p = Path(relative).expanduser()
+        try:
+            p = Path(relative).expanduser()
+        except RuntimeError:  # ~user of an unknown user: reported as a missing file
+            p = Path(relative)
         return p if p.is_absolute() else (self.path.parent / p)
 
 
@@ -207,6 +248,11 @@ def _field_path(loc: tuple) -> str:
     return out
 
 
+# Values echoed into messages stay short whatever they are (an alias bomb's repr never ends).
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
 def _reason(err: dict) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
@@ -216,7 +262,7 @@ def _reason(err: dict) -> str:
     if err["type"] == "missing":
         return "required field is missing"
     if err["type"] == "literal_error" and "input" in err:
-        return f"{msg} (got {err['input']!r})"
+        return f"{msg} (got {_SHORT.repr(err['input'])})"
     return msg
 
 
@@ -229,7 +275,31 @@ def _problems(file: Path, exc: ValidationError) -> list[Problem]:
         p = Problem(str(file), _field_path(loc), _reason(err))
         if p not in seen:
             seen.append(p)
+    if len(seen) > MAX_PROBLEMS:  # a report stays readable (and small) whatever the file
+        more = len(seen) - MAX_PROBLEMS
+        seen = [*seen[:MAX_PROBLEMS], Problem(str(file), "", f"and {more} more problems")]
     return seen
+
+
+MAX_PROBLEMS = 20
+
+
+MAX_SPEC_BYTES = 1 << 20  # a spec file is a page of YAML
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a field given twice (the last would silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _value in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key != "<<" and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"field {_SHORT.repr(key)} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_spec(path: str | Path, model: str | None = None, seed: int | None = None) -> LoadedSpec:
@@ -238,13 +308,20 @@ def load_spec(path: str | Path, model: str | None = None, seed: int | None = Non
     if path.suffix != ".yaml":
         raise SpecError.one(path, "", "spec files end in .yaml")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_SPEC_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise SpecError.one(path, "", "no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise SpecError.one(path, "", f"cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        raw = yaml.safe_load(text)
+        return _parse(path, text, model, seed)
+    except RecursionError:
+        raise SpecError.one(path, "", "nested too deeply") from None
+
+
+def _parse(path: Path, text: str, model: str | None, seed: int | None) -> LoadedSpec:
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

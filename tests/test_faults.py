@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import save_png, scene_image, write_spec
 from PIL import Image
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 from dragonctl import api, files
 from dragonctl.cache import TrajectoryCache
 from dragonctl.cli import app
+from dragonctl.outputs import png_bytes
 
 runner = CliRunner()
 
@@ -80,7 +82,8 @@ def test_injected_write_errors_leave_no_partial_file_and_keep_the_old_one(
 ):
     spec = tiny_move(workdir, "m.yaml", tiny_sd, output="out/m.png")
     (workdir / "out").mkdir()
-    (workdir / "out" / "m.png").write_bytes(b"old result")
+    old = png_bytes(np.zeros((8, 8, 3), np.uint8))  # an earlier result: dragonctl's to replace
+    (workdir / "out" / "m.png").write_bytes(old)
     real_open = open
 
     class Failing:
@@ -99,12 +102,14 @@ def test_injected_write_errors_leave_no_partial_file_and_keep_the_old_one(
             )  # half of it reaches the disk, then the disk is "full"
             raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(files, "open", lambda p, m: Failing(p, m), raising=False)
+    monkeypatch.setattr(
+        files, "open", lambda p, m: Failing(p, m) if "w" in m else real_open(p, m), raising=False
+    )
     r = runner.invoke(app, ["edit", str(spec), "--no-cache"])
     assert r.exit_code == 1
     line = [x for x in r.stderr.splitlines() if x.startswith("failed:")][0]
     assert f"{spec}: output: cannot write" in line and os.strerror(err) in line
-    assert (workdir / "out" / "m.png").read_bytes() == b"old result"
+    assert (workdir / "out" / "m.png").read_bytes() == old
     assert [p.name for p in (workdir / "out").iterdir()] == ["m.png"]  # no temporary left behind
 
 
