@@ -81,6 +81,7 @@ class EditOptions:
     save_preview: bool = False
     skip_existing: bool = False
     overwrite: bool = False  # replace existing files that dragonctl did not write
+    threads: int | None = None  # torch's CPU threads (None: torch's default)
     compile: str = "off"  # off | on | a torch.compile mode: the step loop's UNet forward
 
 
@@ -131,6 +132,10 @@ class Session:
             from dragonctl.models import load_bundle
 
             o = self.opts
+            if o.threads:
+                import torch
+
+                torch.set_num_threads(o.threads)
             bundle = load_bundle(model, o.device, o.dtype, o.local_files_only, o.allow_pickle)
             cache = TrajectoryCache(o.cache_dir, enabled=not o.no_cache)
             compile = resolve_compile(o.compile, bundle.device)
@@ -275,11 +280,9 @@ def edit_one(
     if problems:  # a single spec's edit, or a file that changed since the batch's check
         rep.errors += [f"{ls.path}: output: {p}" for p in problems]
         return rep
-    if opts.skip_existing and out.exists():
-        rec = outputs.read_record(out)
-        if rec is not None and rec.get("spec") == ls.spec.model_dump(mode="json"):
-            rep.ok, rep.skipped = True, True
-            return rep
+    if opts.skip_existing and up_to_date(ls, out):
+        rep.ok, rep.skipped = True, True
+        return rep
     try:
         editor = session.editor(ls.spec.model)
         result = editor.edit(ls.spec, inp, progress, stop)
@@ -291,7 +294,11 @@ def edit_one(
                 "inversions": result.inversions,
             }
             record = outputs.metadata_record(
-                ls.spec, ls.path, editor.bundle.identity, result.timings, {"stats": stats}
+                ls.spec,
+                ls.path,
+                editor.bundle.identity,
+                result.timings,
+                {"inputs": input_digests(ls), "stats": stats},
             )
         outputs.write_result(
             out, result.image, ls.spec if opts.metadata else None, record, editor.bundle.name
@@ -314,6 +321,48 @@ def edit_one(
         rep.errors.append(f"{ls.path}: output: cannot write {out}: {e.strerror or e}")
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def input_digests(ls: LoadedSpec) -> dict[str, str]:
+    """SHA-256 of every file the spec reads, by field: what a result was made from."""
+    import hashlib
+
+    from dragonctl.files import read_regular
+    from dragonctl.inputs import MAX_FILE_BYTES
+
+    s = ls.spec
+    files = {"image": s.image}
+    for name, m in (("mask", s.mask), ("fill_region", s.fill_region)):
+        if m is not None and m.path:
+            files[name] = m.path
+    if s.reference is not None:
+        files["reference.image"] = s.reference.image
+        if s.reference.mask.path:
+            files["reference.mask"] = s.reference.mask.path
+    return {
+        k: hashlib.sha256(read_regular(ls.resolve(v), MAX_FILE_BYTES)).hexdigest()
+        for k, v in files.items()
+    }
+
+
+def up_to_date(ls: LoadedSpec, out: Path) -> bool:
+    """Whether `out` was made from this spec, these input files and this model's weights (its
+    metadata says so); an output without that record is not."""
+    from dragonctl import outputs
+    from dragonctl.models import weights_fingerprint
+
+    rec = outputs.read_record(out) if out.exists() else None
+    if rec is None or rec.get("spec") != ls.spec.model_dump(mode="json"):
+        return False
+    try:
+        same_inputs = rec.get("inputs") == input_digests(ls)
+        model = rec.get("model")
+        same_model = isinstance(model, dict) and model.get("weights_hash") == weights_fingerprint(
+            ls.spec.model
+        )
+    except (OSError, ValueError):
+        return False
+    return same_inputs and same_model
 
 
 def _write_previews(ls: LoadedSpec, inp: EditInputs, result, out: Path) -> None:

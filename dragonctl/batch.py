@@ -23,20 +23,18 @@ from dragonctl.paths import (
     protected_paths,
     resolved,
 )
-from dragonctl.spec import LoadedSpec, load_spec
-
-SPEC_SUFFIX = ".yaml"
+from dragonctl.spec import SPEC_SUFFIXES, LoadedSpec, load_spec
 
 
 def expand_specs(items: Iterable[str | Path]) -> list[Path]:
-    """Spec files from paths, folders (searched recursively for *.yaml) and globs, in order, once
-    each."""
+    """Spec files from paths, folders (searched recursively for *.yaml and *.yml) and globs, in
+    order, once each."""
     out: list[Path] = []
     seen: set[Path] = set()
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(p.rglob(f"*{SPEC_SUFFIX}"))
+            found = sorted(f for f in p.rglob("*") if f.suffix in SPEC_SUFFIXES and f.is_file())
         elif any(ch in str(item) for ch in "*?["):
             found = sorted(Path(x) for x in glob.glob(str(item), recursive=True))
         else:

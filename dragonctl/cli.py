@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import typer
+
+# Before torch loads (commands import it lazily): OpenMP threads that spin while waiting made
+# torch 6-20x slower on a busy machine; passive waiting costs little on an idle one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SPEC_EXAMPLE = """
 A spec is a YAML file; paths in it are relative to it:
@@ -45,15 +50,42 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-cache_app = typer.Typer(help="Inspect or clear the inversion cache.", no_args_is_help=True)
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+cache_app = typer.Typer(
+    help="Inspect or clear the inversion cache.",
+    no_args_is_help=True,
+    context_settings=HELP_OPTIONS,
+)
 app.add_typer(cache_app, name="cache")
 bench_app = typer.Typer(
-    help="Benchmarks: edit quality on the shapes world, speed and memory.", no_args_is_help=True
+    help="Benchmarks: edit quality on the shapes world, speed and memory.",
+    no_args_is_help=True,
+    context_settings=HELP_OPTIONS,
 )
 app.add_typer(bench_app, name="bench")
-import_app = typer.Typer(help="Import specs from other formats.", no_args_is_help=True)
+import_app = typer.Typer(
+    help="Import specs from other formats.", no_args_is_help=True, context_settings=HELP_OPTIONS
+)
 app.add_typer(import_app, name="import")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from dragonctl import __version__
+
+        typer.echo(f"dragonctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    pass
 
 
 def _err(msg: str) -> None:
@@ -177,6 +209,9 @@ def edit(
         "--overwrite",
         help="Replace existing files that dragonctl did not write (without it they are refused).",
     ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="CPU threads for torch (default: torch's, one per core)."
+    ),
     compile: bool = typer.Option(
         False,
         "--compile",
@@ -208,6 +243,7 @@ def edit(
         save_preview=save_preview,
         skip_existing=skip_existing,
         overwrite=overwrite,
+        threads=threads,
         compile="on" if compile else "off",
     )
     _run_batch(paths, opts, as_json)
@@ -350,8 +386,8 @@ def init(
     if output is None:
         typer.echo(text, nl=False)
         return
-    if output.suffix != ".yaml":
-        _usage(f"{output}: spec files end in .yaml")
+    if output.suffix not in (".yaml", ".yml"):
+        _usage(f"{output}: spec files end in .yaml or .yml")
     if output.resolve() == image.resolve():
         _usage(f"{output} is the image itself")
     if output.exists() and not force:
@@ -420,6 +456,8 @@ def cache_clear(
     """Remove cache entries."""
     from dragonctl.cache import TrajectoryCache
 
+    if older_than is not None and not older_than >= 0:  # a negative age would clear everything
+        _usage(f"--older-than takes a number of days ≥ 0, not {older_than}")
     n = TrajectoryCache(cache_dir).clear(None if older_than is None else older_than * 86400)
     typer.echo(f"removed {n} entries")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dragonctl import geometry
 from dragonctl.errors import SpecError
@@ -62,7 +62,7 @@ def read_image(path: Path, spec_file: Path, fld: str) -> tuple[np.ndarray, bytes
                         f"image is {w}×{h}, over the {MAX_PIXELS:,}-pixel limit: {path}",
                     )
                 img.load()
-                arr = to_rgb(img)
+                arr = to_rgb(ImageOps.exif_transpose(img))  # as cameras mean it, like load_image
     except SpecError:
         raise
     except (
@@ -178,6 +178,13 @@ def load_inputs(ls: LoadedSpec) -> EditInputs:
                 if not _inside(x, y, w, h):
                     raise SpecError.one(
                         f, f"points[{k}][{j}]", f"point ({x}, {y}) is outside the {w}×{h} image"
+                    )
+                if not inp.mask[int(y), int(x)]:
+                    which = "handle" if j == 0 else "target"
+                    raise SpecError.one(
+                        f,
+                        f"points[{k}][{j}]",
+                        f"the {which} ({x}, {y}) is outside the editable region (mask)",
                     )
             if handle == target:
                 inp.warnings.append(f"points[{k}] has zero length; it will not move anything")

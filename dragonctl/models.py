@@ -217,22 +217,34 @@ def _load_sd(
         raise ModelError(
             f"model {source}: not a diffusers Stable Diffusion folder ({str(e).splitlines()[0]})"
         ) from None
-    snapshot = files or _hub_snapshot(source)
-    weight_files = sorted(snapshot.glob("unet/*.safetensors")) if snapshot else []
+    weights_hash, revision = sd_weights_identity(source, files)
     bundle = sd_bundle(
-        source,
-        unet,
-        vae,
-        tokenizer,
-        text_encoder,
-        scheduler.config,
-        dev,
-        dt,
-        sampled_hash(weight_files) if weight_files else f"hub:{source}",
+        source, unet, vae, tokenizer, text_encoder, scheduler.config, dev, dt, weights_hash
     )
-    if files is None and snapshot is not None:
-        bundle.revision = snapshot.name  # a new revision must not reuse the old one's trajectories
+    bundle.revision = revision  # a new revision must not reuse the old one's trajectories
     return bundle
+
+
+def sd_weights_identity(source: str, folder: Path | None) -> tuple[str, str]:
+    """(weights hash, hub revision or "") of an SD folder or of a hub id's cached copy."""
+    snapshot = folder or _hub_snapshot(source)
+    weight_files = sorted(snapshot.glob("unet/*.safetensors")) if snapshot else []
+    weights_hash = sampled_hash(weight_files) if weight_files else f"hub:{source}"
+    return weights_hash, (snapshot.name if folder is None and snapshot is not None else "")
+
+
+def weights_fingerprint(model: str) -> str:
+    """The weights hash a bundle of `model` will have, without loading it (resume checks)."""
+    if model == SHAPES_MODEL:
+        from dragonctl.shapes.model import WEIGHTS_DIR
+
+        return sampled_hash([WEIGHTS_DIR / "unet" / "diffusion_pytorch_model.safetensors"])
+    path = Path(model).expanduser()
+    if path.is_file():
+        return sampled_hash([path])
+    if is_shapes_folder(path):
+        return sampled_hash([path / "unet" / "diffusion_pytorch_model.safetensors"])
+    return sd_weights_identity(model, path if path.is_dir() else None)[0]
 
 
 def _hub_snapshot(repo_id: str) -> Path | None:

@@ -285,6 +285,7 @@ MAX_PROBLEMS = 20
 
 
 MAX_SPEC_BYTES = 1 << 20  # a spec file is a page of YAML
+SPEC_SUFFIXES = (".yaml", ".yml")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -305,8 +306,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_spec(path: str | Path, model: str | None = None, seed: int | None = None) -> LoadedSpec:
     """Read, merge and validate one spec file. `model`/`seed` are command-line overrides."""
     path = Path(path)
-    if path.suffix != ".yaml":
-        raise SpecError.one(path, "", "spec files end in .yaml")
+    if path.suffix not in SPEC_SUFFIXES:
+        raise SpecError.one(path, "", "spec files end in .yaml or .yml")
     try:
         text = read_regular(path, MAX_SPEC_BYTES).decode("utf-8")
     except FileNotFoundError:

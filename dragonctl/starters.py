@@ -46,7 +46,8 @@ HEAD = """\
     prompt: ""                    # describe the image (SD models); the shapes model ignores it
     """
 TAIL = """\
-    # model: shapes                # default: Stable Diffusion 1.5; `shapes` runs offline
+    model: shapes                 # the embedded model, offline; for SD 1.5 delete this line
+                                  # (or name a hub id, a folder or a .safetensors file)
     # seed: 42
     # steps: 50
     # output: result.png
@@ -65,10 +66,10 @@ def init_spec(mode: str, image: str, width: int | None = None, height: int | Non
             .replace("Y0", str(height // 4))
             .replace("X1", str(width // 2))
             .replace("Y1", str(height // 2))
-            .replace("HX", str(width // 3))
-            .replace("HY", str(height // 2))
-            .replace("TX", str(width // 2))
-            .replace("TY", str(height // 2))
+            .replace("HX", str(width * 5 // 16))  # both points inside the drag's region
+            .replace("HY", str(height * 3 // 8))
+            .replace("TX", str(width * 7 // 16))
+            .replace("TY", str(height * 3 // 8))
             .replace("[X, Y]", f"[{width // 2}, {height // 2}]")
         )
     head = dedent(HEAD).replace("MODE", mode).replace("IMAGE", image)

@@ -48,22 +48,25 @@ def test_a_fifo_or_an_endless_device_is_refused_unread(workdir):
     assert r.stderr.count("not a regular file") == 3, r.stderr
 
 
-def test_an_alias_bomb_is_reported_in_a_line(workdir):
+@pytest.mark.parametrize(
+    "where", ["mode: *i", "version: *i", "guidance: {energy_scale: *i}", "guidance: *i"]
+)
+def test_an_alias_bomb_is_reported_in_a_line(workdir, where):
     bomb = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     bomb += [
         f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]"
         for p, c in zip("abcdefgh", "bcdefghi")
     ]
+    fields = {"version": "version: 1", "mode": "mode: move", "guidance": ""}
+    fields[where.split(":")[0]] = where
     spec = workdir / "bomb.yaml"
     spec.write_text(
-        "\n".join(
-            ["x:", *("  " + line for line in bomb), "version: 1", "image: src.png", "mode: *i"]
-        )
+        "\n".join(["x:", *("  " + line for line in bomb), "image: src.png", *fields.values()])
         + "\n"
     )
     r = _validate_in_a_process(str(spec))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr) < 2000, r.stderr
-    assert "mode" in r.stderr
+    assert where.split(":")[0] in r.stderr
 
 
 def test_deep_nesting_and_odd_paths_are_clean_errors(workdir):

@@ -135,3 +135,32 @@ def test_init_never_writes_over_its_image(workdir):
         r = runner.invoke(app, ["init", "move", str(image), "-o", str(workdir / out), "--force"])
         assert r.exit_code == 2 and "error:" in r.output
     assert image.read_bytes() == before
+
+
+def test_an_output_that_is_an_input_is_found_by_validate(tiny_sd, workdir):
+    spec = _move(workdir, "m.yaml", tiny_sd, output="src.png")
+    for args, code in ((["validate"], 2), (["edit", "--no-cache"], 1)):
+        r = runner.invoke(app, [*args, str(spec)])
+        assert r.exit_code == code and "is one of the spec's inputs" in r.output, r.output
+
+
+def test_a_chain_stays_whole_across_devices(tiny_sd, workdir):
+    from dragonctl import api
+    from dragonctl.batch import assign_to_devices, check_jobs
+
+    first = _move(workdir, "first.yaml", tiny_sd, output="step1.png")
+    second = _move(workdir, "second.yaml", tiny_sd, image="step1.png", output="step2.png")
+    other = _move(
+        workdir,
+        "other.yaml",
+        tiny_sd,
+        image="ref.png",
+        output="other.png",
+        mask={"box": [16, 16, 32, 32]},
+    )
+    jobs = check_jobs([second, other, first], None, None)
+    assigned = assign_to_devices(jobs, ["cpu", "cpu:1"])
+    assert sorted(map(sorted, assigned.values())) == [[0, 2], [1]]  # the chain on one device
+    reports = api.edit([second, other, first], api.EditOptions(device="cpu,cpu", no_cache=True))
+    assert all(r.ok for r in reports), [r.errors for r in reports]
+    assert (workdir / "step2.png").exists()

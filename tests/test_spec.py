@@ -272,10 +272,10 @@ def test_mode_specific_errors(workdir, spec_for, mode, change, field, reason):
 def test_file_level_errors(tmp_path):
     (tmp_path / "a.yaml").write_text("mode: [unclosed\n")
     (tmp_path / "b.yaml").write_text("- just\n- a list\n")
-    (tmp_path / "c.yml").write_text("version: 1\n")
+    (tmp_path / "c.json").write_text("version: 1\n")
     assert "not valid YAML at line" in problems(tmp_path / "a.yaml")[0]
     assert "a spec is a YAML mapping" in problems(tmp_path / "b.yaml")[0]
-    assert "end in .yaml" in problems(tmp_path / "c.yml")[0]
+    assert "end in .yaml or .yml" in problems(tmp_path / "c.json")[0]
     assert "no such file" in problems(tmp_path / "none.yaml")[0]
 
 

@@ -100,7 +100,7 @@ def write_specs(folder: Path, resolution: int, steps: int) -> dict[str, Path]:
         "move": {"mask": {"box": box}, "offset": [int(0.3 * r), 0]},
         "resize": {"mask": {"box": box}, "scale": 1.3},
         "drag": {
-            "mask": {"box": [0, 0, r // 2, r // 2 + r // 8]},
+            "mask": {"box": [0, 0, r // 2 + r // 8, r // 2 + r // 8]},
             "points": [[[0.42 * r, 0.35 * r], [0.5 * r, 0.35 * r]]],
         },
         "appearance": {

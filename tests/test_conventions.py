@@ -1,0 +1,105 @@
+"""What users expect of a command-line tool: `.yml`, `-h`/`--version`, honest resume, threads,
+EXIF orientation, drag points inside their region, starters that run offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from conftest import save_png, scene_image
+from PIL import Image
+from typer.testing import CliRunner
+
+from dragonctl import api
+from dragonctl.cli import app
+
+runner = CliRunner()
+
+
+def test_yml_specs_are_accepted_everywhere(workdir, spec_for):
+    spec = spec_for("move", name="m.yml", model="shapes")
+    r = runner.invoke(app, ["validate", str(workdir)])  # a folder finds .yml files too
+    assert r.exit_code == 0 and "m.yml" in r.output, r.output
+    assert api.validate([spec])[0].ok
+
+
+def test_help_version_and_negative_ages(tmp_path):
+    from dragonctl import __version__
+
+    assert runner.invoke(app, ["--version"]).output.strip() == f"dragonctl {__version__}"
+    for args in (["-h"], ["edit", "-h"], ["cache", "-h"], ["bench", "-h"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0 and "Usage:" in r.output, args
+    r = runner.invoke(app, ["cache", "clear", "--cache-dir", str(tmp_path), "--older-than", "-5"])
+    assert r.exit_code == 2 and "≥ 0" in r.output
+
+
+def test_skip_existing_redoes_an_edit_whose_inputs_changed(tiny_sd, workdir, spec_for):
+    spec = spec_for("move", model=str(tiny_sd), steps=2)
+
+    def skipped() -> bool:
+        return api.edit([spec], api.EditOptions(no_cache=True, skip_existing=True))[0].skipped
+
+    assert not skipped() and skipped()
+    save_png(workdir / "src.png", scene_image(color=(40, 40, 220)))  # the source changed
+    assert not skipped() and skipped()
+    m = np.zeros((40, 56), dtype=np.uint8)
+    m[12:26, 8:24] = 255
+    save_png(workdir / "mask.png", m)  # so did the mask
+    assert not skipped()
+
+
+def test_the_cli_waits_passively_and_takes_a_thread_count(tiny_sd, spec_for):
+    code = "import os, dragonctl.cli; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "PASSIVE"
+    import torch
+
+    spec = spec_for("move", model=str(tiny_sd), steps=2)
+    try:
+        assert api.edit([spec], api.EditOptions(no_cache=True, threads=2))[0].ok
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_exif_orientation_is_applied_to_sources_and_masks(workdir):
+    from dragonctl.inputs import read_image
+
+    upright = scene_image(40, 56)  # 56 wide, 40 high, a red box at the top left
+    stored = np.rot90(upright, k=1)  # stored rotated, with Orientation 6 to turn it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(stored)).save(workdir / "rot.jpg", exif=exif, quality=95)
+    arr, _ = read_image(workdir / "rot.jpg", workdir / "x.yaml", "image")
+    assert arr.shape == (40, 56, 3)
+    assert np.abs(arr.astype(int) - upright.astype(int)).mean() < 6
+
+
+def test_drag_points_outside_the_editable_region_are_errors(workdir, spec_for):
+    spec = spec_for("drag", mask={"box": [0, 0, 20, 36]}, points=[[[10, 10], [30, 10]]])
+    r = runner.invoke(app, ["validate", str(spec)])
+    assert (
+        r.exit_code == 2
+        and "points[0][1]" in r.output
+        and "outside the editable region" in (r.output)
+    )
+
+
+def test_starters_run_offline_as_written(tmp_path):
+    save_png(tmp_path / "scene.png", scene_image(64, 64))
+    save_png(tmp_path / "reference.png", scene_image(64, 64, color=(30, 200, 60)))
+    for mode in ("move", "resize", "drag", "appearance", "paste"):
+        r = runner.invoke(
+            app, ["init", mode, str(tmp_path / "scene.png"), "-o", str(tmp_path / f"{mode}.yaml")]
+        )
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["validate", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    drag = tmp_path / "drag.yaml"
+    drag.write_text(drag.read_text() + "steps: 3\n")  # the embedded model, offline
+    rep = api.edit([drag], api.EditOptions(no_cache=True))[0]
+    assert rep.ok, rep.errors
