@@ -229,6 +229,7 @@ def edit(
     paths = api.expand_specs(specs)
     if not paths:
         _usage(f"no spec files found in: {' '.join(specs)}")
+    _check_device_and_dtype(device, dtype)
     opts = api.EditOptions(
         out_dir=out,
         model=model,
@@ -247,6 +248,18 @@ def edit(
         compile="on" if compile else "off",
     )
     _run_batch(paths, opts, as_json)
+
+
+def _check_device_and_dtype(device: str, dtype: str) -> None:
+    """A device or dtype that cannot work is bad usage, said at once (not once per spec)."""
+    from dragonctl.errors import ModelError
+    from dragonctl.models import pick_device, pick_dtype
+
+    try:
+        for d in (x.strip() for x in device.split(",") if x.strip()):
+            pick_dtype(dtype, pick_device(d))
+    except ModelError as e:
+        _usage(str(e))
 
 
 def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
@@ -419,6 +432,7 @@ def invert(
 
     if not specs:
         _usage("give at least one spec file, folder or glob")
+    _check_device_and_dtype(device, dtype)
     opts = api.EditOptions(
         model=model,
         device=device,

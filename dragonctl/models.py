@@ -188,6 +188,12 @@ def _hub_error(model: str, err: Exception) -> ModelError:
     )
 
 
+def _has_accelerate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def _load_sd(
     source: str, dev: torch.device, dt: torch.dtype, local_files_only: bool, files: Path | None
 ) -> ModelBundle:
@@ -196,9 +202,11 @@ def _load_sd(
 
     def load(local: bool):
         kw = dict(local_files_only=local)
+        # low_cpu_mem_usage needs `accelerate`; asking for it without prints a warning every run
+        lean = dict(low_cpu_mem_usage=_has_accelerate())
         return (
-            UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw),
-            AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw),
+            UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw, **lean),
+            AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw, **lean),
             CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
             CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dt, **kw),
             DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
@@ -350,7 +358,9 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
             f"model {name}: no weights at {weights}; "
             "train them with `python -m dragonctl.shapes.train`"
         )
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dt, local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(
+        folder / "unet", dtype=dt, local_files_only=True, low_cpu_mem_usage=_has_accelerate()
+    )
     sched = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
     null = load_file(folder / "null_prompt.safetensors")["embedding"].to(dev, dt)
     attn = check_structure(unet, name)

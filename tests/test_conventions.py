@@ -103,3 +103,24 @@ def test_starters_run_offline_as_written(tmp_path):
     drag.write_text(drag.read_text() + "steps: 3\n")  # the embedded model, offline
     rep = api.edit([drag], api.EditOptions(no_cache=True))[0]
     assert rep.ok, rep.errors
+
+
+def test_a_device_or_dtype_that_cannot_work_is_bad_usage_at_once(spec_for):
+    spec = spec_for("move", model="shapes")
+    for args, said in (
+        (["--dtype", "int8"], "unknown dtype"),
+        (["--device", "nope"], "unknown device"),
+        (["--device", "cuda:0"], "CUDA is not available"),
+    ):
+        r = runner.invoke(app, ["edit", str(spec), *args])
+        assert r.exit_code == 2 and said in r.output and len(r.output.splitlines()) == 1, r.output
+
+
+def test_loading_a_model_prints_no_accelerate_advice(spec_for):
+    code = (
+        "import sys; from dragonctl.models import load_bundle; load_bundle(sys.argv[1], "
+        "device='cpu')"
+    )
+    for model in ("shapes",):
+        out = subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True)
+        assert out.returncode == 0 and "accelerate" not in out.stderr, out.stderr
