@@ -300,8 +300,14 @@ def edit_one(
                 result.timings,
                 {"inputs": input_digests(ls), "stats": stats},
             )
+        b = editor.bundle
         outputs.write_result(
-            out, result.image, ls.spec if opts.metadata else None, record, editor.bundle.name
+            out,
+            result.image,
+            ls.spec if opts.metadata else None,
+            record,
+            b.name,
+            b.model_hash if opts.metadata else "",
         )
         if opts.save_preview:
             _write_previews(ls, inp, result.image, out)

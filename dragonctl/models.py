@@ -9,6 +9,7 @@ The method's needs are found by structure, never by SD 1.5's sizes: decoder self
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -39,6 +40,19 @@ class ModelBundle:
     weights_hash: str
     decoder_self_attention: list[str] = field(default_factory=list)  # processor names
     revision: str = ""  # the hub snapshot's commit, for hub models
+    weights_file: Path | None = None  # the checkpoint or UNet weights file, for A1111's hash
+
+    @functools.cached_property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's short model hash: SHA-256 of the weights file, 10 hex digits ("" when
+        there is no local file)."""
+        if self.weights_file is None or not self.weights_file.is_file():
+            return ""
+        h = hashlib.sha256()
+        with self.weights_file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        return h.hexdigest()[:10]
 
     @property
     def prediction_type(self) -> str:
@@ -230,6 +244,9 @@ def _load_sd(
         source, unet, vae, tokenizer, text_encoder, scheduler.config, dev, dt, weights_hash
     )
     bundle.revision = revision  # a new revision must not reuse the old one's trajectories
+    snapshot = files or _hub_snapshot(source)
+    unet_files = sorted(snapshot.glob("unet/*.safetensors")) if snapshot else []
+    bundle.weights_file = unet_files[0] if unet_files else None
     return bundle
 
 
@@ -290,6 +307,7 @@ def _load_single_file(
         dev,
         dt,
         sampled_hash([path]),
+        weights_file=path,
     )
 
 
@@ -303,6 +321,7 @@ def sd_bundle(
     dev: torch.device,
     dt: torch.dtype,
     weights_hash: str,
+    weights_file: Path | None = None,
 ) -> ModelBundle:
     """A bundle from loaded SD components (also used with components built in code)."""
     attn = check_structure(unet, name)
@@ -343,6 +362,7 @@ def sd_bundle(
         encode_prompt=encode_prompt,
         weights_hash=weights_hash,
         decoder_self_attention=attn,
+        weights_file=weights_file,
     )
 
 
@@ -383,4 +403,5 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
         encode_prompt=encode_prompt,
         weights_hash=sampled_hash([weights]),
         decoder_self_attention=attn,
+        weights_file=weights,
     )

@@ -28,12 +28,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def parameters_text(spec: Spec, model_name: str) -> str:
-    """The A1111-style `parameters` chunk: prompt on the first line, settings after it."""
+def parameters_text(
+    spec: Spec, model_name: str, size: tuple[int, int] | None = None, model_hash: str = ""
+) -> str:
+    """The A1111-style `parameters` chunk: prompt on the first line, settings after it, with the
+    image's `Size` and the `Model hash` AUTOMATIC1111, ComfyUI and civitai readers look for."""
     g = spec.guidance
+    extra = f"Size: {size[0]}x{size[1]}, " if size else ""
+    extra += f"Model hash: {model_hash}, " if model_hash else ""
     return (
         f"{spec.prompt}\nSteps: {spec.steps}, Sampler: DDIM, CFG scale: {g.cfg_scale}, "
-        f"Seed: {spec.seed}, Mode: {spec.mode}, Method: {g.method}, "
+        f"Seed: {spec.seed}, {extra}Mode: {spec.mode}, Method: {g.method}, "
         f"Energy scale: {g.energy_scale}, Model: {model_name}"
     )
 
@@ -75,12 +80,15 @@ def write_result(
     spec: Spec | None = None,
     record: dict | None = None,
     model_name: str = "",
+    model_hash: str = "",
 ) -> list[Path]:
     """Write the image (and, with metadata, its sidecar `.json`); returns the paths written."""
     if record is None or spec is None:
         atomic_write(path, png_bytes(image))
         return [path]
-    atomic_write(path, png_bytes(image, parameters_text(spec, model_name), record))
+    size = (image.shape[1], image.shape[0])
+    text = parameters_text(spec, model_name, size, model_hash)
+    atomic_write(path, png_bytes(image, text, record))
     sidecar = path.with_suffix(".json")
     atomic_write(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return [path, sidecar]

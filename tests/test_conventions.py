@@ -124,3 +124,16 @@ def test_loading_a_model_prints_no_accelerate_advice(spec_for):
     for model in ("shapes",):
         out = subprocess.run([sys.executable, "-c", code, model], capture_output=True, text=True)
         assert out.returncode == 0 and "accelerate" not in out.stderr, out.stderr
+
+
+def test_the_parameters_chunk_has_size_and_a1111s_model_hash(tiny_sd, workdir, spec_for):
+    import hashlib
+
+    spec = spec_for("move", model=str(tiny_sd), steps=2)
+    rep = api.edit([spec], api.EditOptions(no_cache=True))[0]
+    assert rep.ok, rep.errors
+    weights = tiny_sd / "unet" / "diffusion_pytorch_model.safetensors"
+    expected = hashlib.sha256(weights.read_bytes()).hexdigest()[:10]
+    with Image.open(rep.output) as img:
+        text = img.text["parameters"]
+    assert "Size: 56x40" in text and f"Model hash: {expected}" in text, text
