@@ -35,34 +35,35 @@ def _byte_symbols() -> list[str]:
     return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
+_TINY_UNET = dict(
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+_TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
 SIZES = {
     "tiny": dict(
         unet=dict(
-            block_out_channels=(32, 64, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
+            **_TINY_UNET,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         ),
         vae=dict(block_out_channels=(32, 32), norm_num_groups=32, layers_per_block=1),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        text=_TINY_TEXT,
     ),
     # SD's VAE factor 8 (four levels); decoder attention only below the latent's full size,
     # so 512² and 768² working sizes stay cheap on a CPU (fp16 precision checks)
     "tiny8": dict(
         unet=dict(
-            block_out_channels=(32, 64, 64),
-            layers_per_block=1,
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
+            **_TINY_UNET,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         ),
         vae=dict(block_out_channels=(16, 16, 16, 16), norm_num_groups=16, layers_per_block=1),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        text=_TINY_TEXT,
     ),
     "sd15": dict(
         unet=dict(

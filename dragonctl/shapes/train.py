@@ -138,16 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints/shapes"))
     ap.add_argument("--export-dir", type=Path, default=shapes_model.WEIGHTS_DIR)
     args = ap.parse_args(argv)
-    # Background jobs ignore SIGINT, so SIGTERM also means "save and stop".
+    return run_saving_on_signals(train, args)
+
+
+def run_saving_on_signals(fn, args: argparse.Namespace) -> int:
+    """Run a trainer with SIGINT and SIGTERM raising KeyboardInterrupt (it saves and stops:
+    background jobs ignore SIGINT), then restore the old handlers."""
     previous = {
-        sig: signal.signal(sig, signal.default_int_handler)
-        for sig in (signal.SIGINT, signal.SIGTERM)
+        s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        return train(args)
+        return fn(args)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resume(
