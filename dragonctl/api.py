@@ -149,6 +149,7 @@ def edit(
     progress: Progress | None = None,
     on_report: Callable[[SpecReport], None] | None = None,
     stop: Callable[[], bool] | None = None,
+    on_start: Callable[[Path, int, int], None] | None = None,
 ) -> list[SpecReport]:
     """Edit every spec; a failing spec is reported and the batch goes on.
 
@@ -159,6 +160,7 @@ def edit(
         on_report: called with each spec's report as it finishes.
         stop: polled after every sampler step; when it turns true the current edit is abandoned
             (nothing written) and the remaining specs are reported as not run.
+        on_start: called as (spec, i, n) before the i-th of n specs runs (1-based, run order).
 
     Returns:
         One report per spec, in the order given. Raises UsageError when two specs would write
@@ -174,7 +176,9 @@ def edit(
     session = Session(opts)
     by_index: dict[int, SpecReport] = {}
     interrupted = False
-    for k in run_order(jobs):
+    for i, k in enumerate(run_order(jobs), 1):
+        if on_start:
+            on_start(jobs[k].path, i, len(jobs))
         failed = [jobs[d].path for d in jobs[k].after if not by_index[d].ok]
         if failed:
             why = f"{jobs[k].path}: not run: it reads the output of {failed[0]}, which failed"

@@ -112,9 +112,10 @@ def _reported_errors():
 
 
 def _progress(enabled: bool):
-    """A rich progress bar per phase on a terminal; nothing otherwise."""
+    """A rich progress bar per phase, and one for the batch, on a terminal; nothing otherwise.
+    Returns (bar, the engine's progress callback, the batch's on_start callback)."""
     if not enabled or not sys.stderr.isatty():
-        return None, None
+        return None, None, None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(
@@ -133,7 +134,13 @@ def _progress(enabled: bool):
             tasks[phase] = bar.add_task(phase, total=total)
         bar.update(tasks[phase], completed=done)
 
-    return bar, update
+    def started(spec: Path, i: int, n: int) -> None:
+        """The batch's own line: which spec, i of n."""
+        if "specs" not in tasks:
+            tasks["specs"] = bar.add_task("", total=n)
+        bar.update(tasks["specs"], completed=i - 1, description=f"{spec.name} ({i} of {n})")
+
+    return bar, update, started
 
 
 class _StopOnInterrupt:
@@ -267,7 +274,7 @@ def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
     from dragonctl import api
     from dragonctl.errors import DragonError, UsageError
 
-    bar, update = _progress(not as_json)
+    bar, update, started = _progress(not as_json)
 
     def on_report(rep) -> None:
         if as_json:
@@ -284,7 +291,7 @@ def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
         with stop:
             if bar:
                 with bar:
-                    reports = api.edit(paths, opts, update, on_report, stop)
+                    reports = api.edit(paths, opts, update, on_report, stop, started)
             else:
                 reports = api.edit(paths, opts, None, on_report, stop)
     except UsageError as e:

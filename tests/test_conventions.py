@@ -137,3 +137,26 @@ def test_the_parameters_chunk_has_size_and_a1111s_model_hash(tiny_sd, workdir, s
     with Image.open(rep.output) as img:
         text = img.text["parameters"]
     assert "Size: 56x40" in text and f"Model hash: {expected}" in text, text
+
+
+def test_a_batch_says_which_spec_runs_i_of_n(tiny_sd, workdir, spec_for):
+    specs = [spec_for("move", name=f"s{i}.yaml", model=str(tiny_sd), steps=2) for i in range(3)]
+    started = []
+    api.edit(
+        specs,
+        api.EditOptions(no_cache=True),
+        on_start=lambda p, i, n: started.append((p.name, i, n)),
+    )
+    assert started == [("s0.yaml", 1, 3), ("s1.yaml", 2, 3), ("s2.yaml", 3, 3)]
+
+
+def test_the_progress_bar_names_the_spec(monkeypatch):
+    from pathlib import Path
+
+    from dragonctl import cli
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar, update, started = cli._progress(True)
+    started(Path("specs/cup.yaml"), 2, 5)
+    assert [t.description for t in bar.tasks] == ["cup.yaml (2 of 5)"]
+    assert bar.tasks[0].completed == 1 and bar.tasks[0].total == 5
