@@ -17,7 +17,7 @@ from dragonctl.batch import Job, assign_to_devices, check_jobs, expand_specs, ru
 from dragonctl.errors import DragonError, EditInterrupted, SpecError, UsageError
 from dragonctl.inputs import EditInputs, load_inputs
 from dragonctl.paths import common_folder, output_path, output_problems, protected_paths
-from dragonctl.preview import preview_image, side_by_side
+from dragonctl.preview import preview_image, preview_sheet, side_by_side
 from dragonctl.progress import Progress
 from dragonctl.spec import LoadedSpec, load_spec
 from dragonctl.starters import init_spec
@@ -378,7 +378,7 @@ def up_to_date(ls: LoadedSpec, out: Path) -> bool:
 def _write_previews(ls: LoadedSpec, inp: EditInputs, result, out: Path) -> None:
     from dragonctl import outputs
 
-    outputs.write_result(out.with_name(out.stem + ".overlay.png"), preview_image(ls, inp))
+    outputs.write_result(out.with_name(out.stem + ".overlay.png"), preview_sheet(ls, inp))
     outputs.write_result(out.with_name(out.stem + ".compare.png"), side_by_side(inp.source, result))
 
 
@@ -424,5 +424,5 @@ def preview(path: str | Path, out: Path | None = None) -> Path:
     out = out or ls.path.with_name(ls.path.stem + ".preview.png")
     if out.resolve() in protected_paths(ls):
         raise DragonError(f"{ls.path}: preview output {out} is one of the spec's inputs")
-    outputs.write_result(out, preview_image(ls, inp))
+    outputs.write_result(out, preview_sheet(ls, inp))
     return out

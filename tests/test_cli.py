@@ -220,5 +220,7 @@ def test_save_preview_writes_overlay_and_side_by_side(tiny_sd, spec_for, workdir
     assert run("edit", str(spec), "--no-cache", "--save-preview").exit_code == 0
     from PIL import Image
 
-    assert Image.open(workdir / "res" / "m.overlay.png").size == (56, 40)
+    k = -(-256 // 40)  # the preview sheet: enlarged to a 256-px short side, a legend below
+    w, h = Image.open(workdir / "res" / "m.overlay.png").size
+    assert w == 56 * k and h > 40 * k
     assert Image.open(workdir / "res" / "m.compare.png").size == (56 * 2 + 4, 40)

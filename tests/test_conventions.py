@@ -160,3 +160,16 @@ def test_the_progress_bar_names_the_spec(monkeypatch):
     started(Path("specs/cup.yaml"), 2, 5)
     assert [t.description for t in bar.tasks] == ["cup.yaml (2 of 5)"]
     assert bar.tasks[0].completed == 1 and bar.tasks[0].total == 5
+
+
+def test_preview_is_readable_on_any_colour_and_size(workdir, spec_for):
+    # a red mask over a red object: the fill alone would not show it; the outline does
+    spec = spec_for("move", mask={"box": [8, 10, 24, 26]})
+    out = workdir / "p.png"
+    r = runner.invoke(app, ["preview", str(spec), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    img = np.asarray(Image.open(out).convert("RGB"))
+    k = -(-256 // 40)  # the 56×40 source, enlarged by whole multiples to a 256-px short side
+    assert img.shape[1] == 56 * k and img.shape[0] > 40 * k  # with the legend below
+    assert (img[10 * k, 8 * k : 24 * k] == 255).all()  # the mask's top edge: a white line
+    assert (img[10 * k - 1, 8 * k : 24 * k] == 0).all()  # and a black one just outside
