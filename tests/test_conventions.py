@@ -173,3 +173,18 @@ def test_preview_is_readable_on_any_colour_and_size(workdir, spec_for):
     assert img.shape[1] == 56 * k and img.shape[0] > 40 * k  # with the legend below
     assert (img[10 * k, 8 * k : 24 * k] == 255).all()  # the mask's top edge: a white line
     assert (img[10 * k - 1, 8 * k : 24 * k] == 0).all()  # and a black one just outside
+
+
+def test_listing_a_folder_of_specs_is_linear(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    for i in range(400):
+        (tmp_path / f"s{i:03d}.yaml").write_text("version: 1\n")
+    calls = []
+    real = Path.resolve
+    monkeypatch.setattr(
+        Path, "resolve", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
+    found = api.expand_specs([tmp_path, tmp_path / "s001.yaml"])
+    assert len(found) == 400
+    assert len(calls) < 5 * 400  # was one resolve per pair of specs: 80,000 here
