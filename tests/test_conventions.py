@@ -188,3 +188,37 @@ def test_listing_a_folder_of_specs_is_linear(tmp_path, monkeypatch):
     found = api.expand_specs([tmp_path, tmp_path / "s001.yaml"])
     assert len(found) == 400
     assert len(calls) < 5 * 400  # was one resolve per pair of specs: 80,000 here
+
+
+def test_the_notebook_api_loads_once_and_edits_in_memory(tiny_sd):
+    import torch
+
+    import dragonctl
+
+    editor = dragonctl.Editor(str(tiny_sd), device="cpu", no_cache=True)
+    source = Image.fromarray(scene_image())
+    mask = np.zeros((40, 56), dtype=bool)
+    mask[10:26, 8:24] = True
+    steps = []
+    spec = {"mode": "move", "mask": mask, "offset": [12, 2], "steps": 3, "resolution": 32}
+    result = editor.edit(
+        source,
+        spec,
+        generator=torch.Generator().manual_seed(3),
+        callback=lambda i, n: steps.append((i, n)),
+    )
+    assert isinstance(result.image, Image.Image) and result.image.size == (56, 40)
+    assert steps == [(1, 3), (2, 3), (3, 3)] and result.metadata["spec"]["seed"] == 3
+    again = editor.edit(
+        np.asarray(source),
+        {**spec, "mask": {"box": [8, 10, 24, 26]}},
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert np.array_equal(np.asarray(again.image), np.asarray(result.image))  # same edit
+    assert editor.engine is editor.session.editor(str(tiny_sd))  # loaded once
+
+
+def test_import_dragonctl_stays_light():
+    code = "import sys, dragonctl; assert 'torch' not in sys.modules; print(dragonctl.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
