@@ -621,6 +621,25 @@ def bench_precision(
     _err(f"wrote {out}")
 
 
+@bench_app.command("convert-lpips")
+def bench_convert_lpips(
+    alexnet: Path = typer.Argument(..., help="torchvision's AlexNet weights (alexnet-owt-*.pth)."),
+    lpips: Path = typer.Argument(..., help="The lpips package's linear heads (alex.pth)."),
+    out: Path = typer.Argument(..., help="The safetensors file for --lpips-weights."),
+) -> None:
+    """Convert the published LPIPS (AlexNet) weights for `bench dragbench --lpips-weights`."""
+    import pickle
+
+    from dragonctl.bench.dragbench_metrics import convert_lpips
+
+    try:
+        convert_lpips(alexnet, lpips, out)
+    except (OSError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
+        _err(f"error: {e}")
+        raise typer.Exit(1) from None
+    typer.echo(str(out))
+
+
 @import_app.command("dragbench")
 def import_dragbench(
     src: Path = typer.Argument(

@@ -50,3 +50,50 @@ def test_dift_features_on_a_tiny_model(tiny_sd):
     assert f.shape == (64, 16, 24) and torch.isfinite(f).all()
     again = metrics.dift_features(b, img, "a photo", ensemble=2)
     assert torch.equal(f, again)  # seeded noise ensemble
+
+
+def test_published_lpips_weights_convert_to_the_projects_file(tmp_path):
+    """Files laid out as torchvision's AlexNet and the lpips package's heads, built in code."""
+    from typer.testing import CliRunner
+
+    from dragonctl.bench.dragbench_metrics import ALEXNET_CONVS, LPIPS
+    from dragonctl.cli import app
+
+    ref = LPIPS()
+    alexnet = {
+        f"features.{i}.{p}": getattr(ref.net.convs[k], p).detach().clone()
+        for k, i in enumerate(ALEXNET_CONVS)
+        for p in ("weight", "bias")
+    }
+    alexnet["classifier.1.weight"] = torch.zeros(4, 4)  # what the converter leaves out
+    heads = {
+        f"lin{k}.model.1.weight": h.weight.detach().abs().clone() for k, h in enumerate(ref.heads)
+    }
+    torch.save(alexnet, tmp_path / "alexnet-owt.pth")
+    torch.save(heads, tmp_path / "alex.pth")
+    out = tmp_path / "lpips.safetensors"
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "convert-lpips",
+            str(tmp_path / "alexnet-owt.pth"),
+            str(tmp_path / "alex.pth"),
+            str(out),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    loaded = LPIPS.from_file(out)
+    assert torch.equal(loaded.net.convs[2].weight, ref.net.convs[2].weight)
+    assert torch.equal(loaded.heads[4].weight, ref.heads[4].weight.abs())
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "convert-lpips",
+            str(tmp_path / "alex.pth"),
+            str(tmp_path / "alex.pth"),
+            str(out),
+        ],
+    )  # heads given as AlexNet
+    assert r.exit_code == 1 and "no features.0.weight" in r.output

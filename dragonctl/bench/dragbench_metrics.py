@@ -139,3 +139,35 @@ def image_fidelity(lpips: LPIPS, source: np.ndarray, edited: np.ndarray, size: i
         return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
     return 1.0 - float(lpips(prep(source), prep(edited))[0])
+
+
+ALEXNET_CONVS = (0, 3, 6, 8, 10)  # torchvision AlexNet's `features` indices of the five convs
+
+
+def convert_lpips(alexnet: Path, lpips: Path, out: Path) -> None:
+    """One safetensors file for `LPIPS.from_file` from the published weights: torchvision's
+    AlexNet (`alexnet-owt-*.pth`, keys `features.{0,3,6,8,10}.{weight,bias}`) and the `lpips`
+    package's linear heads (`alex.pth`, keys `lin{0..4}.model.1.weight`). Both are read with
+    `weights_only` (tensors only: no code runs)."""
+    from safetensors.torch import save_file
+
+    from dragonctl.files import atomic_write
+
+    net = torch.load(alexnet, map_location="cpu", weights_only=True)
+    heads = torch.load(lpips, map_location="cpu", weights_only=True)
+    state = {}
+    for k, index in enumerate(ALEXNET_CONVS):
+        for part in ("weight", "bias"):
+            state[f"net.convs.{k}.{part}"] = _tensor(net, f"features.{index}.{part}", alexnet)
+        state[f"heads.{k}.weight"] = _tensor(heads, f"lin{k}.model.1.weight", lpips)
+    LPIPS().load_state_dict(state)  # the shapes fit, or this says which does not
+    tmp = out.with_name(f".{out.name}.convert")
+    save_file({k: v.float().contiguous() for k, v in state.items()}, str(tmp))
+    atomic_write(out, tmp.read_bytes())
+    tmp.unlink()
+
+
+def _tensor(state: dict, key: str, source: Path) -> torch.Tensor:
+    if key not in state:
+        raise KeyError(f"{source}: no {key} (is it the right file?)")
+    return state[key]
