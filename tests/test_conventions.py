@@ -222,3 +222,19 @@ def test_import_dragonctl_stays_light():
     code = "import sys, dragonctl; assert 'torch' not in sys.modules; print(dragonctl.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_alpha_is_dropped_and_a_transparent_palette_index_keeps_its_colour(workdir):
+    from dragonctl.inputs import read_image
+
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    pal.info["transparency"] = 1  # index 1 is transparent, and red
+    pal.save(workdir / "pal.png", transparency=1)
+    arr, _ = read_image(workdir / "pal.png", workdir / "x.yaml", "image")
+    assert tuple(arr[0, 0]) == (200, 30, 40)
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., :3] = (10, 120, 250)  # fully transparent, yet its colour is the image
+    Image.fromarray(rgba).save(workdir / "rgba.png")
+    arr, _ = read_image(workdir / "rgba.png", workdir / "x.yaml", "image")
+    assert arr.shape == (16, 16, 3) and tuple(arr[0, 0]) == (10, 120, 250)
