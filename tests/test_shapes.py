@@ -129,3 +129,37 @@ def test_a_timed_chunk_ends_where_its_measured_speed_reaches_and_cools_down_over
     args = argparse.Namespace(lr=1e-3, warmup=100, steps=19_000, cooldown=0, cooldown_share=0.5)
     plan_end(args, run_start=18_500, step=18_600, steps_per_s=20.0, seconds_left=100.0)
     assert args.steps == 19_000  # never past --steps
+
+
+def test_the_vae_trainer_exports_an_sd_layout_autoencoder_and_resumes(tmp_path):
+    """Factor 8 and 4 latent channels at the world's 128 px; the export carries the measured
+    scaling factor; a second run resumes from the checkpoint, a fresh machine from the export."""
+    from diffusers import AutoencoderKL
+
+    from dragonctl.shapes import train_vae
+
+    export = tmp_path / "vae"
+    common = [
+        "--batch",
+        "1",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--save-every",
+        "2",
+        "--export-dir",
+        str(export),
+    ]
+    assert train_vae.main(["--steps", "2", "--checkpoint-dir", str(tmp_path / "ck"), *common]) == 0
+    meta = json.loads((export / "training.json").read_text())
+    assert meta["step"] == 2 and meta["psnr"] > 0 and meta["latent_std"] > 0
+    vae = AutoencoderKL.from_pretrained(export)
+    assert vae.config.scaling_factor == pytest.approx(1 / meta["latent_std"], rel=1e-3)
+    z = vae.encode(torch.zeros(1, 3, train_vae.SIZE, train_vae.SIZE)).latent_dist.mean
+    assert z.shape == (1, 4, train_vae.SIZE // 8, train_vae.SIZE // 8)
+    assert train_vae.main(["--steps", "3", "--checkpoint-dir", str(tmp_path / "ck"), *common]) == 0
+    assert json.loads((export / "training.json").read_text())["step"] == 3
+    fresh = tmp_path / "fresh-machine"  # no checkpoint: starts from the exported weights
+    assert train_vae.main(["--steps", "4", "--checkpoint-dir", str(fresh), *common]) == 0
+    assert json.loads((export / "training.json").read_text())["step"] == 4

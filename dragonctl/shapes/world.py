@@ -162,6 +162,8 @@ def random_scene(
 def batch(rng: np.random.Generator, n: int, size: int = 64) -> np.ndarray:
     """n random images as an n×3×size×size float32 array in [-1, 1] (the training data)."""
     out = np.empty((n, 3, size, size), dtype=np.float32)
+    k = size / 64  # shapes keep their share of the frame at any size
     for i in range(n):
-        out[i] = render(random_scene(rng, size)).image.transpose(2, 0, 1) * 2.0 - 1.0
+        scene = random_scene(rng, size, shape_size=(10.0 * k, 24.0 * k))
+        out[i] = render(scene).image.transpose(2, 0, 1) * 2.0 - 1.0
     return out
