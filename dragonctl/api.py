@@ -333,8 +333,9 @@ def edit_one(
     return rep
 
 
-def input_digests(ls: LoadedSpec) -> dict[str, str]:
-    """SHA-256 of every file the spec reads, by field: what a result was made from."""
+def input_digests(ls: LoadedSpec, source_bytes: bytes | None = None) -> dict[str, str]:
+    """SHA-256 of every file the spec reads, by field: what a result was made from (the
+    source's bytes, when already read, are not read again)."""
     import hashlib
 
     from dragonctl.files import read_regular

@@ -239,23 +239,31 @@ def _load_sd(
         raise ModelError(
             f"model {source}: not a diffusers Stable Diffusion folder ({str(e).splitlines()[0]})"
         ) from None
-    weights_hash, revision = sd_weights_identity(source, files)
+    weights_hash, revision, weights_file = sd_weights_identity(source, files)
     bundle = sd_bundle(
-        source, unet, vae, tokenizer, text_encoder, scheduler.config, dev, dt, weights_hash
+        source,
+        unet,
+        vae,
+        tokenizer,
+        text_encoder,
+        scheduler.config,
+        dev,
+        dt,
+        weights_hash,
+        weights_file,
     )
     bundle.revision = revision  # a new revision must not reuse the old one's trajectories
-    snapshot = files or _hub_snapshot(source)
-    unet_files = sorted(snapshot.glob("unet/*.safetensors")) if snapshot else []
-    bundle.weights_file = unet_files[0] if unet_files else None
     return bundle
 
 
-def sd_weights_identity(source: str, folder: Path | None) -> tuple[str, str]:
-    """(weights hash, hub revision or "") of an SD folder or of a hub id's cached copy."""
+def sd_weights_identity(source: str, folder: Path | None) -> tuple[str, str, Path | None]:
+    """(weights hash, hub revision or "", the UNet weights file) of an SD folder or of a hub
+    id's cached copy."""
     snapshot = folder or _hub_snapshot(source)
     weight_files = sorted(snapshot.glob("unet/*.safetensors")) if snapshot else []
     weights_hash = sampled_hash(weight_files) if weight_files else f"hub:{source}"
-    return weights_hash, (snapshot.name if folder is None and snapshot is not None else "")
+    revision = snapshot.name if folder is None and snapshot is not None else ""
+    return weights_hash, revision, (weight_files[0] if weight_files else None)
 
 
 def weights_fingerprint(model: str) -> str:

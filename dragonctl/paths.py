@@ -63,9 +63,10 @@ def output_problems(ls: LoadedSpec, out: Path, metadata: bool = True) -> list[st
     if out.suffix.lower() != OUTPUT_SUFFIX:
         return [f"{out}: outputs are PNG files and end in {OUTPUT_SUFFIX}"]
     targets = [out, sidecar_path(out)] if metadata else [out]
+    inputs = protected_paths(ls)
     problems = []
     for target in targets:
-        if resolved(target) in protected_paths(ls):
+        if resolved(target) in inputs:
             problems.append(f"{target} is one of the spec's inputs; refusing to overwrite it")
         elif _exists(target) and not _is_regular(target):
             problems.append(f"{target} exists and is not a regular file")

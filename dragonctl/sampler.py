@@ -14,8 +14,8 @@ gradient), `RegionalSDE` (DiffEditor's stochastic steps), and the step functions
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -196,11 +196,6 @@ class MemoryBank:
         """The rows to put before the generation rows at injected step i (None when stored)."""
         return None if self.stored is not None else self.injected_rows(i)
 
-    @contextmanager
-    def reading(self, i: int, n_rows: int) -> Iterator[None]:
-        with self.state.reading(i, n_rows):
-            yield
-
 
 def guided_eps(
     calls: UNetCalls,
@@ -218,7 +213,7 @@ def guided_eps(
     nb = 0 if rows is None else rows.shape[0]
     batch = generation if rows is None else torch.cat([rows, generation])
     context = prompts.generation if rows is None else prompts.bank_and_generation
-    with bank.reading(i, nb) if inject else nullcontext():
+    with bank.state.reading(i, nb) if inject else nullcontext():
         out = calls.output(batch, i, context)[nb:]
     eps = calls.eps(out, z.expand_as(out), calls.schedule.alpha[i])
     return eps[:1] + cfg_scale * (eps[1:] - eps[:1]) if cfg else eps
