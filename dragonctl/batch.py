@@ -74,6 +74,7 @@ def check_jobs(
     model: str | None = None,
     seed: int | None = None,
     metadata: bool = True,
+    composite: bool | None = None,
 ) -> list[Job]:
     """Load and check every spec and its output, and find which specs read others' outputs.
 
@@ -82,7 +83,7 @@ def check_jobs(
     specs would write one file, or specs read each other's outputs in a cycle.
     """
     root = (out_root or common_folder(paths)) if out_dir is not None else None
-    jobs = [_load_job(p, model, seed, out_dir, root, metadata) for p in paths]
+    jobs = [_load_job(p, (model, seed, composite), out_dir, root, metadata) for p in paths]
     _refuse_shared_outputs(jobs)
     producers = {resolved(j.output): k for k, j in enumerate(jobs) if j.output is not None}
     for k, job in enumerate(jobs):
@@ -103,14 +104,13 @@ def check_jobs(
 
 def _load_job(
     p: Path,
-    model: str | None,
-    seed: int | None,
+    overrides: tuple[str | None, int | None, bool | None],
     out_dir: Path | None,
     root: Path | None,
     metadata: bool,
 ) -> Job:
     try:
-        ls = load_spec(p, model=model, seed=seed)
+        ls = load_spec(p, *overrides)
     except SpecError as e:
         return Job(p, errors=[str(x) for x in e.problems])
     out = output_path(ls, out_dir, root)

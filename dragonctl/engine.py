@@ -1,4 +1,5 @@
-"""One edit from decoded inputs to the result image: resize, encode, invert, sample, decode.
+"""One edit from decoded inputs to the result image: resize, encode, invert, sample, decode,
+composite into the source.
 
 `Editor` holds a loaded model bundle and the cache; it is what the API calls per spec. This is
 where a spec's settings become the sampler's plain values (`loop_settings`, `step_windows`).
@@ -17,6 +18,7 @@ import torch
 from dragonctl.attention import BankControl
 from dragonctl.cache import TrajectoryCache, TrajectoryKey
 from dragonctl.compilation import feature_forward, unet_forward
+from dragonctl.composite import composite, region_pixels
 from dragonctl.errors import EditInterrupted
 from dragonctl.geometry import FEATURE_UPSCALE, Frame, working_size
 from dragonctl.inputs import EditInputs
@@ -42,6 +44,8 @@ class EditResult:
     image: np.ndarray  # at the source's exact size, uint8 RGB
     work_image: np.ndarray  # at the working size
     frame: Frame
+    composited: bool = False  # the edit blended into the source (else the whole image resized)
+    edited_fraction: float = 1.0  # share of the source's pixels with any weight from the edit
     timings: dict[str, float] = field(default_factory=dict)
     stats: SamplerStats | None = None
     bank_images: int = 1  # images in the memory bank (2 for modes that read a second image)
@@ -71,6 +75,7 @@ class EditedLatent:
     frame: Frame
     trajectories: list[torch.Tensor]  # the memory bank: the source's, then the second image's
     stats: SamplerStats
+    changed: np.ndarray  # latent h×w bool: the cells the mode may change (edit and SDE regions)
     inversion_s: float
     editing_s: float
     inversions: int
@@ -251,17 +256,32 @@ class Editor:
         t2 = time.perf_counter()
         with torch.no_grad():
             work = to_uint8(self.bundle.decode_latent(latent.z0))
-        image = latent.frame.image_to_source(work)
+        t3 = time.perf_counter()
+        if spec.composite:
+            f = self.bundle.latent_factor
+            put = composite(
+                inp.source,
+                work,
+                latent.frame,
+                region_pixels(latent.changed, f),
+                spec.composite_margin * f,
+            )
+            image, fraction = put.image, put.edited_fraction
+        else:
+            image, fraction = latent.frame.image_to_source(work), 1.0
         timings = {
             "inversion_s": latent.inversion_s,
             "editing_s": latent.editing_s,
-            "decode_s": time.perf_counter() - t2,
+            "decode_s": t3 - t2,
+            "composite_s": time.perf_counter() - t3,
             "total_s": time.perf_counter() - t0,
         }
         return EditResult(
             image=image,
             work_image=work,
             frame=latent.frame,
+            composited=spec.composite,
+            edited_fraction=fraction,
             timings=timings,
             stats=latent.stats,
             bank_images=len(latent.trajectories),
@@ -322,6 +342,7 @@ class Editor:
             s.frame,
             s.trajectories,
             stats,
+            (s.plan.edit_mask | s.plan.sde_mask).cpu().numpy(),
             t1 - t0,
             time.perf_counter() - t1,
             self.inversions - inv_before,

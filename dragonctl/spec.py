@@ -158,6 +158,8 @@ class Spec(_Model):
     inversion_refine: Annotated[int, Field(ge=0, le=10)]
     resolution: Annotated[int, Field(ge=16, le=4096)]
     guidance: Guidance
+    composite: bool
+    composite_margin: Annotated[float, Field(allow_inf_nan=False, ge=0, le=64)]
     output: PathStr | None = None
 
     @field_validator("version", mode="before")
@@ -303,8 +305,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_spec(path: str | Path, model: str | None = None, seed: int | None = None) -> LoadedSpec:
-    """Read, merge and validate one spec file. `model`/`seed` are command-line overrides."""
+def load_spec(
+    path: str | Path,
+    model: str | None = None,
+    seed: int | None = None,
+    composite: bool | None = None,
+) -> LoadedSpec:
+    """Read, merge and validate one spec file. `model`, `seed` and `composite` are command-line
+    overrides (None: the spec's own)."""
     path = Path(path)
     if path.suffix not in SPEC_SUFFIXES:
         raise SpecError.one(path, "", "spec files end in .yaml or .yml")
@@ -315,12 +323,13 @@ def load_spec(path: str | Path, model: str | None = None, seed: int | None = Non
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise SpecError.one(path, "", f"cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        return _parse(path, text, model, seed)
+        given = {"model": model, "seed": seed, "composite": composite}
+        return _parse(path, text, {k: v for k, v in given.items() if v is not None})
     except RecursionError:
         raise SpecError.one(path, "", "nested too deeply") from None
 
 
-def _parse(path: Path, text: str, model: str | None, seed: int | None) -> LoadedSpec:
+def _parse(path: Path, text: str, overrides: dict[str, Any]) -> LoadedSpec:
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
@@ -336,10 +345,7 @@ def _parse(path: Path, text: str, model: str | None, seed: int | None) -> Loaded
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
         raise SpecError.one(path, str(bad_keys[0]), "field names must be strings")
-    if model is not None:
-        raw = {**raw, "model": model}
-    if seed is not None:
-        raw = {**raw, "seed": seed}
+    raw = {**raw, **overrides}
     mode = raw.get("mode")
     model_name = raw.get("model") if isinstance(raw.get("model"), str) else SD15_MODEL
     merged = deep_merge(defaults_for(model_name, mode if mode in MODES else "move"), raw)

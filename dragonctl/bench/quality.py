@@ -311,7 +311,12 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
     # passing through it) are not the object: a perfect edit must score perfectly.
     cm = color_mask(result, case.color) & ~(color_mask(case.truth, case.color) & ~case.new_mask)
     background = ~_dilate(case.edit_region, 2)
-    out: dict[str, float] = {"background_psnr": psnr(result, case.source, background)}
+    # far from the edit (a fifth of the image away): where a composited result is the source's own
+    far = ~_dilate(case.edit_region, case.source.shape[0] // 5)
+    out: dict[str, float] = {
+        "background_psnr": psnr(result, case.source, background),
+        "far_psnr": psnr(result, case.source, far),
+    }
     if case.mode in ("move", "resize", "drag"):
         vacated = case.old_mask & ~case.new_mask
         present = cm & ~vacated
