@@ -6,6 +6,7 @@
 #   bash benchmarks/device.sh all SECONDS    one call for a whole lease: fp16 against fp32 guidance, the
 #                                            eager table, the compiled move rows (cudagraphs, then
 #                                            inductor's reduce-overhead), then training for what is left
+#   bash benchmarks/device.sh ray            batch throughput on Ray over every GPU of a multi-GPU box
 # Carry `.whl` (diffusers and pydantic are not installed there). Results land in $OUT: speed.json and
 # speed_modes.json, or the exported model (copy it into dragonctl/shapes/weights/ and commit it).
 # At most 8 files come back from $OUT, so logs go to stdout only.
@@ -54,8 +55,16 @@ case "${1:-speed}" in
         --export-dir "$OUT/weights"
     fi
     ;;
+  ray)
+    # Multi-GPU boxes only (one worker per GPU), with Ray installed there (its wheel is too large to
+    # carry): batch throughput with SD 1.5-sized random weights, 1 worker and one per GPU.
+    gpus=$(nvidia-smi -L | wc -l)
+    python3 -c "from pathlib import Path; from dragonctl.bench.synthetic import save_sd_folder as s; s(Path('/tmp/sd15'), 'sd15', 'epsilon')"
+    python3 -m dragonctl bench ray --model /tmp/sd15 --specs $((4 * gpus)) --workers 1 --workers "$gpus" \
+      --out "$OUT/ray"
+    ;;
   *)
-    echo "usage: bash benchmarks/device.sh speed | train MINUTES | all SECONDS" >&2
+    echo "usage: bash benchmarks/device.sh speed | train MINUTES | all SECONDS | ray" >&2
     exit 2
     ;;
 esac

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from dragonctl.batch import Job, assign_to_devices, check_jobs, expand_specs, run_order
 from dragonctl.errors import DragonError, EditInterrupted, SpecError, UsageError
 from dragonctl.inputs import EditInputs, load_inputs
@@ -51,6 +53,7 @@ class SpecReport:
     skipped: bool = False
     inversions: int = 0
     interrupted: bool = False
+    worker: str | None = None  # on Ray: the node and actor that ran it
 
     def as_json(self) -> dict:
         return {
@@ -62,6 +65,7 @@ class SpecReport:
             "seconds": round(self.seconds, 3),
             "skipped": self.skipped,
             "inversions": self.inversions,
+            **({"worker": self.worker} if self.worker else {}),
         }
 
 
@@ -83,6 +87,11 @@ class EditOptions:
     overwrite: bool = False  # replace existing files that dragonctl did not write
     threads: int | None = None  # torch's CPU threads (None: torch's default)
     compile: str = "off"  # off | on | a torch.compile mode: the step loop's UNet forward
+    composite: bool | None = None  # blend the edit into the source (None: each spec's own)
+    ray: bool = False  # run the batch on Ray (`dragonctl.cluster`)
+    ray_address: str | None = None  # the cluster to join (else RAY_ADDRESS, else a local runtime)
+    workers: int | None = None  # at most this many Ray workers
+    cpus_per_worker: int | None = None  # CPU cores per Ray worker without GPUs
 
 
 def load(
@@ -150,6 +159,7 @@ def edit(
     on_report: Callable[[SpecReport], None] | None = None,
     stop: Callable[[], bool] | None = None,
     on_start: Callable[[Path, int, int], None] | None = None,
+    on_status: Callable[[int, int, dict[str, str], int], None] | None = None,
 ) -> list[SpecReport]:
     """Edit every spec; a failing spec is reported and the batch goes on.
 
@@ -161,6 +171,8 @@ def edit(
         stop: polled after every sampler step; when it turns true the current edit is abandoned
             (nothing written) and the remaining specs are reported as not run.
         on_start: called as (spec, i, n) before the i-th of n specs runs (1-based, run order).
+        on_status: on Ray (`opts.ray`), called as (done, failed, running, n) while the batch
+            runs; running maps each busy worker to its spec's name.
 
     Returns:
         One report per spec, in the order given. Raises UsageError when two specs would write
@@ -168,8 +180,14 @@ def edit(
     """
     opts = opts or EditOptions()
     specs = expand_specs(paths)
-    jobs = check_jobs(specs, opts.out_dir, opts.out_root, opts.model, opts.seed, opts.metadata)
+    jobs = check_jobs(
+        specs, opts.out_dir, opts.out_root, opts.model, opts.seed, opts.metadata, opts.composite
+    )
     refuse_clobbering(jobs, opts.overwrite)
+    if opts.ray:
+        from dragonctl.cluster import edit_on_ray
+
+        return edit_on_ray(jobs, opts, on_report, stop, on_status)
     devices = [d.strip() for d in opts.device.split(",") if d.strip()]
     if len(devices) > 1:
         return _edit_on_devices(jobs, opts, devices, on_report)
@@ -266,6 +284,88 @@ def _edit_on_devices(
     return out
 
 
+@dataclass
+class Edited:
+    """A finished edit before it is written: what a worker hands back to be written."""
+
+    image: np.ndarray  # the source's size, uint8 RGB
+    record: dict | None  # the metadata record (None without metadata)
+    model_name: str
+    model_hash: str
+    inversions: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def compute_edit(
+    session: Session,
+    ls: LoadedSpec,
+    inp: EditInputs,
+    opts: EditOptions,
+    progress: Progress | None = None,
+    stop: Callable[[], bool] | None = None,
+    digests: dict[str, str] | None = None,
+) -> Edited:
+    """Run one edit (nothing is written); `digests` are the inputs' hashes when already known.
+    Raises what the edit raises (see `failure_message`)."""
+    from dragonctl import outputs
+
+    editor = session.editor(ls.spec.model)
+    result = editor.edit(ls.spec, inp, progress, stop)
+    record = None
+    if opts.metadata:
+        stats = {
+            "unet_forward": result.stats.unet_forward,
+            "unet_backward": result.stats.unet_backward,
+            "inversions": result.inversions,
+            "edited_fraction": round(result.edited_fraction, 6),
+        }
+        inputs = digests if digests is not None else input_digests(ls, inp.source_bytes)
+        record = outputs.metadata_record(
+            ls.spec,
+            ls.path,
+            editor.bundle.identity,
+            result.timings,
+            {"inputs": inputs, "stats": stats},
+        )
+    b = editor.bundle
+    warnings = list(editor.cache.warnings)
+    editor.cache.warnings.clear()
+    return Edited(
+        result.image,
+        record,
+        b.name,
+        b.model_hash if opts.metadata else "",
+        result.inversions,
+        warnings,
+    )
+
+
+def write_edited(
+    ls: LoadedSpec, inp: EditInputs | None, out: Path, opts: EditOptions, e: Edited
+) -> None:
+    """Write an edit's PNG (with its metadata) and sidecar, atomically, and its previews."""
+    from dragonctl import outputs
+
+    spec = ls.spec if opts.metadata else None
+    outputs.write_result(out, e.image, spec, e.record, e.model_name, e.model_hash)
+    if opts.save_preview and inp is not None:
+        _write_previews(ls, inp, e.image, out)
+
+
+def failure_message(path: Path, out: Path | None, e: BaseException) -> str | None:
+    """How a failed edit is reported, or None for an exception that is not an edit's failure."""
+    if isinstance(e, EditInterrupted):
+        return f"{path}: {e}; nothing written"
+    if isinstance(e, DragonError):
+        return f"{path}: {e}"
+    if isinstance(e, (RuntimeError, ValueError)):  # torch's own failures (e.g. out of memory)
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"{path}: edit failed: {type(e).__name__}: {first}"
+    if isinstance(e, OSError):
+        return f"{path}: output: cannot write {out}: {e.strerror or e}"
+    return None
+
+
 def edit_one(
     session: Session,
     ls: LoadedSpec,
@@ -276,8 +376,6 @@ def edit_one(
     stop: Callable[[], bool] | None = None,
 ) -> SpecReport:
     """Edit one loaded spec and write its result (a failure is reported, never raised)."""
-    from dragonctl import outputs
-
     t0 = time.perf_counter()
     rep = SpecReport(ls.path, False, warnings=list(inp.warnings), output=out)
     problems = output_problems(ls, out, opts.metadata)
@@ -288,47 +386,16 @@ def edit_one(
         rep.ok, rep.skipped = True, True
         return rep
     try:
-        editor = session.editor(ls.spec.model)
-        result = editor.edit(ls.spec, inp, progress, stop)
-        record = None
-        if opts.metadata:
-            stats = {
-                "unet_forward": result.stats.unet_forward,
-                "unet_backward": result.stats.unet_backward,
-                "inversions": result.inversions,
-            }
-            record = outputs.metadata_record(
-                ls.spec,
-                ls.path,
-                editor.bundle.identity,
-                result.timings,
-                {"inputs": input_digests(ls), "stats": stats},
-            )
-        b = editor.bundle
-        outputs.write_result(
-            out,
-            result.image,
-            ls.spec if opts.metadata else None,
-            record,
-            b.name,
-            b.model_hash if opts.metadata else "",
-        )
-        if opts.save_preview:
-            _write_previews(ls, inp, result.image, out)
-        rep.ok = True
-        rep.inversions = result.inversions
-        rep.warnings += editor.cache.warnings
-        editor.cache.warnings.clear()
-    except EditInterrupted as e:
-        rep.errors.append(f"{ls.path}: {e}; nothing written")
-        rep.interrupted = True
-    except DragonError as e:
-        rep.errors.append(f"{ls.path}: {e}")
-    except (RuntimeError, ValueError) as e:  # torch's own failures (e.g. out of memory)
-        first = str(e).splitlines()[0] if str(e) else ""
-        rep.errors.append(f"{ls.path}: edit failed: {type(e).__name__}: {first}")
-    except OSError as e:
-        rep.errors.append(f"{ls.path}: output: cannot write {out}: {e.strerror or e}")
+        edited = compute_edit(session, ls, inp, opts, progress, stop)
+        write_edited(ls, inp, out, opts, edited)
+        rep.ok, rep.inversions = True, edited.inversions
+        rep.warnings += edited.warnings
+    except Exception as e:
+        message = failure_message(ls.path, out, e)
+        if message is None:
+            raise
+        rep.errors.append(message)
+        rep.interrupted = isinstance(e, EditInterrupted)
     rep.seconds = time.perf_counter() - t0
     return rep
 
@@ -338,22 +405,15 @@ def input_digests(ls: LoadedSpec, source_bytes: bytes | None = None) -> dict[str
     source's bytes, when already read, are not read again)."""
     import hashlib
 
-    from dragonctl.files import read_regular
-    from dragonctl.inputs import MAX_FILE_BYTES
+    from dragonctl.inputs import input_files, read_file
 
-    s = ls.spec
-    files = {"image": s.image}
-    for name, m in (("mask", s.mask), ("fill_region", s.fill_region)):
-        if m is not None and m.path:
-            files[name] = m.path
-    if s.reference is not None:
-        files["reference.image"] = s.reference.image
-        if s.reference.mask.path:
-            files["reference.mask"] = s.reference.mask.path
-    return {
-        k: hashlib.sha256(read_regular(ls.resolve(v), MAX_FILE_BYTES)).hexdigest()
-        for k, v in files.items()
-    }
+    def content(field: str, path: Path) -> bytes:
+        if field == "image" and source_bytes is not None:
+            return source_bytes
+        return read_file(path)
+
+    files = input_files(ls)
+    return {k: hashlib.sha256(content(k, v)).hexdigest() for k, v in files.items()}
 
 
 def up_to_date(ls: LoadedSpec, out: Path) -> bool:

@@ -113,9 +113,10 @@ def _reported_errors():
 
 def _progress(enabled: bool):
     """A rich progress bar per phase, and one for the batch, on a terminal; nothing otherwise.
-    Returns (bar, the engine's progress callback, the batch's on_start callback)."""
+    Returns (bar, the engine's progress callback, the batch's on_start callback, and on Ray the
+    batch's status callback)."""
     if not enabled or not sys.stderr.isatty():
-        return None, None, None
+        return None, None, None, None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(
@@ -140,7 +141,18 @@ def _progress(enabled: bool):
             tasks["specs"] = bar.add_task("", total=n)
         bar.update(tasks["specs"], completed=i - 1, description=f"{spec.name} ({i} of {n})")
 
-    return bar, update, started
+    def status(done: int, failed: int, running: dict[str, str], n: int) -> None:
+        """On Ray: one line for the whole batch, then one per busy worker."""
+        line = f"{done} done · {failed} failed · {len(running)} running"
+        if "specs" not in tasks:
+            tasks["specs"] = bar.add_task("", total=n)
+        bar.update(tasks["specs"], completed=done + failed, description=line)
+        for name in [t for t in tasks if t.startswith("worker ")]:
+            bar.remove_task(tasks.pop(name))
+        for worker, spec in running.items():
+            tasks[f"worker {worker}"] = bar.add_task(f"{worker}: {spec}", total=None)
+
+    return bar, update, started, status
 
 
 class _StopOnInterrupt:
@@ -226,6 +238,28 @@ def edit(
         "warm-up per image size (seconds to a minute), then each edit runs faster: "
         "for batches, not single edits. Same results.",
     ),
+    composite: bool | None = typer.Option(
+        None,
+        "--composite/--no-composite",
+        help="Blend the edit into the source, which keeps its own pixels away from the edit "
+        "(default: each spec's `composite`, true unless set); --no-composite writes the whole "
+        "generation resized to the source's size.",
+        show_default=False,
+    ),
+    ray: bool = typer.Option(
+        False,
+        "--ray",
+        help="Run the batch on Ray: the cluster at RAY_ADDRESS (or --ray-address), else a local "
+        "Ray runtime over this machine; one worker per GPU (or per --cpus-per-worker cores). "
+        'Needs `pip install "dragonctl[ray]"`.',
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="The Ray cluster to join (overrides RAY_ADDRESS)."
+    ),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="At most N Ray workers."),
+    cpus_per_worker: int | None = typer.Option(
+        None, "--cpus-per-worker", min=1, help="CPU cores per Ray worker when there are no GPUs."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec on stdout."),
 ) -> None:
     """Run edits. Example: dragonctl edit samples/move.yaml --out results/"""
@@ -253,8 +287,22 @@ def edit(
         overwrite=overwrite,
         threads=threads,
         compile="on" if compile else "off",
+        composite=composite,
+        ray=ray or ray_address is not None,
+        ray_address=ray_address,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
     )
+    if opts.ray:
+        _check_ray()
     _run_batch(paths, opts, as_json)
+
+
+def _check_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        _usage('--ray needs Ray: pip install "dragonctl[ray]"')
 
 
 def _check_device_and_dtype(device: str, dtype: str) -> None:
@@ -274,7 +322,7 @@ def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
     from dragonctl import api
     from dragonctl.errors import DragonError, UsageError
 
-    bar, update, started = _progress(not as_json)
+    bar, update, started, status = _progress(not as_json)
 
     def on_report(rep) -> None:
         if as_json:
@@ -291,7 +339,7 @@ def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
         with stop:
             if bar:
                 with bar:
-                    reports = api.edit(paths, opts, update, on_report, stop, started)
+                    reports = api.edit(paths, opts, update, on_report, stop, started, status)
             else:
                 reports = api.edit(paths, opts, None, on_report, stop)
     except UsageError as e:
@@ -619,6 +667,29 @@ def bench_precision(
         )
     atomic_write(out, (json.dumps(rows, indent=2) + "\n").encode())
     _err(f"wrote {out}")
+
+
+@bench_app.command("ray")
+def bench_ray(
+    workers: list[int] = typer.Option([1, 2], "--workers", help="Worker counts (repeatable)."),
+    specs: int = typer.Option(8, min=1, help="Specs in the batch, one source each."),
+    model: str = typer.Option("shapes", help="The model every spec uses."),
+    steps: int = typer.Option(50, min=2, help="DDIM steps per edit."),
+    cpus_per_worker: int = typer.Option(
+        1, min=1, help="Cores (and threads) per worker without GPUs, the same at every count."
+    ),
+    out: Path = typer.Option(Path("runs/ray"), "--out", "-o", help="Folder for specs, results."),
+) -> None:
+    """Batch throughput on Ray: specs per minute for each worker count, beside a plain run, and
+    the scaling efficiency. Joins RAY_ADDRESS, else starts a local runtime."""
+    from dragonctl.bench import throughput
+    from dragonctl.files import atomic_write
+
+    _check_ray()
+    with _reported_errors():
+        rows = throughput.run(out, tuple(workers), specs, model, steps, cpus_per_worker, log=_err)
+    atomic_write(out / "throughput.json", (json.dumps(rows, indent=2) + "\n").encode())
+    _err(f"wrote {out / 'throughput.json'}")
 
 
 @bench_app.command("convert-lpips")

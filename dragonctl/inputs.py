@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +41,21 @@ class EditInputs:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_image(path: Path, spec_file: Path, fld: str) -> tuple[np.ndarray, bytes]:
+def read_file(path: Path) -> bytes:
+    """An input file's bytes (regular files only, up to MAX_FILE_BYTES)."""
+    return read_regular(path, MAX_FILE_BYTES)
+
+
+# How inputs are read: from the filesystem, or (on a remote worker) from the bytes shipped with a
+# spec, by resolved path.
+Reader = Callable[[Path], bytes]
+
+
+def read_image(
+    path: Path, spec_file: Path, fld: str, read: Reader = read_file
+) -> tuple[np.ndarray, bytes]:
     try:
-        data = read_regular(path, MAX_FILE_BYTES)
+        data = read(path)
     except FileNotFoundError:
         raise SpecError.one(spec_file, fld, f"file not found: {path}") from None
     except IsADirectoryError:
@@ -96,10 +109,12 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def build_mask(ls: LoadedSpec, m: MaskSpec, fld: str, height: int, width: int) -> np.ndarray:
+def build_mask(
+    ls: LoadedSpec, m: MaskSpec, fld: str, height: int, width: int, read: Reader = read_file
+) -> np.ndarray:
     f = ls.path
     if m.path is not None:
-        arr, _ = read_image(ls.resolve(m.path), f, fld)
+        arr, _ = read_image(ls.resolve(m.path), f, fld, read)
         if arr.shape[:2] != (height, width):
             raise SpecError.one(
                 f, fld, f"mask is {arr.shape[1]}×{arr.shape[0]} but its image is {width}×{height}"
@@ -135,18 +150,36 @@ def _inside(x: float, y: float, width: int, height: int) -> bool:
     return 0 <= x < width and 0 <= y < height
 
 
-def load_inputs(ls: LoadedSpec) -> EditInputs:
-    """Decode and check all inputs of a spec; a SpecError names the field of the first problem."""
+def input_files(ls: LoadedSpec) -> dict[str, Path]:
+    """Every file the spec reads, by field, resolved."""
+    s = ls.spec
+    files = {"image": s.image}
+    for name, m in (("mask", s.mask), ("fill_region", s.fill_region)):
+        if m is not None and m.path:
+            files[name] = m.path
+    if s.reference is not None:
+        files["reference.image"] = s.reference.image
+        if s.reference.mask.path:
+            files["reference.mask"] = s.reference.mask.path
+    return {k: ls.resolve(v) for k, v in files.items()}
+
+
+def load_inputs(ls: LoadedSpec, read: Reader = read_file) -> EditInputs:
+    """Decode and check all inputs of a spec; a SpecError names the field of the first problem.
+
+    Args:
+        read: reads a file's bytes by resolved path (default: from the filesystem).
+    """
     s, f = ls.spec, ls.path
-    source, data = read_image(ls.resolve(s.image), f, "image")
+    source, data = read_image(ls.resolve(s.image), f, "image", read)
     h, w = source.shape[:2]
     inp = EditInputs(source=source, source_bytes=data)
     if s.mask is not None:
-        inp.mask = build_mask(ls, s.mask, "mask", h, w)
+        inp.mask = build_mask(ls, s.mask, "mask", h, w, read)
         if s.mode != "drag" and inp.mask.all():
             raise SpecError.one(f, "mask", "mask covers the whole image; it must mark an object")
     if s.fill_region is not None:
-        inp.fill_region = build_mask(ls, s.fill_region, "fill_region", h, w)
+        inp.fill_region = build_mask(ls, s.fill_region, "fill_region", h, w, read)
 
     if s.mode in ("move", "resize"):
         assert inp.mask is not None
@@ -191,9 +224,11 @@ def load_inputs(ls: LoadedSpec) -> EditInputs:
             inp.points.append(((handle[0], handle[1]), (target[0], target[1])))
 
     if s.reference is not None:
-        ref, _ = read_image(ls.resolve(s.reference.image), f, "reference.image")
+        ref, _ = read_image(ls.resolve(s.reference.image), f, "reference.image", read)
         inp.reference = ref
-        inp.reference_mask = build_mask(ls, s.reference.mask, "reference.mask", *ref.shape[:2])
+        inp.reference_mask = build_mask(
+            ls, s.reference.mask, "reference.mask", *ref.shape[:2], read=read
+        )
 
     if s.mode == "paste":
         assert inp.reference_mask is not None and s.at is not None

@@ -156,10 +156,18 @@ def test_the_progress_bar_names_the_spec(monkeypatch):
     from dragonctl import cli
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    bar, update, started = cli._progress(True)
+    bar, update, started, status = cli._progress(True)
     started(Path("specs/cup.yaml"), 2, 5)
     assert [t.description for t in bar.tasks] == ["cup.yaml (2 of 5)"]
     assert bar.tasks[0].completed == 1 and bar.tasks[0].total == 5
+
+    # on Ray: the batch's line, then one per busy worker
+    bar, update, started, status = cli._progress(True)
+    status(3, 1, {"node/a": "cup.yaml", "node/b": "mug.yaml"}, 6)
+    status(4, 1, {"node/b": "mug.yaml"}, 6)
+    lines = [t.description for t in bar.tasks]
+    assert lines == ["4 done · 1 failed · 1 running", "node/b: mug.yaml"]
+    assert bar.tasks[0].completed == 5 and bar.tasks[0].total == 6
 
 
 def test_preview_is_readable_on_any_colour_and_size(workdir, spec_for):
