@@ -186,6 +186,46 @@ class _StopOnInterrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
+# some of `edit`'s options (here, so its signature stays readable)
+COMPOSITE_OPTION = typer.Option(
+    None,
+    "--composite/--no-composite",
+    help="Blend the edit into the source, which keeps its own pixels away from the edit "
+    "(default: each spec's `composite`, true unless set); --no-composite writes the whole "
+    "generation resized to the source's size.",
+    show_default=False,
+)
+RAY_OPTION = typer.Option(
+    False,
+    "--ray",
+    help="Run the batch on Ray: the cluster at RAY_ADDRESS (or --ray-address), else a local "
+    "Ray runtime over this machine; one worker per GPU (or per --cpus-per-worker cores). "
+    'Needs `pip install "dragonctl[ray]"`.',
+)
+RAY_ADDRESS_OPTION = typer.Option(
+    None, "--ray-address", help="The Ray cluster to join (overrides RAY_ADDRESS)."
+)
+WORKERS_OPTION = typer.Option(None, "--workers", min=1, help="At most N Ray workers.")
+CPUS_PER_WORKER_OPTION = typer.Option(
+    None, "--cpus-per-worker", min=1, help="CPU cores per Ray worker when there are no GPUs."
+)
+COMPILE_OPTION = typer.Option(
+    False,
+    "--compile",
+    help="Compile the UNet's step-loop forward (CUDA graphs on a GPU). Costs a one-off "
+    "warm-up per image size (seconds to a minute), then each edit runs faster: "
+    "for batches, not single edits. Same results.",
+)
+THREADS_OPTION = typer.Option(
+    None, "--threads", min=1, help="CPU threads for torch (default: torch's, one per core)."
+)
+OVERWRITE_OPTION = typer.Option(
+    False,
+    "--overwrite",
+    help="Replace existing files that dragonctl did not write (without it they are refused).",
+)
+
+
 @app.command()
 def edit(
     specs: list[str] = typer.Argument(
@@ -223,43 +263,14 @@ def edit(
     skip_existing: bool = typer.Option(
         False, "--skip-existing", help="Skip specs whose output exists with the same spec."
     ),
-    overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
-        help="Replace existing files that dragonctl did not write (without it they are refused).",
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", min=1, help="CPU threads for torch (default: torch's, one per core)."
-    ),
-    compile: bool = typer.Option(
-        False,
-        "--compile",
-        help="Compile the UNet's step-loop forward (CUDA graphs on a GPU). Costs a one-off "
-        "warm-up per image size (seconds to a minute), then each edit runs faster: "
-        "for batches, not single edits. Same results.",
-    ),
-    composite: bool | None = typer.Option(
-        None,
-        "--composite/--no-composite",
-        help="Blend the edit into the source, which keeps its own pixels away from the edit "
-        "(default: each spec's `composite`, true unless set); --no-composite writes the whole "
-        "generation resized to the source's size.",
-        show_default=False,
-    ),
-    ray: bool = typer.Option(
-        False,
-        "--ray",
-        help="Run the batch on Ray: the cluster at RAY_ADDRESS (or --ray-address), else a local "
-        "Ray runtime over this machine; one worker per GPU (or per --cpus-per-worker cores). "
-        'Needs `pip install "dragonctl[ray]"`.',
-    ),
-    ray_address: str | None = typer.Option(
-        None, "--ray-address", help="The Ray cluster to join (overrides RAY_ADDRESS)."
-    ),
-    workers: int | None = typer.Option(None, "--workers", min=1, help="At most N Ray workers."),
-    cpus_per_worker: int | None = typer.Option(
-        None, "--cpus-per-worker", min=1, help="CPU cores per Ray worker when there are no GPUs."
-    ),
+    overwrite: bool = OVERWRITE_OPTION,
+    threads: int | None = THREADS_OPTION,
+    compile: bool = COMPILE_OPTION,
+    composite: bool | None = COMPOSITE_OPTION,
+    ray: bool = RAY_OPTION,
+    ray_address: str | None = RAY_ADDRESS_OPTION,
+    workers: int | None = WORKERS_OPTION,
+    cpus_per_worker: int | None = CPUS_PER_WORKER_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec on stdout."),
 ) -> None:
     """Run edits. Example: dragonctl edit samples/move.yaml --out results/"""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from dragonctl.geometry import Frame, dilate
+from dragonctl.geometry import Frame, dilate, window_sums
 
 
 @dataclass(frozen=True)
@@ -83,15 +83,9 @@ def composite(
 
 
 def _box_blur(values: np.ndarray, r: int) -> np.ndarray:
-    """Mean over a (2r+1)² window clipped to the frame, separable by running sums (a region
-    that reaches the frame keeps its full weight there)."""
+    """Mean over a (2r+1)² window clipped to the frame (a region that reaches the frame keeps
+    its full weight there)."""
     for axis in (0, 1):
-        v = np.moveaxis(values, axis, 0)
-        n = v.shape[0]
-        sums = np.zeros((n + 1, *v.shape[1:]), dtype=np.float64)
-        np.cumsum(v, axis=0, out=sums[1:])
-        idx = np.arange(n)
-        hi, lo = np.minimum(idx + r + 1, n), np.maximum(idx - r, 0)
-        count = (hi - lo).reshape(-1, *[1] * (v.ndim - 1))
-        values = np.moveaxis(((sums[hi] - sums[lo]) / count).astype(np.float32), 0, axis)
+        sums, length = window_sums(values, r, axis)
+        values = (sums / length).astype(np.float32)
     return values

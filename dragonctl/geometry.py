@@ -116,13 +116,21 @@ def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 def _dilate_axis(mask: np.ndarray, r: int, axis: int) -> np.ndarray:
     """Each pixel is set when any pixel within r of it along `axis` is (the frame clips)."""
-    m = np.moveaxis(mask, axis, 0)
-    n = m.shape[0]
-    counts = np.zeros((n + 1, *m.shape[1:]), dtype=np.int32)
-    np.cumsum(m, axis=0, out=counts[1:])
+    return window_sums(mask, r, axis)[0] > 0
+
+
+def window_sums(values: np.ndarray, r: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums over the window of ±r along `axis`, clipped by the frame, by running sums (the same
+    cost at any r); and each window's length, shaped to broadcast along `axis`."""
+    v = np.moveaxis(values, axis, 0)
+    n = v.shape[0]
+    kind = np.float64 if values.dtype.kind == "f" else np.int32
+    sums = np.zeros((n + 1, *v.shape[1:]), dtype=kind)
+    np.cumsum(v, axis=0, out=sums[1:])
     idx = np.arange(n)
     hi, lo = np.minimum(idx + r + 1, n), np.maximum(idx - r, 0)
-    return np.moveaxis(counts[hi] - counts[lo] > 0, 0, axis)
+    length = np.moveaxis((hi - lo).reshape(-1, *[1] * (v.ndim - 1)), 0, axis)
+    return np.moveaxis(sums[hi] - sums[lo], 0, axis), length
 
 
 def erode(mask: np.ndarray, pixels: int) -> np.ndarray:
