@@ -148,7 +148,13 @@ class Session:
             bundle = load_bundle(model, o.device, o.dtype, o.local_files_only, o.allow_pickle)
             cache = TrajectoryCache(o.cache_dir, enabled=not o.no_cache)
             compile = resolve_compile(o.compile, bundle.device)
-            self._editors[model] = Editor(bundle, cache, compile=compile)
+            self._editors[model] = Editor(
+                bundle,
+                cache,
+                compile=compile,
+                local_files_only=o.local_files_only,
+                allow_pickle=o.allow_pickle,
+            )
         return self._editors[model]
 
 
@@ -319,6 +325,8 @@ def compute_edit(
             "inversions": result.inversions,
             "edited_fraction": round(result.edited_fraction, 6),
         }
+        if result.stats.image_prompt_steps:
+            stats["image_prompt_steps"] = result.stats.image_prompt_steps
         inputs = digests if digests is not None else input_digests(ls, inp.source_bytes)
         record = outputs.metadata_record(
             ls.spec,
@@ -423,7 +431,7 @@ def up_to_date(ls: LoadedSpec, out: Path) -> bool:
     from dragonctl.models import weights_fingerprint
 
     rec = outputs.read_record(out) if out.exists() else None
-    if rec is None or rec.get("spec") != ls.spec.model_dump(mode="json"):
+    if rec is None or rec.get("spec") != ls.spec.model_dump(mode="json", by_alias=True):
         return False
     try:
         same_inputs = rec.get("inputs") == input_digests(ls)

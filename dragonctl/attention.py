@@ -12,12 +12,15 @@ rest are generation rows whose K/V are replaced, concatenated or composited.
 The alternative records the bank's K/V per layer and step in one pass before the loop
 (`BankState.recording`) and reads them back with no bank rows in the batch; both give the same
 result (a test checks it).
+
+DiffEditor's image prompt lives here too: cross-attention processors that add an IP-Adapter's
+image tokens to the generation rows (`ImagePromptControl`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -174,24 +177,13 @@ class MemoryBankAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        out = self._attend(attn, q, k, v, attention_mask)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_forward(
+            attn,
+            hidden_states,
+            encoder_hidden_states,
+            temb,
+            lambda q, k, v: self._attend(attn, q, k, v, attention_mask),
+        )
 
     def _attend(self, attn, q, k, v, mask) -> torch.Tensor:
         s = self.state
@@ -203,7 +195,7 @@ class MemoryBankAttnProcessor:
         else:
             nb = s.n_bank
             if s.mode == "off" or nb == 0 or q.shape[0] <= nb:
-                return _sdpa(attn, q, k, v, mask)
+                return sdpa(attn, q, k, v, mask)
             kb, vb = k[:nb], v[:nb]
         n_gen = q.shape[0] - nb
         gen_mask = None
@@ -224,13 +216,47 @@ class MemoryBankAttnProcessor:
             gen_mask = allowed
         else:
             raise ValueError(f"unknown bank mode {s.mode!r}")
-        gen = _sdpa(attn, q[nb:], k_gen, v_gen, gen_mask)
+        gen = sdpa(attn, q[nb:], k_gen, v_gen, gen_mask)
         if nb == 0:
             return gen
-        return torch.cat([_sdpa(attn, q[:nb], k[:nb], v[:nb], None), gen], dim=0)
+        return torch.cat([sdpa(attn, q[:nb], k[:nb], v[:nb], None), gen], dim=0)
 
 
-def _sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+def attention_forward(
+    attn,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    temb: torch.Tensor | None,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """diffusers' attention around a custom `attend(q, k, v)` (B×N×C each, heads not split):
+    the norms, projections, output layer and residual of its default processor."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if encoder_hidden_states is None:
+        context = hidden_states
+    elif attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    else:
+        context = encoder_hidden_states
+    out = attend(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context))
+    out = attn.to_out[1](attn.to_out[0](out))
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Scaled dot-product attention over `attn.heads` heads of B×N×C projections."""
     b = q.shape[0]
     heads = attn.heads
     d = q.shape[-1] // heads
@@ -262,6 +288,88 @@ class BankControl:
 
     def __exit__(self, *exc) -> None:
         self.state.reset()
+        if self._saved is not None:
+            self.unet.set_attn_processor(self._saved)
+            self._saved = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the image prompt (DiffEditor): cross-attention to an IP-Adapter's image tokens
+
+
+@dataclass
+class ImagePromptState:
+    """What the cross-attention processors add on the next forward (nothing outside `prompting`)."""
+
+    tokens: torch.Tensor | None = None  # one row per generation row
+    scale: float = 0.0
+    n_skip: int = 0  # bank rows at the head of the batch: plain cross-attention
+
+    @contextmanager
+    def prompting(self, tokens: torch.Tensor, scale: float, n_skip: int) -> Iterator[None]:
+        self.tokens, self.scale, self.n_skip = tokens, scale, n_skip
+        try:
+            yield
+        finally:
+            self.tokens, self.scale, self.n_skip = None, 0.0, 0
+
+
+class ImagePromptAttnProcessor:
+    """Cross-attention to the text, plus scale · attention to the image tokens for the
+    generation rows while the state is prompting: out = Attn(Q, K_text, V_text) + scale ·
+    Attn(Q, K_ip, V_ip) (the reference's `IPAttnProcessor`, DiffEditor Eq. 5). Bank rows, time
+    travel's re-noise calls, the inversion and the guidance features never see the image tokens,
+    as in the reference."""
+
+    def __init__(
+        self, state: ImagePromptState, to_k_ip: torch.nn.Module, to_v_ip: torch.nn.Module
+    ) -> None:
+        self.state, self.to_k_ip, self.to_v_ip = state, to_k_ip, to_v_ip
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = sdpa(attn, q, k, v, attention_mask)
+            s = self.state
+            if s.tokens is None:
+                return out
+            n = s.n_skip
+            k_ip, v_ip = self.to_k_ip(s.tokens), self.to_v_ip(s.tokens)
+            prompted = out[n:] + s.scale * sdpa(attn, q[n:], k_ip, v_ip, None)
+            return torch.cat([out[:n], prompted]) if n else prompted
+
+        return attention_forward(attn, hidden_states, encoder_hidden_states, temb, attend)
+
+
+class ImagePromptControl:
+    """Installs an adapter's processors on the cross-attention layers; restores the old ones."""
+
+    def __init__(self, unet: torch.nn.Module, adapter) -> None:
+        """`adapter`: an `image_prompt.ImagePromptAdapter` (its per-layer K/V projections)."""
+        self.unet, self.adapter = unet, adapter
+        self.state = ImagePromptState()
+        self.processors = {
+            name: ImagePromptAttnProcessor(self.state, k, v)
+            for name, (k, v) in adapter.key_value.items()
+        }
+        self._saved: dict | None = None
+
+    def __enter__(self) -> ImagePromptState:
+        procs = dict(self.unet.attn_processors)
+        self._saved = dict(procs)
+        procs.update(self.processors)
+        self.unet.set_attn_processor(procs)
+        return self.state
+
+    def __exit__(self, *exc) -> None:
         if self._saved is not None:
             self.unet.set_attn_processor(self._saved)
             self._saved = None

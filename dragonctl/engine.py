@@ -10,17 +10,19 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from dragonctl.attention import BankControl
+from dragonctl.attention import BankControl, ImagePromptControl
 from dragonctl.cache import TrajectoryCache, TrajectoryKey
 from dragonctl.compilation import feature_forward, unet_forward
 from dragonctl.composite import composite, region_pixels
 from dragonctl.errors import EditInterrupted
-from dragonctl.geometry import FEATURE_UPSCALE, Frame, working_size
+from dragonctl.geometry import Frame, grid_ratio, working_size
+from dragonctl.image_prompt import load_image_prompt
 from dragonctl.inputs import EditInputs
 from dragonctl.inversion import invert
 from dragonctl.models import ModelBundle
@@ -29,6 +31,7 @@ from dragonctl.progress import Progress
 from dragonctl.sampler import (
     ENERGY_UNIT,
     GuidanceSettings,
+    ImagePromptRows,
     MemoryBank,
     Prompts,
     SamplerStats,
@@ -65,6 +68,7 @@ class EditSetup:
     settings: GuidanceSettings
     steps: StepPlan
     calls: UNetCalls
+    image_prompt: tuple[ImagePromptControl, torch.Tensor, float] | None = None  # control, tokens
 
 
 @dataclass
@@ -85,9 +89,9 @@ class EditedLatent:
 def loop_settings(g: Guidance, feature_hw: tuple[int, int], latent_factor: int) -> GuidanceSettings:
     """The loop's settings. The energies are means over cells, so their per-cell gradient falls
     with the grid's size: the gain grows with it, relative to the grid of a square
-    `energy_resolution`² image, where `energy_scale` was tuned."""
-    tuned_side = g.energy_resolution * FEATURE_UPSCALE / latent_factor
-    per_cell = feature_hw[0] * feature_hw[1] / tuned_side**2
+    `energy_resolution`² image, where `energy_scale` was tuned (terms over a fixed number of
+    cells, such as drag's patches, undo this themselves)."""
+    per_cell = grid_ratio(feature_hw, latent_factor, g.energy_resolution)
     return GuidanceSettings(
         cfg_scale=g.cfg_scale,
         energy_gain=g.gradient_scale * ENERGY_UNIT * g.energy_scale * per_cell,
@@ -97,6 +101,7 @@ def loop_settings(g: Guidance, feature_hw: tuple[int, int], latent_factor: int) 
 
 
 def step_windows(g: Guidance) -> StepWindows:
+    ip = g.image_prompt if g.image_prompt is not None and g.image_prompt.active else None
     return StepWindows(
         method=g.method,
         guided=g.energy_scale > 0,
@@ -109,6 +114,8 @@ def step_windows(g: Guidance) -> StepWindows:
         time_travel_from=g.time_travel_from,
         time_travel_until=g.time_travel_until,
         time_travel_repeats=g.time_travel_repeats,
+        image_prompt_from=ip.start if ip else 0.0,
+        image_prompt_until=ip.until if ip else 0.0,
     )
 
 
@@ -140,6 +147,8 @@ class Editor:
         stored_kv: bool = False,
         compile: str = "off",
         compile_backend: str | Callable = "inductor",
+        local_files_only: bool = False,
+        allow_pickle: bool = False,
     ) -> None:
         if compile != "off" and stored_kv:
             # stored K/V are looked up per step inside the forward: it would recompile every step
@@ -149,6 +158,9 @@ class Editor:
         self.forward = unet_forward(bundle.unet, bundle.dtype, compile, compile_backend)
         self.features = feature_forward(bundle.unet, compile, compile_backend)
         self.bank_control = BankControl(bundle.unet, bundle.decoder_self_attention)
+        # image-prompt adapters, loaded once each (how they load: the bundle's own options)
+        self._image_prompts: dict[tuple[str, str | None], ImagePromptControl] = {}
+        self._adapter_options = dict(local_files_only=local_files_only, allow_pickle=allow_pickle)
         self.cache = cache or TrajectoryCache(enabled=False)
         self.inversions = 0
         self.inversion_unet_calls = 0
@@ -237,6 +249,14 @@ class Editor:
         """Drop the in-memory trajectories (the disk cache stays): the next edit inverts again."""
         self._memo.clear()
 
+    def image_prompt_control(self, adapter: str, encoder: str | None) -> ImagePromptControl:
+        """The processors of an IP-Adapter for this model (loaded on first use)."""
+        key = (adapter, encoder)
+        if key not in self._image_prompts:
+            loaded = load_image_prompt(self.bundle.unet, adapter, encoder, **self._adapter_options)
+            self._image_prompts[key] = ImagePromptControl(self.bundle.unet, loaded)
+        return self._image_prompts[key]
+
     def _remember(self, key: str, latents: torch.Tensor) -> torch.Tensor:
         self._memo[key] = latents
         while len(self._memo) > self._memo_size:
@@ -309,7 +329,15 @@ class Editor:
             self.forward, self.features, b.dtype, b.prediction_type, schedule, b.device
         )
         steps = StepPlan.build(step_windows(spec.guidance), spec.steps)
-        return EditSetup(frame, plan, trajectories, prompts, settings, steps, calls)
+        image_prompt = None
+        if steps.image_prompt and inp.image_prompt is not None:
+            control = self.image_prompt_control(*inp.image_prompt)
+            # the reference's prompt image: the source, or the object's reference
+            shown = inp.reference if spec.mode in ("appearance", "paste") else inp.source
+            assert shown is not None and spec.guidance.image_prompt is not None
+            tokens = control.adapter.tokens(shown, settings.cfg)
+            image_prompt = (control, tokens, spec.guidance.image_prompt.scale)
+        return EditSetup(frame, plan, trajectories, prompts, settings, steps, calls, image_prompt)
 
     def edit_latent(
         self,
@@ -331,11 +359,16 @@ class Editor:
             if should_stop and should_stop():
                 raise EditInterrupted(f"interrupted at step {i + 1} of {n}")
 
-        with self.bank_control as state:
+        ip_control = s.image_prompt[0] if s.image_prompt else nullcontext()
+        # the image prompt's cross-attention processors outside the bank's: each restores its own
+        with ip_control as ip_state, self.bank_control as state:
             bank = MemoryBank(s.trajectories, state, self.stored_kv)
             generator = torch.Generator().manual_seed(spec.seed)
+            rows = None
+            if s.image_prompt is not None:
+                rows = ImagePromptRows(ip_state, s.image_prompt[1], s.image_prompt[2])
             z0, stats = guided_edit(
-                s.calls, bank, s.prompts, s.plan, s.steps, s.settings, generator, step_done
+                s.calls, bank, s.prompts, s.plan, s.steps, s.settings, generator, step_done, rows
             )
         return EditedLatent(
             z0,

@@ -271,6 +271,13 @@ class Grids:
         return max(1, self.latent_factor // 2)
 
 
+def grid_ratio(feature_hw: tuple[int, int], latent_factor: int, resolution: int) -> float:
+    """Feature cells of this grid over those of a square `resolution`² image's: how much thinner
+    an energy averaged over the grid's cells spreads its gradient here."""
+    side = resolution * FEATURE_UPSCALE / latent_factor
+    return feature_hw[0] * feature_hw[1] / side**2
+
+
 def _half_covered(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     m = grid_mask(mask, *hw)
     if not m.any() and mask.any():  # smaller than half a cell: keep the cells it touches

@@ -38,6 +38,8 @@ class EditInputs:
     target_mask: np.ndarray | None = (
         None  # where the object ends up (move/resize/paste), source pixels
     )
+    # the image prompt's adapter and image encoder: a local path made absolute, or a hub location
+    image_prompt: tuple[str, str | None] | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -238,7 +240,38 @@ def load_inputs(ls: LoadedSpec, read: Reader = read_file) -> EditInputs:
         inp.target_mask = paste_target(inp.reference_mask, s.effective_scale, (x, y), (h, w))
         if not inp.target_mask.any():
             raise SpecError.one(f, "scale", "the pasted object is too small to cover any pixel")
+    inp.image_prompt = image_prompt_locations(ls)
     return inp
+
+
+def image_prompt_locations(ls: LoadedSpec) -> tuple[str, str | None] | None:
+    """The image prompt's adapter and encoder, located (None when it is off)."""
+    ip = ls.spec.guidance.image_prompt
+    if ip is None or ip.adapter is None:
+        return None
+    where = "guidance.image_prompt"
+    encoder = None if ip.encoder is None else model_location(ls, ip.encoder, f"{where}.encoder")
+    return model_location(ls, ip.adapter, f"{where}.adapter", 3), encoder
+
+
+def model_location(ls: LoadedSpec, value: str, fld: str, hub_parts: int = 2) -> str:
+    """A model file or folder named in a spec: a path relative to the spec file that exists (made
+    absolute), else a hub location (`owner/name`, then a path inside the repository; at least
+    `hub_parts` parts)."""
+    local = ls.resolve(value)
+    if local.exists():
+        return str(local.resolve())
+    parts = value.split("/")
+    if value.startswith((".", "/", "~", "\\")) or "" in parts or len(parts) < 2:
+        raise SpecError.one(ls.path, fld, f"no such file or folder: {local}")
+    if len(parts) < hub_parts:
+        raise SpecError.one(
+            ls.path,
+            fld,
+            f"no such file or folder ({local}); on the hub, name the weights file inside the "
+            "repository, e.g. h94/IP-Adapter/models/ip-adapter-plus_sd15.safetensors",
+        )
+    return value
 
 
 def paste_target(

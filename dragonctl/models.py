@@ -202,7 +202,7 @@ def _hub_error(model: str, err: Exception) -> ModelError:
     )
 
 
-def _has_accelerate() -> bool:
+def has_accelerate() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("accelerate") is not None
@@ -217,7 +217,7 @@ def _load_sd(
     def load(local: bool):
         kw = dict(local_files_only=local)
         # low_cpu_mem_usage needs `accelerate`; asking for it without prints a warning every run
-        lean = dict(low_cpu_mem_usage=_has_accelerate())
+        lean = dict(low_cpu_mem_usage=has_accelerate())
         return (
             UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw, **lean),
             AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw, **lean),
@@ -387,7 +387,7 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
             "train them with `python -m dragonctl.shapes.train`"
         )
     unet = UNet2DConditionModel.from_pretrained(
-        folder / "unet", dtype=dt, local_files_only=True, low_cpu_mem_usage=_has_accelerate()
+        folder / "unet", dtype=dt, local_files_only=True, low_cpu_mem_usage=has_accelerate()
     )
     sched = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
     null = load_file(folder / "null_prompt.safetensors")["embedding"].to(dev, dt)

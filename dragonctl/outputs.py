@@ -52,7 +52,7 @@ def metadata_record(
     return {
         "written_by": SOFTWARE,
         "spec_file": str(spec_path),
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec.model_dump(mode="json", by_alias=True),
         "model": identity,
         "versions": package_versions(),
         "timings": {k: round(v, 4) for k, v in timings.items()},

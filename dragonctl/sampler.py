@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dragonctl.attention import BankAttention, BankState
+from dragonctl.attention import BankAttention, BankState, ImagePromptState
 from dragonctl.errors import EditDiverged
 from dragonctl.features import FeatureForward, to_grid
 from dragonctl.schedules import (
@@ -73,6 +73,8 @@ class SamplerStats:
     unet_forward: int = 0  # UNet calls (any batch size; truncated feature forwards included)
     unet_backward: int = 0
     guided_steps: int = 0
+    sde_steps: int = 0  # DiffEditor's stochastic steps taken (passes)
+    image_prompt_steps: int = 0  # generation forwards that read the image prompt
     forward_rows: list[int] = field(default_factory=list)  # batch rows of each full forward
     feature_rows: list[int] = field(default_factory=list)  # ... of each truncated forward
     stored_kv_bytes: int = 0  # with recorded K/V: the memory they take
@@ -123,6 +125,9 @@ class Prompts:
     """Every context batch the loop uses, built once per edit rather than once per step."""
 
     bank: torch.Tensor  # one row per bank image
+    # the bank images' guidance features read the source's prompt, as the reference's estimator
+    # does (the bank rows themselves keep each image's own, as its inversion had)
+    bank_features: torch.Tensor
     generation: torch.Tensor  # [unconditional, source] with CFG, else [source]
     bank_and_generation: torch.Tensor
     source: torch.Tensor  # the source's prompt: also the generation's
@@ -135,11 +140,22 @@ class Prompts:
         bank_ctx = torch.cat(bank)
         return cls(
             bank_ctx,
+            source.expand(len(bank), -1, -1),
             generation,
             torch.cat([bank_ctx, generation]),
             source,
             source.expand(2, -1, -1),
         )
+
+
+@dataclass(frozen=True)
+class ImagePromptRows:
+    """The image prompt in the loop: the generation rows' image tokens ([unconditional, image]
+    with CFG) and their scale, handed to the cross-attention processors through `state`."""
+
+    state: ImagePromptState
+    tokens: torch.Tensor
+    scale: float
 
 
 class MemoryBank:
@@ -205,15 +221,21 @@ def guided_eps(
     i: int,
     inject: bool,
     cfg_scale: float,
+    image_prompt: ImagePromptRows | None = None,
 ) -> torch.Tensor:
-    """ε of the generation rows at step i, with CFG; injected steps read the bank's K/V."""
+    """ε of the generation rows at step i, with CFG; injected steps read the bank's K/V, and
+    the generation rows read the image prompt when one is given."""
     cfg = cfg_scale != 1.0
     generation = torch.cat([z, z]) if cfg else z
     rows = bank.bank_rows(i) if inject else None
     nb = 0 if rows is None else rows.shape[0]
     batch = generation if rows is None else torch.cat([rows, generation])
     context = prompts.generation if rows is None else prompts.bank_and_generation
-    with bank.state.reading(i, nb) if inject else nullcontext():
+    prompting = nullcontext()
+    if image_prompt is not None:
+        calls.stats.image_prompt_steps += 1
+        prompting = image_prompt.state.prompting(image_prompt.tokens, image_prompt.scale, nb)
+    with bank.state.reading(i, nb) if inject else nullcontext(), prompting:
         out = calls.output(batch, i, context)[nb:]
     eps = calls.eps(out, z.expand_as(out), calls.schedule.alpha[i])
     return eps[:1] + cfg_scale * (eps[1:] - eps[:1]) if cfg else eps
@@ -236,7 +258,7 @@ class EnergyGuidance:
         # The bank's features need no gradient: a forward of their own, so the backward (and the
         # activations it keeps) covers only the two rows that need one.
         with torch.no_grad():
-            bank_feats = calls.features(self.bank.rows_at(i), i, self.prompts.bank, hw)
+            bank_feats = calls.features(self.bank.rows_at(i), i, self.prompts.bank_features, hw)
         refs = [[f[k] for f in bank_feats] for k in range(self.bank.size)]
         # Two copies of z: the edit energy reads one and the content energy the other, so one
         # backward gives both gradients of the regional rule.
@@ -319,6 +341,7 @@ def guided_edit(
     settings: GuidanceSettings,
     generator: torch.Generator,
     callback: Callable[[int], None] | None = None,
+    image_prompt: ImagePromptRows | None = None,
 ) -> tuple[torch.Tensor, SamplerStats]:
     """DragonDiffusion's edit (DiffEditor's where `steps` has SDE and time-travel steps).
 
@@ -331,6 +354,8 @@ def guided_edit(
         settings: CFG scale, energy gain, SDE strengths.
         generator: a CPU generator for the SDE noise.
         callback: called with i after every step (progress, interruption).
+        image_prompt: the image tokens the generation reads on `steps.image_prompt` (None: no
+            image prompt).
 
     Returns:
         The edited latent z_0 (fp32) and the loop's statistics.
@@ -346,9 +371,12 @@ def guided_edit(
         for r in range(steps.passes(i)):
             if r:  # time travel: back to step i's noise level, then the step again
                 z = renoise(calls, prompts, z_next, i)
-            eps = guided_eps(calls, bank, prompts, z, i, i in steps.injected, settings.cfg_scale)
+            ip = image_prompt if i in steps.image_prompt else None
+            inject = i in steps.injected
+            eps = guided_eps(calls, bank, prompts, z, i, inject, settings.cfg_scale, ip)
             eps_hat = eps + energy.gradient(z, i) if i in steps.guided else eps
             if i in steps.sde:
+                calls.stats.sde_steps += 1
                 z_next = sde.step(z, eps_hat, eps, a, ap, i)
             else:
                 z_next = ddim_step(z, eps_hat, a, ap, eps_dir=eps)

@@ -100,17 +100,21 @@ class StepWindows:
     time_travel_from: float
     time_travel_until: float
     time_travel_repeats: int
+    image_prompt_from: float = 0.0  # DiffEditor's image prompt: steps in [from, until)
+    image_prompt_until: float = 0.0
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Which edit steps get guidance, K/V injection, regional SDE and time travel."""
+    """Which edit steps get guidance, K/V injection, regional SDE, time travel and the image
+    prompt."""
 
     guided: frozenset[int]
     injected: frozenset[int]
     sde: frozenset[int]
     time_travel: frozenset[int]
     repeats: int
+    image_prompt: frozenset[int] = frozenset()
 
     def passes(self, i: int) -> int:
         """How many times step i runs: time travel repeats it, re-noising in between."""
@@ -133,12 +137,14 @@ class StepPlan:
         travel = {
             i for i in in_travel if diffeditor and w.guided and i % 2 == 0 and 0 <= i < steps - 1
         }
+        prompted = range(at(w.image_prompt_from), at(w.image_prompt_until))
         return cls(
             frozenset(guided),
             frozenset(injected),
             frozenset(sde),
             frozenset(travel),
             w.time_travel_repeats,
+            frozenset(i for i in prompted if i < steps),
         )
 
     @classmethod

@@ -86,6 +86,27 @@ class Reference(_Model):
     prompt: str = ""
 
 
+class ImagePrompt(_Model):
+    """DiffEditor's image prompt: an IP-Adapter whose image tokens every cross-attention layer
+    adds, at `scale`, to the generation rows of the steps in [from, until) of the schedule."""
+
+    adapter: PathStr | None  # None: off
+    encoder: PathStr | None
+    scale: Annotated[float, Field(allow_inf_nan=False, ge=0, le=10)]
+    start: Fraction = Field(alias="from")
+    until: Fraction
+
+    @model_validator(mode="after")
+    def _window_in_order(self) -> ImagePrompt:
+        if self.start > self.until:
+            raise ValueError(f"from ({self.start}) is after until ({self.until})")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.adapter is not None and self.scale > 0
+
+
 class Guidance(_Model):
     method: Literal["dragondiffusion", "diffeditor"]
     cfg_scale: Annotated[float, Field(allow_inf_nan=False, ge=0, le=50)]
@@ -111,6 +132,7 @@ class Guidance(_Model):
     regional_attention: bool
     resize_method: Literal["correspondence", "scaled_copy"]
     appearance_init: Literal["source", "reference_statistics"]
+    image_prompt: ImagePrompt | None = None
 
     @model_validator(mode="after")
     def _windows_in_order(self) -> Guidance:
@@ -351,6 +373,13 @@ def _parse(path: Path, text: str, overrides: dict[str, Any]) -> LoadedSpec:
     merged = deep_merge(defaults_for(model_name, mode if mode in MODES else "move"), raw)
     if not isinstance(raw.get("guidance", {}), dict):
         raise SpecError.one(path, "guidance", "must be a mapping of guidance settings")
+    if family_for_model(model_name) == "shapes" and raw.get("guidance", {}).get("image_prompt"):
+        raise SpecError.one(
+            path,
+            "guidance.image_prompt",
+            "the shapes model has no image encoder or cross-attention to prompt; "
+            "image prompts need a Stable Diffusion model",
+        )
     try:
         spec = Spec.model_validate(merged)
     except ValidationError as e:

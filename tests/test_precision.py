@@ -3,6 +3,7 @@ SD's VAE factor 8 (random weights), at 512² and 768²."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dragonctl import api
@@ -64,3 +65,20 @@ def test_fp16_edits_run_on_the_cpu(tmp_path, workdir, spec_for):
     spec = spec_for("drag", model=str(folder), resolution=64, steps=3)
     rep = api.edit([spec], api.EditOptions(dtype="fp16", no_cache=True))[0]
     assert rep.ok, rep.errors
+
+
+def test_drag_patches_get_the_same_guidance_per_cell_at_any_working_size(editors, tmp_path):
+    """Drag's patches are 3×3 cells at any size, so their term is exempt from the grid's
+    normalisation: the gradient at the patch cells stays the same (it was 2.65× stronger at 768²
+    than at 512² before the exemption; 1.18× on these random weights after)."""
+    from dragonctl.geometry import patch_indices
+
+    at_patches = {}
+    for res in (512, 768):
+        (tmp_path / str(res)).mkdir()
+        ls, inp = api.load(write_specs(tmp_path / str(res), res, steps=4)["drag"])
+        g = precision.guidance_gradient(editors["fp32"], ls.spec, inp, 0)[0].abs().sum(0)
+        (hx, hy), (tx, ty) = inp.points[0]
+        cells = [patch_indices(x, y, 8, tuple(g.shape)) for x, y in ((hx, hy), (tx, ty))]
+        at_patches[res] = float(g.flatten()[np.concatenate(cells)].mean())
+    assert abs(at_patches[768] / at_patches[512] - 1) <= 0.25, at_patches

@@ -144,3 +144,64 @@ def save_sd_folder(
     for name, comp in comps.items():
         comp.save_pretrained(path / name)
     return path
+
+
+def save_ip_adapter(
+    path: Path, unet_folder: Path, plus: bool = True, queries: int = 16, seed: int = 0
+) -> Path:
+    """Write a random IP-Adapter for the UNet in `unet_folder` in the published layout: one
+    weights file (`image_proj.*`: the Plus Resampler or the plain projection; `ip_adapter.N.*`:
+    to_k_ip/to_v_ip of the N-th attention processor, cross-attention only) and `image_encoder/`
+    (a tiny CLIPVisionModelWithProjection). Returns the weights file."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, std: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    cross = unet.config.cross_attention_dim
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=24,
+    )
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(vision).save_pretrained(path / "image_encoder")
+    tensors: dict[str, torch.Tensor] = {}
+    if plus:  # IP-Adapter Plus's Resampler, 4 layers of 64-dim heads (diffusers infers them)
+        dim, ff = 64, 256
+        tensors["latents"] = rand(1, queries, dim)
+        tensors["proj_in.weight"], tensors["proj_in.bias"] = rand(dim, 32), torch.zeros(dim)
+        tensors["proj_out.weight"], tensors["proj_out.bias"] = rand(cross, dim), torch.zeros(cross)
+        tensors["norm_out.weight"], tensors["norm_out.bias"] = torch.ones(cross), torch.zeros(cross)
+        for i in range(4):
+            for norm in ("0.norm1", "0.norm2", "1.0"):
+                tensors[f"layers.{i}.{norm}.weight"] = torch.ones(dim)
+                tensors[f"layers.{i}.{norm}.bias"] = torch.zeros(dim)
+            tensors[f"layers.{i}.0.to_q.weight"] = rand(dim, dim)
+            tensors[f"layers.{i}.0.to_kv.weight"] = rand(2 * dim, dim)
+            tensors[f"layers.{i}.0.to_out.weight"] = rand(dim, dim)
+            tensors[f"layers.{i}.1.1.weight"] = rand(ff, dim)
+            tensors[f"layers.{i}.1.3.weight"] = rand(dim, ff)
+    else:  # the plain IP-Adapter: 4 tokens from the image embedding
+        tensors["proj.weight"], tensors["proj.bias"] = rand(4 * cross, 24), torch.zeros(4 * cross)
+        tensors["norm.weight"], tensors["norm.bias"] = torch.ones(cross), torch.zeros(cross)
+    weights = {f"image_proj.{k}": v for k, v in tensors.items()}
+    for n, name in enumerate(unet.attn_processors):
+        if ".attn2." in name:
+            attn = unet.get_submodule(name.removesuffix(".processor"))
+            hidden = attn.to_k.out_features
+            weights[f"ip_adapter.{n}.to_k_ip.weight"] = rand(hidden, cross)
+            weights[f"ip_adapter.{n}.to_v_ip.weight"] = rand(hidden, cross)
+    path.mkdir(parents=True, exist_ok=True)
+    out = path / ("ip-adapter-plus.safetensors" if plus else "ip-adapter.safetensors")
+    save_file({k: v.contiguous() for k, v in weights.items()}, out)
+    return out

@@ -8,7 +8,7 @@ import torch
 
 from dragonctl import energies
 from dragonctl.attention import BankAttention
-from dragonctl.geometry import Frame, Grids, patch_indices
+from dragonctl.geometry import Frame, Grids, grid_ratio, patch_indices
 from dragonctl.inputs import EditInputs
 from dragonctl.modes import EditPlan, cells, latent_mask, plan_on
 from dragonctl.spec import Spec
@@ -30,9 +30,13 @@ def plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.dev
         target = torch.from_numpy(patch_indices(*t_w, cell, hw))
         pairs.append(tuple(t.to(dev) for t in energies.drag_pair(handle, target)))
     keep = cells(~grids.feature(region_w), dev)
+    # the patches are 3×3 cells at any size: their term does not thin out with the grid, so it
+    # undoes the gain's per-cell normalisation (the reference's strength per patch cell anywhere)
+    fixed_cells = 1 / grid_ratio(hw, grids.latent_factor, g.energy_resolution)
 
     def edit_energy(cur, refs):
-        return energies.drag_edit_energy(cur, refs[0], pairs, g.w_edit, g.w_inpaint)
+        e = energies.drag_edit_energy(cur, refs[0], pairs, g.w_edit, g.w_inpaint)
+        return e * fixed_cells
 
     def content_energy(cur, refs):
         return energies.content_energy(cur, refs[0], keep, g.w_content, layer_weight=0.5)
