@@ -547,7 +547,7 @@ def bench_quality(
     out: Path = typer.Argument(
         Path("runs/quality"), help="Folder for specs, results, contact sheets, quality.json."
     ),
-    cases: int = typer.Option(6, help="Cases per mode."),
+    cases: int = typer.Option(50, help="Cases per mode."),
     mode: list[str] = typer.Option(None, help="Only these modes (repeatable)."),
     model: str = typer.Option(
         "shapes", help="Model to test (the ground truth is the shapes world)."
@@ -564,7 +564,13 @@ def bench_quality(
         None, help="Any guidance setting for every case, KEY=VALUE (repeatable)."
     ),
 ) -> None:
-    """Run every mode on held-out shapes scenes and score it against the ground truth."""
+    """Run every mode on held-out shapes scenes and judge each case against the ground truth.
+
+    Prints the success rate per mode (and which criteria the failures missed), then the metrics'
+    medians; writes quality.json, a contact sheet per mode and one of its failures. Exits 0 when
+    every case ran, whatever the verdicts (failures are results), and 1 when a case could not
+    run.
+    """
     import yaml
 
     from dragonctl.bench import quality
@@ -592,8 +598,10 @@ def bench_quality(
             log=lambda m: _err(m),
             spec_overrides={"steps": steps} if steps else None,
         )
-    typer.echo(quality.table(summary))
-    _err(f"wrote {out / 'quality.json'} and sheet_<mode>.png")
+    typer.echo(quality.success_table(summary) + "\n\n" + quality.table(summary))
+    _err(f"wrote {out / 'quality.json'}, sheet_<mode>.png and failures_<mode>.png")
+    if any(m["completed"] < m["cases"] for m in summary["modes"].values()):
+        raise typer.Exit(1)
     failed = sum(m["cases"] - m["completed"] for m in summary["modes"].values())
     if failed:  # "every edit completes" is part of the bar
         _err(f"{failed} case(s) failed")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from dragonctl.bench import quality, speed
+from dragonctl.bench import quality, speed, success
 
 
 @pytest.mark.parametrize("mode", quality.MODES)
@@ -25,6 +25,40 @@ def test_quality_metrics_are_perfect_on_the_ground_truth(mode):
             m.get("residue", 0.0) == 0.0 and m.get("color_distance", 0.0) < 0.004
         )  # uint8 rounding
         assert m.get("area_ratio_error", 0.0) == 0.0
+        assert m["area_error"] == 0.0 and m["stray"] == 0.0 and m["cleanliness"] == 1.0
+        assert success.verdict(mode, m, case.source.shape[1]) == [], case.name
+
+
+def test_verdicts_name_what_failed():
+    move = quality.make_cases("move", 4)
+    for case in move:  # nothing happened: the object is where it was
+        failed = success.verdict("move", quality.score(case, case.source), 64)
+        assert "place" in failed and "copies" in failed
+    case = move[0]
+    twice = case.truth.copy()
+    twice[case.old_mask & ~case.new_mask] = case.source[case.old_mask & ~case.new_mask]
+    assert success.verdict("move", quality.score(case, twice), 64) == ["copies"]
+    rng = np.random.default_rng(0)
+    noisy = np.clip(case.truth + rng.normal(0, 12, case.truth.shape), 0, 255).astype(np.uint8)
+    m = quality.score(case, noisy)
+    assert "background" in success.verdict("move", m, 64) and m["cleanliness"] > 1.5
+    for mode in ("appearance", "paste"):
+        for case in quality.make_cases(mode, 2):
+            failed = success.verdict(mode, quality.score(case, case.source), 64)
+            assert ("shape" if mode == "appearance" else "overlap") in failed
+
+
+def test_cases_draw_masks_the_ways_users_do(tmp_path):
+    from dragonctl import api
+
+    cases = quality.make_cases("move", 8) + quality.make_cases("drag", 4)
+    kinds = set()
+    for case in cases:
+        ls, inp = api.load(quality.write_case(case, tmp_path / case.mode, "shapes"))
+        mask = ls.spec.mask
+        kinds.add("png" if mask.path else "box" if mask.box else "polygon" if mask.polygon else "")
+        assert (inp.mask & case.old_mask).sum() == case.old_mask.sum()  # it holds the object
+    assert kinds == {"png", "box", "polygon"}
 
 
 def test_quality_metrics_see_an_edit_that_did_nothing():
@@ -58,6 +92,37 @@ def test_quality_benchmark_runs_through_the_real_engine(tmp_path):
             and "background_psnr" in s["baseline_median"]
         )
     assert "| move | 1/1 |" in quality.table(summary)
+    for mode in ("move", "appearance"):
+        s = summary["modes"][mode]
+        record = s["per_case"][0]
+        assert record["success"] == (not record["failed"])
+        assert (tmp_path / f"failures_{mode}.png").exists() == bool(record["failed"])
+    assert "| move | " in quality.success_table(summary)
+
+
+def test_bench_quality_exits_0_when_every_case_ran_whatever_the_verdicts(tmp_path):
+    from typer.testing import CliRunner
+
+    from dragonctl.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "quality",
+            str(tmp_path),
+            "--cases",
+            "1",
+            "--mode",
+            "drag",
+            "--steps",
+            "2",
+            "--energy-scale",
+            "0",
+        ],
+    )  # no guidance: the dragged object stays, a failure
+    assert r.exit_code == 0, r.output
+    assert "| drag | 0/1 (0 %) | " in r.output and (tmp_path / "failures_drag.png").exists()
 
 
 def test_speed_benchmark_runs_at_tiny_size_and_counts_passes(tmp_path):

@@ -11,6 +11,11 @@ run through the real engine via the public API, and scored against the ground-tr
 - paste: IoU and colour distance at the destination, background PSNR
 
 A no-guidance baseline (plain inversion and reconstruction of the source) gets the same figures.
+
+Cases vary the way users' specs do: one to three objects per scene, flat and gradient
+backgrounds, masks as exact PNGs, tight and loose boxes and polygons, edits that end next to
+another object or near the frame. Every case gets a verdict (`bench.success`): success, or the
+criteria it failed; the run reports success rates per mode and a contact sheet of the failures.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from dragonctl.bench import success
 from dragonctl.shapes.world import Scene, Shape, render
 from dragonctl.spec import MODES
 
-COLOR_TOL = 0.2  # RGB distance (in [0, 1] units) under which a pixel counts as the object's colour
+# RGB distance (in [0, 1] units) under which a pixel counts as the object's colour
+COLOR_TOL = success.COLOUR_DISTANCE / 255
 
 
 @dataclass
@@ -93,35 +100,73 @@ def _box(mask: np.ndarray, margin: int, size: int) -> list[int]:
     ]
 
 
+MASK_STYLES = ("png", "box", "loose_box", "polygon")  # how case k's masks are drawn: k mod 4
+
+
 def make_cases(mode: str, n: int, seed: int = 1000) -> list[Case]:
     cases = []
     k = 0
     while len(cases) < n:
         rng = np.random.default_rng([seed, MODES.index(mode), k])
         k += 1
-        case = _make_case(mode, rng, user_style=len(cases) % 2 == 1, index=len(cases))
+        case = _make_case(mode, rng, MASK_STYLES[len(cases) % 4], index=len(cases))
         if case is not None:
             cases.append(case)
     return cases
 
 
-def _make_case(mode: str, rng: np.random.Generator, user_style: bool, index: int) -> Case | None:
+def _make_case(mode: str, rng: np.random.Generator, style: str, index: int) -> Case | None:
     """One case; None when the drawn scene leaves no room for the edit (the caller draws again)."""
-    sc, obj = _scene(rng, user_style, n_other=int(rng.integers(0, 2)))
+    sc, obj = _scene(rng, bool(rng.integers(0, 2)), n_other=int(rng.integers(0, 3)))
     src = render(sc)
     name = f"{mode}-{index:02d}"
-    mask_spec: object = {"box": _box(src.masks[0], 2, sc.size)} if user_style else "mask"
+    mask_spec = _mask_spec(src.masks[0], style, rng, sc.size)
+    # every third case may end next to another object (1 px apart), the others keep 3 px
+    near = 1.0 if index % 3 == 2 else 3.0
     if mode in ("move", "resize"):
-        return _move_case(mode, name, rng, sc, obj, src, mask_spec)
+        return _move_case(mode, name, rng, sc, obj, src, mask_spec, near)
     if mode == "drag":
-        return _drag_case(name, rng, sc, obj, src, user_style)
-    return _two_image_case(mode, name, rng, sc, obj, src, mask_spec, user_style)
+        return _drag_case(name, rng, sc, obj, src, style, near)
+    return _two_image_case(mode, name, rng, sc, obj, src, mask_spec, style, near)
 
 
-def _move_case(mode, name, rng, sc: Scene, obj: Shape, src, mask_spec) -> Case | None:
+def _mask_spec(mask: np.ndarray, style: str, rng: np.random.Generator, size: int) -> object:
+    """The object's mask as a user would give it ("mask": the exact PNG)."""
+    if style == "box":
+        return {"box": _box(mask, 2, size)}
+    if style == "loose_box":
+        return {"box": _box(mask, int(rng.integers(4, 9)), size)}
+    if style == "polygon":
+        return {"polygon": _hull(_dilate(mask, int(rng.integers(2, 5))))}
+    return "mask"
+
+
+def _hull(mask: np.ndarray) -> list[list[float]]:
+    """The convex hull of a mask's pixel squares (Andrew's monotone chain), as polygon vertices."""
+    ys, xs = np.nonzero(mask)
+    pts = sorted(
+        {(float(x + dx), float(y + dy)) for x, y in zip(xs, ys) for dx in (0, 1) for dy in (0, 1)}
+    )
+
+    def half(points):
+        out: list[tuple[float, float]] = []
+        for p in points:
+            while len(out) >= 2 and _cross(out[-2], out[-1], p) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    return [list(p) for p in half(pts) + half(pts[::-1])]
+
+
+def _cross(o, a, b) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def _move_case(mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, near: float) -> Case | None:
     for _ in range(40):
         if mode == "move":
-            dx, dy = (float(v) for v in rng.integers(-20, 21, 2))
+            dx, dy = (float(v) for v in rng.integers(-24, 25, 2))
             if math.hypot(dx, dy) < 8:
                 continue
             new = obj.moved(dx, dy)
@@ -130,7 +175,7 @@ def _move_case(mode, name, rng, sc: Scene, obj: Shape, src, mask_spec) -> Case |
             s = float(rng.choice([0.7, 0.8, 1.25, 1.4]))
             new = obj.scaled(s)
             spec = {"mode": "resize", "mask": mask_spec, "scale": s}
-        if _free(sc, new, 0):
+        if _free(sc, new, 0, near):
             break
     else:
         return None
@@ -149,25 +194,26 @@ def _move_case(mode, name, rng, sc: Scene, obj: Shape, src, mask_spec) -> Case |
     )
 
 
-def _drag_case(name, rng, sc: Scene, obj: Shape, src, user_style: bool) -> Case | None:
+def _drag_case(name, rng, sc: Scene, obj: Shape, src, style: str, near: float) -> Case | None:
     for _ in range(40):
         dx, dy = (float(v) for v in rng.integers(-12, 13, 2))
         if math.hypot(dx, dy) < 6:
             continue
         new = obj.moved(dx, dy)
-        if _free(sc, new, 0):
+        if _free(sc, new, 0, near):
             break
     else:
         return None
     truth = render(sc.with_shape(0, new))
     old = src.masks[0]
     region = _dilate(old | truth.masks[0], 4)
-    box = _box(region, 0, sc.size)
+    box = _box(region, 4 if style == "loose_box" else 0, sc.size)
     hx, hy = src.centroids[0]
+    boxed = style in ("box", "loose_box")
     spec = {
         "mode": "drag",
         "points": [[[hx, hy], [hx + dx, hy + dy]]],
-        "mask": {"box": box} if user_style else "mask",
+        "mask": {"box": box} if boxed else "mask",
     }
     return Case(
         "drag",
@@ -178,19 +224,19 @@ def _drag_case(name, rng, sc: Scene, obj: Shape, src, user_style: bool) -> Case 
         old_mask=old,
         new_mask=truth.masks[0],
         color=obj.color,
-        edit_region=_box_mask(box, sc.size) if user_style else region,
+        edit_region=_box_mask(box, sc.size) if boxed else region,
     )
 
 
 def _two_image_case(
-    mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, user_style: bool
+    mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, style: str, near: float
 ) -> Case | None:
     """Appearance and paste: the reference holds one object of another colour."""
     ref_sc, ref_obj = _scene(rng, flat=bool(rng.integers(0, 2)), n_other=0)
     if np.linalg.norm(np.subtract(ref_obj.color, obj.color)) < 0.5:
         return None
     ref = render(ref_sc)
-    ref_mask: object = {"box": _box(ref.masks[0], 2, ref_sc.size)} if user_style else "ref_mask"
+    ref_mask: object = {"box": _box(ref.masks[0], 2, ref_sc.size)} if style != "png" else "ref_mask"
     reference = {"image": "reference", "mask": ref_mask}
     old = src.masks[0]
     if mode == "appearance":
@@ -214,7 +260,7 @@ def _two_image_case(
         cx, cy = (float(v) for v in rng.uniform(12, sc.size - 12, 2))
         placed = Shape(ref_obj.kind, cx, cy, ref_obj.size * s, ref_obj.color)
         with_placed = Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,))
-        if _free(with_placed, placed, len(sc.shapes)):
+        if _free(with_placed, placed, len(sc.shapes), near):
             break
     else:
         return None
@@ -313,26 +359,33 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
     background = ~_dilate(case.edit_region, 2)
     # far from the edit (a fifth of the image away): where a composited result is the source's own
     far = ~_dilate(case.edit_region, case.source.shape[0] // 5)
+    objects = _dilate(case.old_mask | case.new_mask, 2)
+    vacated = case.old_mask & ~case.new_mask
     out: dict[str, float] = {
         "background_psnr": psnr(result, case.source, background),
         "far_psnr": psnr(result, case.source, far),
+        "cleanliness": success.cleanliness(result, case.source, ~objects),
+        # object-coloured pixels away from the truth's object and its old place: a second copy
+        "stray": float((cm & ~_dilate(case.new_mask, 2) & ~vacated).sum() / case.new_mask.sum()),
+        "residue": float(cm[vacated].mean()) if vacated.any() else 0.0,
     }
     if case.mode in ("move", "resize", "drag"):
-        vacated = case.old_mask & ~case.new_mask
         present = cm & ~vacated
         out["centroid_error"] = _centroid_error(present, case.new_mask)
         # a resized object is judged whole: an object that failed to shrink must not pass by its
         # core
-        whole = cm if case.mode == "resize" else present
-        out["iou"] = iou(whole, case.new_mask)
-        out["residue"] = float(cm[vacated].mean()) if vacated.any() else 0.0
+        found = cm if case.mode == "resize" else present
+        out["iou"] = iou(found, case.new_mask)
         if case.mode == "resize":
-            out["area_ratio_error"] = abs(whole.sum() / max(case.new_mask.sum(), 1) - 1.0)
+            out["area_ratio_error"] = abs(found.sum() / max(case.new_mask.sum(), 1) - 1.0)
     else:  # appearance (the object keeps its place) and paste (it appears at its destination)
+        found = cm
         px = result[case.new_mask].astype(np.float32) / 255
         out["color_distance"] = float(np.linalg.norm(px.mean(axis=0) - np.asarray(case.color)))
         out["shape_iou" if case.mode == "appearance" else "iou"] = iou(cm, case.new_mask)
         out["centroid_error"] = _centroid_error(cm, case.new_mask)
+    out["found_area"] = float(found.sum())
+    out["area_error"] = abs(found.sum() / max(case.new_mask.sum(), 1) - 1.0)
     return out
 
 
@@ -404,7 +457,7 @@ def run(
     session.editor(model)  # a model that does not load fails the run here, not once per case
     summary: dict = {"model": model, "cases_per_mode": cases, "seed": seed, "modes": {}}
     for mode in modes:
-        rows, per_case = [], []
+        rows, failed, per_case = [], [], []
         for case in make_cases(mode, cases, seed):
             path = write_case(case, out_dir / mode, model)
             _override(path, overrides, spec_overrides)
@@ -412,16 +465,23 @@ def run(
             per_case.append(record)
             if row is not None:
                 rows.append(row)
+                if record["failed"]:
+                    failed.append((row, f"{case.name}\nfailed: " + ", ".join(record["failed"])))
         if rows:
-            sheet = np.concatenate(
-                [np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows]
-            )
-            Image.fromarray(sheet).resize(
-                (sheet.shape[1] * 3, sheet.shape[0] * 3), Image.Resampling.NEAREST
-            ).save(out_dir / f"sheet_{mode}.png")
+            _save_sheet(rows, out_dir / f"sheet_{mode}.png")
+        gallery = success.failure_sheet(failed)
+        if gallery is not None:
+            Image.fromarray(gallery).save(out_dir / f"failures_{mode}.png")
         summary["modes"][mode] = _mode_summary(per_case)
     atomic_write(out_dir / "quality.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
+
+
+def _save_sheet(rows: list[np.ndarray], path: Path) -> None:
+    sheet = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows])
+    Image.fromarray(sheet).resize(
+        (sheet.shape[1] * 3, sheet.shape[0] * 3), Image.Resampling.NEAREST
+    ).save(path)
 
 
 def _override(path: Path, guidance: dict | None, fields: dict | None) -> None:
@@ -459,12 +519,18 @@ def run_case(session, opts, case: Case, path: Path, log) -> tuple[dict, np.ndarr
         s.prompt,
     )
     m, b = score(case, result), score(case, base)
-    log(f"{case.name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) + f" ({seconds:.1f} s)")
+    width = case.source.shape[1]
+    failed = success.verdict(case.mode, m, width)
+    outcome = "ok" if not failed else "FAILED " + ",".join(failed)
+    log(f"{case.name}: {outcome}; " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
     overlay = api.preview_image(ls, inp)[:, : case.source.shape[1]]
     record = {
         "case": case.name,
         "ok": True,
         "seconds": round(seconds, 3),
+        "success": not failed,
+        "failed": failed,
+        "baseline_success": not success.verdict(case.mode, b, width),
         "metrics": m,
         "baseline": b,
     }
@@ -477,11 +543,38 @@ def _mode_summary(per_case: list[dict]) -> dict:
     return {
         "cases": len(per_case),
         "completed": len(done),
+        "successes": sum(c["success"] for c in done),
+        "baseline_successes": sum(c["baseline_success"] for c in done),
+        # how many cases missed each criterion (a case can miss several)
+        "failed_by_criterion": {
+            k: n for k in success.CRITERIA if (n := sum(k in c["failed"] for c in done))
+        },
         "median": {k: _median([c["metrics"][k] for c in done]) for k in keys},
         "baseline_median": {k: _median([c["baseline"][k] for c in done]) for k in keys},
         "seconds_per_edit": _median([c["seconds"] for c in done]),
         "per_case": per_case,
     }
+
+
+def success_table(summary: dict) -> str:
+    """Per mode: successes of the cases run, the criteria failures missed, and the median
+    cleanliness and background."""
+    lines = [
+        "| mode | success | no-guidance baseline | failures by criterion | cleanliness "
+        "| background dB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, m in summary["modes"].items():
+        n = m["completed"]
+        rate = f"{m['successes']}/{n} ({100 * m['successes'] / max(n, 1):.0f} %)"
+        if n < m["cases"]:
+            rate += f", {m['cases'] - n} did not run"
+        why = ", ".join(f"{k} {v}" for k, v in m["failed_by_criterion"].items()) or "none"
+        clean, bg = (m["median"].get(k, float("nan")) for k in ("cleanliness", "background_psnr"))
+        lines.append(
+            f"| {mode} | {rate} | {m['baseline_successes']}/{n} | {why} | {clean:.2f} | {bg:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def table(summary: dict) -> str:
