@@ -5,7 +5,8 @@
 #   bash benchmarks/device.sh train MINUTES  a shapes-training chunk (batch 256), resumed from the package weights
 #   bash benchmarks/device.sh all SECONDS    one call for a whole lease: fp16 against fp32 guidance, the
 #                                            eager table, the compiled move rows (cudagraphs, then
-#                                            inductor's reduce-overhead), then training for what is left
+#                                            inductor's reduce-overhead), SDXL's move at 1024², then
+#                                            training for what is left
 #   bash benchmarks/device.sh ray            batch throughput on Ray over every GPU of a multi-GPU box
 # Carry `.whl` (diffusers and pydantic are not installed there). Results land in $OUT: speed.json and
 # speed_modes.json, or the exported model (copy it into dragonctl/shapes/weights/ and commit it).
@@ -48,6 +49,9 @@ case "${1:-speed}" in
       --out "$OUT/speed_cudagraphs.json"
     stage 220 python3 -m dragonctl bench speed --mode move --resolution 512 --compile on \
       --out "$OUT/speed_compiled.json"
+    # SDXL at its real size (random weights), eager, move at 1024²
+    stage 120 python3 -m dragonctl bench speed --size sdxl --mode move --resolution 1024 \
+      --out "$OUT/speed_sdxl.json"
     left=$((budget - SECONDS - 60))
     if [ "$left" -gt 60 ]; then
       stage $((left + 50)) python3 -m dragonctl.shapes.train --device cuda --batch 256 --workers 12 --steps 1000000 \

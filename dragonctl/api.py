@@ -316,6 +316,8 @@ def compute_edit(
     from dragonctl import outputs
 
     editor = session.editor(ls.spec.model)
+    if editor.bundle.family != ls.family:  # a hub model unknown until it was downloaded
+        ls = ls.for_family(editor.bundle.family)
     result = editor.edit(ls.spec, inp, progress, stop)
     record = None
     if opts.metadata:
@@ -324,6 +326,7 @@ def compute_edit(
             "unet_backward": result.stats.unet_backward,
             "inversions": result.inversions,
             "edited_fraction": round(result.edited_fraction, 6),
+            "unet_row_passes": result.stats.unet_row_passes,
         }
         if result.stats.image_prompt_steps:
             stats["image_prompt_steps"] = result.stats.image_prompt_steps

@@ -612,7 +612,8 @@ def bench_quality(
 def bench_speed(
     out: Path = typer.Option(Path("runs/speed.json"), "--out", "-o", help="JSON results file."),
     size: str = typer.Option(
-        "sd15", help="sd15 (SD 1.5 sizes, random weights) or tiny (CI check)."
+        "sd15",
+        help="sd15 or sdxl (their real sizes, random weights), or tiny / tiny_sdxl (CI checks).",
     ),
     resolution: list[int] = typer.Option([512, 768], help="Working resolutions (repeatable)."),
     mode: list[str] = typer.Option(None, help="Only these modes (repeatable; default all)."),

@@ -50,11 +50,16 @@ def compile_call(fn: Callable, compile: str, backend: str | Callable = "inductor
     return call
 
 
+# a context at a latent size → the UNet's (encoder_hidden_states, added_cond_kwargs) (SDXL)
+Condition = Callable[[torch.Tensor, tuple[int, int]], tuple[torch.Tensor, dict | None]]
+
+
 def unet_forward(
     unet: torch.nn.Module,
     dtype: torch.dtype,
     compile: str = "off",
     backend: str | Callable = "inductor",
+    condition: Condition | None = None,
 ) -> UNetForward:
     """The full UNet call of the step loop, optionally compiled.
 
@@ -64,7 +69,10 @@ def unet_forward(
     """
 
     def forward(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return unet(z.to(dtype), t, encoder_hidden_states=context).sample
+        added = None
+        if condition is not None:
+            context, added = condition(context, tuple(z.shape[-2:]))
+        return unet(z.to(dtype), t, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
     if compile == "off":
         return lambda z, t, context: forward(z, t, context).float()
@@ -73,13 +81,19 @@ def unet_forward(
 
 
 def feature_forward(
-    unet: torch.nn.Module, compile: str = "off", backend: str | Callable = "inductor"
+    unet: torch.nn.Module,
+    compile: str = "off",
+    backend: str | Callable = "inductor",
+    condition: Condition | None = None,
 ) -> FeatureForward:
     """The guided steps' truncated forward (up_blocks 1 and 2), optionally compiled with its
     backward. The features feed the energies and the backward before the next compiled call
     starts a new CUDA-graph step, so they need no copy."""
 
     def forward(z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
-        return decoder_features(unet, z, t, context)
+        added = None
+        if condition is not None:
+            context, added = condition(context, tuple(z.shape[-2:]))
+        return decoder_features(unet, z, t, context, added)
 
     return forward if compile == "off" else compile_call(forward, compile, backend)

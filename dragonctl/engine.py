@@ -155,8 +155,9 @@ class Editor:
             raise ValueError("compile works with recomputed K/V only")
         self.bundle = bundle
         self.stored_kv = stored_kv
-        self.forward = unet_forward(bundle.unet, bundle.dtype, compile, compile_backend)
-        self.features = feature_forward(bundle.unet, compile, compile_backend)
+        cond = bundle.condition
+        self.forward = unet_forward(bundle.unet, bundle.dtype, compile, compile_backend, cond)
+        self.features = feature_forward(bundle.unet, compile, compile_backend, cond)
         self.bank_control = BankControl(bundle.unet, bundle.decoder_self_attention)
         # image-prompt adapters, loaded once each (how they load: the bundle's own options)
         self._image_prompts: dict[tuple[str, str | None], ImagePromptControl] = {}
@@ -324,7 +325,7 @@ class Editor:
         settings = loop_settings(spec.guidance, plan.feature_hw, b.latent_factor)
         with torch.no_grad():
             cond = [b.encode_prompt([p]) for p in bank_prompts(spec)[: len(trajectories)]]
-            prompts = Prompts.build(cond, b.encode_prompt([""]), settings.cfg)
+            prompts = Prompts.build(cond, b.unconditional(), settings.cfg)
         calls = UNetCalls(
             self.forward, self.features, b.dtype, b.prediction_type, schedule, b.device
         )

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from dragonctl.errors import ModelError
-from dragonctl.families import SD15_MODEL, SHAPES_MODEL, is_shapes_folder
-from dragonctl.features import FEATURE_BLOCKS, unsupported_embeddings
+from dragonctl.families import SD15_MODEL, SHAPES_MODEL, family_of_configs, is_shapes_folder
+from dragonctl.features import feature_blocks, unsupported_embeddings
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 
@@ -38,6 +38,10 @@ class ModelBundle:
     decode_latent: Callable[[torch.Tensor], torch.Tensor]  # latent → B×3×H×W in [-1, 1]
     encode_prompt: Callable[[list[str]], torch.Tensor]  # prompts → B×T×C context
     weights_hash: str
+    # a context → the UNet's (encoder_hidden_states, added_cond_kwargs) at a latent size; SDXL's
+    # contexts carry their pooled embedding as one more token (None: the context as it is)
+    condition: Callable | None = None
+    zero_unconditional: bool = False  # CFG's unconditional row is zeros (SDXL's pipelines' way)
     decoder_self_attention: list[str] = field(default_factory=list)  # processor names
     revision: str = ""  # the hub snapshot's commit, for hub models
     weights_file: Path | None = None  # the checkpoint or UNet weights file, for A1111's hash
@@ -53,6 +57,11 @@ class ModelBundle:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 h.update(block)
         return h.hexdigest()[:10]
+
+    def unconditional(self) -> torch.Tensor:
+        """The context of CFG's unconditional row."""
+        ctx = self.encode_prompt([""])
+        return torch.zeros_like(ctx) if self.zero_unconditional else ctx
 
     @property
     def prediction_type(self) -> str:
@@ -131,11 +140,10 @@ def find_decoder_self_attention(unet: torch.nn.Module) -> list[str]:
 
 def check_structure(unet: torch.nn.Module, name: str) -> list[str]:
     ups = getattr(unet, "up_blocks", None)
-    if ups is None or len(ups) <= max(FEATURE_BLOCKS):
+    if ups is None or len(feature_blocks(unet)) < 2:
         raise ModelError(
-            f"model {name}: the method needs a UNet decoder with at least "
-            f"{max(FEATURE_BLOCKS) + 1} "
-            "up blocks (features come from up_blocks 1 and 2)"
+            f"model {name}: the method needs a UNet decoder with at least two cross-attention "
+            "blocks (the guidance features come from the first two)"
         )
     if extras := unsupported_embeddings(unet):
         raise ModelError(
@@ -212,27 +220,40 @@ def _load_sd(
     source: str, dev: torch.device, dt: torch.dtype, local_files_only: bool, files: Path | None
 ) -> ModelBundle:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    def load(local: bool):
+    def load(local: bool) -> dict:
         kw = dict(local_files_only=local)
         # low_cpu_mem_usage needs `accelerate`; asking for it without prints a warning every run
         lean = dict(low_cpu_mem_usage=has_accelerate())
-        return (
-            UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=dt, **kw, **lean),
-            AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw, **lean),
-            CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dt, **kw),
-            DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", dtype=dt, **kw, **lean
         )
+        parts = dict(
+            unet=unet,
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=dt, **kw, **lean),
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder", dtype=dt, **kw
+            ),
+            scheduler=DDIMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+        )
+        if unet.config.get("addition_embed_type") == "text_time":  # SDXL's second encoder
+            parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(
+                source, subfolder="tokenizer_2", **kw
+            )
+            parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", dtype=dt, **kw
+            )
+        return parts
 
     try:
         try:  # a copy in the local hub cache first: no network round trips when it is there
-            unet, vae, tokenizer, text_encoder, scheduler = load(True)
+            parts = load(True)
         except (OSError, ValueError):
             if local_files_only or _offline() or files is not None:
                 raise
-            unet, vae, tokenizer, text_encoder, scheduler = load(False)
+            parts = load(False)
     except (OSError, ValueError) as e:
         if files is None:
             raise _hub_error(source, e) from None
@@ -240,17 +261,15 @@ def _load_sd(
             f"model {source}: not a diffusers Stable Diffusion folder ({str(e).splitlines()[0]})"
         ) from None
     weights_hash, revision, weights_file = sd_weights_identity(source, files)
+    scheduler = parts.pop("scheduler")
     bundle = sd_bundle(
         source,
-        unet,
-        vae,
-        tokenizer,
-        text_encoder,
-        scheduler.config,
-        dev,
-        dt,
-        weights_hash,
-        weights_file,
+        sched_config=scheduler.config,
+        dev=dev,
+        dt=dt,
+        weights_hash=weights_hash,
+        weights_file=weights_file,
+        **parts,
     )
     bundle.revision = revision  # a new revision must not reuse the old one's trajectories
     return bundle
@@ -291,20 +310,25 @@ def _hub_snapshot(repo_id: str) -> Path | None:
 def _load_single_file(
     path: Path, dev: torch.device, dt: torch.dtype, local_files_only: bool
 ) -> ModelBundle:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from dragonctl.families import family_for_model
+
+    sdxl = family_for_model(str(path)) == "sdxl"
+    pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    extra = {} if sdxl else dict(safety_checker=None)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            dtype=dt,
-            local_files_only=local_files_only or _offline(),
-            safety_checker=None,
+        pipe = pipeline_class.from_single_file(
+            str(path), dtype=dt, local_files_only=local_files_only or _offline(), **extra
         )
     except Exception as e:  # diffusers raises many types here; all mean "cannot use this file"
         raise ModelError(
             f"model {path}: cannot load as a single-file SD checkpoint: {str(e).splitlines()[0]}"
         ) from None
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    second = {}
+    if sdxl:
+        second = dict(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
     return sd_bundle(
         str(path),
         pipe.unet,
@@ -316,6 +340,7 @@ def _load_single_file(
         dt,
         sampled_hash([path]),
         weights_file=path,
+        **second,
     )
 
 
@@ -330,36 +355,43 @@ def sd_bundle(
     dt: torch.dtype,
     weights_hash: str,
     weights_file: Path | None = None,
+    tokenizer_2=None,
+    text_encoder_2=None,
 ) -> ModelBundle:
-    """A bundle from loaded SD components (also used with components built in code)."""
+    """A bundle from loaded SD 1.x, 2.x or SDXL components (also used with components built in
+    code); SDXL is the one with a second text encoder."""
     attn = check_structure(unet, name)
-    unet, vae, text_encoder = (
-        m.to(dev).eval().requires_grad_(False) for m in (unet, vae, text_encoder)
+    unet, vae = (m.to(dev).eval().requires_grad_(False) for m in (unet, vae))
+    pairs = [(tokenizer, text_encoder)] + (
+        [(tokenizer_2, text_encoder_2)] if text_encoder_2 is not None else []
     )
+    encode_prompt = _prompt_encoder(pairs, dev)
+    # SDXL's VAE overflows in fp16 (its config says so): it runs in fp32, as diffusers upcasts it
+    vae_dt = torch.float32 if vae.config.get("force_upcast") and dt == torch.float16 else dt
+    vae = vae.to(dtype=vae_dt)
     latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     def encode_image(x: torch.Tensor) -> torch.Tensor:
         # The latent distribution's mean, as the reference does: deterministic, no sampling noise.
-        return (vae.encode(x.to(dev, dt)).latent_dist.mean - shift) * scaling
+        return (vae.encode(x.to(dev, vae_dt)).latent_dist.mean - shift) * scaling
 
     def decode_latent(z: torch.Tensor) -> torch.Tensor:
-        return vae.decode(z.to(dev, dt) / scaling + shift).sample
+        return vae.decode(z.to(dev, vae_dt) / scaling + shift).sample
 
-    def encode_prompt(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return text_encoder(ids.to(dev))[0]
-
+    sdxl = text_encoder_2 is not None
+    cfg = unet.config
+    pooled_dim = (cfg.get("projection_class_embeddings_input_dim") or 0) - 6 * (
+        cfg.get("addition_time_embed_dim") or 0
+    )
+    text_config = text_encoder.config.to_dict()
+    family = family_of_configs(
+        {"unet/config.json": dict(cfg), "text_encoder/config.json": text_config}
+    )
     return ModelBundle(
         name=name,
-        family="sd15",
+        family=family,
         unet=unet,
         scheduler_config=dict(sched_config),
         device=dev,
@@ -371,7 +403,64 @@ def sd_bundle(
         weights_hash=weights_hash,
         decoder_self_attention=attn,
         weights_file=weights_file,
+        condition=(
+            (lambda ctx, hw: sdxl_condition(ctx, hw, latent_factor, pooled_dim)) if sdxl else None
+        ),
+        zero_unconditional=sdxl,
     )
+
+
+def _prompt_encoder(pairs: list, dev: torch.device) -> Callable[[list[str]], torch.Tensor]:
+    """Prompts → context with the (tokenizer, text encoder) pairs: SD's one, or SDXL's two."""
+    encoders = [enc.to(dev).eval().requires_grad_(False) for _tok, enc in pairs]
+
+    def ids(tok, prompts: list[str]) -> torch.Tensor:
+        return tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(dev)
+
+    def encode_prompt(prompts: list[str]) -> torch.Tensor:
+        if len(pairs) == 1:
+            return encoders[0](ids(pairs[0][0], prompts))[0]
+        return sdxl_context(encoders, [ids(tok, prompts) for tok, _enc in pairs])
+
+    return encode_prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL's conditioning: both encoders' penultimate hidden states side by side, and added conditions
+# (the second encoder's pooled embedding; original size, crop corner and target size), which
+# travel with the context as one extra token so every batch of contexts stays one tensor
+
+
+def sdxl_context(encoders: list, token_ids: list[torch.Tensor]) -> torch.Tensor:
+    """B×(T+1)×C: [penultimate hidden states of both encoders ; the pooled embedding, padded]."""
+    hidden, pooled = [], None
+    for enc, tokens in zip(encoders, token_ids):
+        out = enc(tokens, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's projection (CLIPTextModelWithProjection.text_embeds)
+    ctx = torch.cat(hidden, dim=-1)
+    assert pooled is not None and pooled.shape[-1] <= ctx.shape[-1]
+    extra = torch.zeros_like(ctx[:, :1])
+    extra[:, 0, : pooled.shape[-1]] = pooled
+    return torch.cat([ctx, extra], dim=1)
+
+
+def sdxl_condition(
+    context: torch.Tensor, latent_hw: tuple[int, int], latent_factor: int, pooled_dim: int
+) -> tuple[torch.Tensor, dict]:
+    """The UNet's inputs from a packed SDXL context at a latent size: the hidden states, and
+    `text_embeds` with `time_ids` = (original size, crop top-left, target size) = (H, W, 0, 0,
+    H, W) of the working image, as diffusers' pipelines build them for an uncropped image."""
+    h, w = (int(v) * latent_factor for v in latent_hw)
+    sizes = torch.tensor([h, w, 0, 0, h, w], device=context.device, dtype=context.dtype)
+    added = {"text_embeds": context[:, -1, :pooled_dim], "time_ids": sizes.expand(len(context), 6)}
+    return context[:, :-1], added
 
 
 def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) -> ModelBundle:

@@ -77,7 +77,14 @@ class SamplerStats:
     image_prompt_steps: int = 0  # generation forwards that read the image prompt
     forward_rows: list[int] = field(default_factory=list)  # batch rows of each full forward
     feature_rows: list[int] = field(default_factory=list)  # ... of each truncated forward
+    backward_rows: list[int] = field(default_factory=list)  # ... of each backward
     stored_kv_bytes: int = 0  # with recorded K/V: the memory they take
+
+    @property
+    def unet_row_passes(self) -> int:
+        """Batch rows of every UNet call of the editing loop, forward and backward alike: the
+        work an edit costs whatever its batching."""
+        return sum(self.forward_rows) + sum(self.feature_rows) + sum(self.backward_rows)
     energies: list[tuple[int, float, float]] = field(default_factory=list)  # (step, edit, content)
 
 
@@ -282,6 +289,7 @@ class EnergyGuidance:
         if not total.requires_grad:  # no term touched the latent (e.g. every weight is zero)
             return (None,) * len(leaves)
         self.calls.stats.unet_backward += 1
+        self.calls.stats.backward_rows.append(len(leaves) * leaves[0].shape[0])
         return torch.autograd.grad(total, list(leaves), allow_unused=True)
 
     def energies(self) -> list[tuple[int, float, float]]:

@@ -214,7 +214,18 @@ class LoadedSpec(BaseModel):
 
     path: Path
     spec: Spec
-    raw: dict  # the file's own values, before defaults
+    raw: dict  # the file's own values (and command-line overrides), before defaults
+    family: str = "sd15"  # whose defaults were merged under it
+
+    def for_family(self, family: str) -> LoadedSpec:
+        """The same file merged over another family's defaults (a hub model whose family was
+        unknown until it was downloaded)."""
+        mode = self.spec.mode
+        try:
+            spec = Spec.model_validate(deep_merge(mode_defaults(family, mode), self.raw))
+        except ValidationError as e:
+            raise SpecError(_problems(self.path, e)) from None
+        return LoadedSpec(path=self.path, spec=spec, raw=self.raw, family=family)
 
     def resolve(self, relative: str) -> Path:
         try:
@@ -251,9 +262,13 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def defaults_for(model: str, mode: str) -> dict:
-    cfg = family_defaults(family_for_model(model))
+def mode_defaults(family: str, mode: str) -> dict:
+    cfg = family_defaults(family)
     return deep_merge(cfg["defaults"], cfg.get("modes", {}).get(mode, {}))
+
+
+def defaults_for(model: str, mode: str) -> dict:
+    return mode_defaults(family_for_model(model), mode)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,10 +385,11 @@ def _parse(path: Path, text: str, overrides: dict[str, Any]) -> LoadedSpec:
     raw = {**raw, **overrides}
     mode = raw.get("mode")
     model_name = raw.get("model") if isinstance(raw.get("model"), str) else SD15_MODEL
-    merged = deep_merge(defaults_for(model_name, mode if mode in MODES else "move"), raw)
+    family = family_for_model(model_name)
+    merged = deep_merge(mode_defaults(family, mode if mode in MODES else "move"), raw)
     if not isinstance(raw.get("guidance", {}), dict):
         raise SpecError.one(path, "guidance", "must be a mapping of guidance settings")
-    if family_for_model(model_name) == "shapes" and raw.get("guidance", {}).get("image_prompt"):
+    if family == "shapes" and raw.get("guidance", {}).get("image_prompt"):
         raise SpecError.one(
             path,
             "guidance.image_prompt",
@@ -384,4 +400,4 @@ def _parse(path: Path, text: str, overrides: dict[str, Any]) -> LoadedSpec:
         spec = Spec.model_validate(merged)
     except ValidationError as e:
         raise SpecError(_problems(path, e)) from None
-    return LoadedSpec(path=path, spec=spec, raw=raw)
+    return LoadedSpec(path=path, spec=spec, raw=raw, family=family)

@@ -32,6 +32,22 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A diffusers SDXL folder with tiny random components (two text encoders, text_time)."""
+    from dragonctl.bench.synthetic import save_sd_folder
+
+    return save_sd_folder(tmp_path_factory.mktemp("tiny_sdxl"), "tiny_sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory) -> Path:
+    """A diffusers SD 2.x-layout folder with tiny random components (v-prediction)."""
+    from dragonctl.bench.synthetic import save_sd_folder
+
+    return save_sd_folder(tmp_path_factory.mktemp("tiny_sd2"), "tiny_sd2", "v_prediction")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory) -> Path:
     from dragonctl.bench.synthetic import save_sd_folder
 

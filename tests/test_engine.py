@@ -283,6 +283,9 @@ def test_the_loop_records_the_batch_rows_of_every_unet_call(
         bank_images + 2 if i in steps.injected else 2 for i in range(6)
     ]
     assert result.stats.feature_rows == [bank_images, 2] * len(steps.guided)
+    # row-passes: every forward's rows, and the two rows each guided step backpropagates
+    forward = sum(result.stats.forward_rows)
+    assert result.stats.unet_row_passes == forward + (bank_images + 2 + 2) * len(steps.guided)
 
 
 def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):

@@ -39,7 +39,7 @@ def test_truncated_forward_gives_the_full_forwards_block_outputs(request, model,
     t = torch.tensor(481)
     for blocks in [(1, 2), (2, 1), (1,)]:
         with torch.no_grad():
-            ours = decoder_features(unet, z, t, ctx, blocks)
+            ours = decoder_features(unet, z, t, ctx, blocks=blocks)
             theirs = _full_forward_outputs(unet, z, t, ctx, blocks)
         assert [f.shape for f in ours] == [f.shape for f in theirs]
         for a, b in zip(ours, theirs):

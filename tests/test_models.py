@@ -44,7 +44,7 @@ def test_unet_without_the_decoder_the_method_needs(tmp_path, tiny_sd):
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     ).save_pretrained(folder / "unet")
-    with pytest.raises(ModelError, match="at least 3 up blocks"):
+    with pytest.raises(ModelError, match="at least two cross-attention blocks"):
         load_bundle(str(folder))
 
 

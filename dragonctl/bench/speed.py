@@ -62,6 +62,9 @@ def build_bundle(size: str, model: str | None, device: str, dtype: str):
     # random initialisation of ~1 B parameters: seconds on a GPU, tens of seconds on CPU cores
     with dev:
         c = build_components(size)
+    second = {}
+    if "text_encoder_2" in c:  # SDXL
+        second = dict(tokenizer_2=c["tokenizer_2"], text_encoder_2=c["text_encoder_2"].to(dt))
     return sd_bundle(
         f"random-{size}",
         c["unet"].to(dt),
@@ -72,6 +75,7 @@ def build_bundle(size: str, model: str | None, device: str, dtype: str):
         dev,
         dt,
         f"random-{size}",
+        **second,
     )
 
 
@@ -142,29 +146,32 @@ def plain_eager(
     """The same UNet calls as an edit (its inversion, then each full forward's and truncated
     forward's batch rows, as the sampler recorded them) with no method logic. Truncated
     forwards alternate: the bank's without grad, then the edited latent's with a backward."""
-    from dragonctl.features import decoder_features
+    from dragonctl.compilation import feature_forward, unet_forward
 
     b = bundle
+    full = unet_forward(b.unet, b.dtype, condition=b.condition)
+    features = feature_forward(b.unet, condition=b.condition)
     h, w = latent_hw
     c = b.unet.config.in_channels
     ctx = b.encode_prompt(["a photo"])
     dev = b.device
     _sync(dev)
     t0 = time.perf_counter()
+    t = torch.tensor(500, device=dev)
     with torch.no_grad():
         z = torch.randn(1, c, h, w, device=dev, dtype=b.dtype)
         for _ in range(inversion_calls):
-            b.unet(z, 500, encoder_hidden_states=ctx)
+            full(z, t, ctx)
         for rows in forward_rows:
             z = torch.randn(rows, c, h, w, device=dev, dtype=b.dtype)
-            b.unet(z, 500, encoder_hidden_states=ctx.expand(rows, -1, -1))
+            full(z, t, ctx.expand(rows, -1, -1))
     for bank_rows, rows in zip(feature_rows[::2], feature_rows[1::2]):
         with torch.no_grad():
             z = torch.randn(bank_rows, c, h, w, device=dev, dtype=b.dtype)
-            decoder_features(b.unet, z, 500, ctx.expand(bank_rows, -1, -1))
+            features(z, t, ctx.expand(bank_rows, -1, -1))
         z = torch.randn(rows, c, h, w, device=dev, dtype=torch.float32, requires_grad=True)
         with torch.enable_grad():
-            feats = decoder_features(b.unet, z.to(b.dtype), 500, ctx.expand(rows, -1, -1))
+            feats = features(z.to(b.dtype), t, ctx.expand(rows, -1, -1))
             torch.autograd.grad(sum(f.float().mean() for f in feats), [z])
     _sync(dev)
     return time.perf_counter() - t0

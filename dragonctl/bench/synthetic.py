@@ -6,6 +6,7 @@ SD 1.5's real sizes for the speed benchmark (timing does not depend on the weigh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -65,6 +66,80 @@ SIZES = {
         vae=dict(block_out_channels=(16, 16, 16, 16), norm_num_groups=16, layers_per_block=1),
         text=_TINY_TEXT,
     ),
+    # SD 2.x's layout: linear projections in the transformers, an OpenCLIP-style text encoder
+    # (plain GELU), per-level head dims
+    "tiny_sd2": dict(
+        unet=dict(
+            **{**_TINY_UNET, "attention_head_dim": (2, 4, 4)},
+            use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+        vae=dict(block_out_channels=(32, 32), norm_num_groups=32, layers_per_block=1),
+        text={**_TINY_TEXT, "hidden_act": "gelu"},
+    ),
+    # SDXL's layout: attention only in the first two decoder blocks (2 and 1 transformer layers
+    # here for its 10 and 2), two text encoders (the second with a projection: the pooled
+    # embedding), `text_time` added conditions, VAE factor 8 that asks for fp32 decoding
+    "tiny_sdxl": dict(
+        unet=dict(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            attention_head_dim=(2, 4, 4),
+            norm_num_groups=32,
+            use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            cross_attention_dim=64,  # the two encoders' hidden states side by side
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # six sizes + the pooled text
+        ),
+        vae=dict(
+            block_out_channels=(16, 16, 16, 16),
+            norm_num_groups=16,
+            layers_per_block=1,
+            force_upcast=True,
+            scaling_factor=0.13025,
+        ),
+        text=_TINY_TEXT,
+        text_2={**_TINY_TEXT, "projection_dim": 32, "hidden_act": "gelu"},
+    ),
+    "sdxl": dict(
+        unet=dict(
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20),
+            norm_num_groups=32,
+            use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        vae=dict(
+            block_out_channels=(128, 256, 512, 512),
+            norm_num_groups=32,
+            layers_per_block=2,
+            force_upcast=True,
+            scaling_factor=0.13025,
+        ),
+        text=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+        ),
+        text_2=dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            projection_dim=1280,
+            hidden_act="gelu",
+        ),
+    ),
     "sd15": dict(
         unet=dict(
             block_out_channels=(320, 640, 1280, 1280),
@@ -85,7 +160,7 @@ SIZES = {
 
 def build_components(size: str = "tiny", prediction_type: str = "epsilon", seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = SIZES[size]
     torch.manual_seed(seed)
@@ -100,16 +175,24 @@ def build_components(size: str = "tiny", prediction_type: str = "epsilon", seed:
     )
     unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, **cfg["unet"])
     tokenizer = byte_level_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
+
+    def text_config(**sizes) -> CLIPTextConfig:
+        return CLIPTextConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=77,
             bos_token_id=len(tokenizer) - 2,
             eos_token_id=len(tokenizer) - 1,
             pad_token_id=len(tokenizer) - 1,
-            **cfg["text"],
+            **sizes,
         )
-    )
+
+    text_encoder = CLIPTextModel(text_config(**cfg["text"]))
+    extra = {}
+    if "text_2" in cfg:  # SDXL's second encoder: its projection gives the pooled embedding
+        extra = dict(
+            tokenizer_2=byte_level_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(text_config(**cfg["text_2"])),
+        )
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -120,8 +203,16 @@ def build_components(size: str = "tiny", prediction_type: str = "epsilon", seed:
         prediction_type=prediction_type,
     )
     return dict(
-        unet=unet, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder, scheduler=scheduler
+        unet=unet,
+        vae=vae,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        scheduler=scheduler,
+        **extra,
     )
+
+
+PIPELINES = {"tiny_sdxl": "StableDiffusionXLPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
 def save_sd_folder(
@@ -143,6 +234,8 @@ def save_sd_folder(
             comps["unet"].conv_out.bias.zero_()
     for name, comp in comps.items():
         comp.save_pretrained(path / name)
+    index = {"_class_name": PIPELINES.get(size, "StableDiffusionPipeline")}
+    (path / "model_index.json").write_text(json.dumps(index))
     return path
 
 
