@@ -637,8 +637,8 @@ def bench_speed(
     """Time full edits per mode: phases, UNet passes, peak memory, ratio to a plain eager loop."""
     from dragonctl.bench import speed
 
-    if size not in ("sd15", "tiny"):
-        _usage("--size is sd15 or tiny")
+    if size not in ("sd15", "sdxl", "tiny", "tiny_sdxl"):
+        _usage("--size is sd15, sdxl, tiny or tiny_sdxl")
     if set(kv_bank) - {"recompute", "stored"}:
         _usage("--kv-bank is recompute or stored")
     from dragonctl.compilation import COMPILE_MODES
