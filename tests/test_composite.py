@@ -108,7 +108,7 @@ def test_an_edit_keeps_the_source_away_from_the_edit_unless_told_not_to(tmp_path
         0 < meta_on["stats"]["edited_fraction"] < 0.6 and meta_off["stats"]["edited_fraction"] == 1
     )
     # the editing loop's work, the same whichever way the result is put together (#20's unit)
-    assert meta_on["stats"]["unet_row_passes"] == meta_off["stats"]["unet_row_passes"] > 50
+    assert meta_on["stats"]["unet_row_passes"] == meta_off["stats"]["unet_row_passes"] > 0
 
     # the spec field does what the flag does, and a result made the other way is not up to date
     spec.write_text(spec.read_text() + "composite: false\n")
