@@ -158,3 +158,11 @@ def test_speed_benchmark_reports_compiled_rows_with_their_warm_up(tmp_path):
         eager["unet_forward"],
         eager["unet_backward"],
     )
+
+
+@pytest.mark.parametrize("mode", quality.MODES)
+def test_doing_nothing_fails_every_case(mode):
+    """No case of the 50-case set can be passed by returning the source (a pasted object the
+    colour of what it covers once could)."""
+    for case in quality.make_cases(mode, 50):
+        assert success.verdict(mode, quality.score(case, case.source), 64), case.name

@@ -260,12 +260,15 @@ def _two_image_case(
         cx, cy = (float(v) for v in rng.uniform(12, sc.size - 12, 2))
         placed = Shape(ref_obj.kind, cx, cy, ref_obj.size * s, ref_obj.color)
         with_placed = Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,))
-        if _free(with_placed, placed, len(sc.shapes), near):
+        if not _free(with_placed, placed, len(sc.shapes), near):
+            continue
+        truth = render(with_placed)
+        new = truth.masks[-1]
+        # a pasted object the colour of what it covers could not be told from doing nothing
+        if color_mask(src.to_uint8(), ref_obj.color)[new].mean() < 0.05:
             break
     else:
         return None
-    truth = render(with_placed)
-    new = truth.masks[-1]
     spec = {"mode": "paste", "reference": reference, "at": [cx, cy], "scale": s}
     return Case(
         mode,
