@@ -265,32 +265,44 @@ def sdpa(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch
     return out.transpose(1, 2).reshape(b, -1, heads * d)
 
 
-class BankControl:
-    """Installs the processors on the decoder's self-attention layers; restores the old ones.
+class ProcessorSwap:
+    """Installs `processors` over the UNet's own on entry and restores the old ones on exit (a
+    control's processors and state are the same objects every edit, so a compiled UNet forward
+    sees an unchanged module and keeps its graphs)."""
 
-    One control per `Editor`, entered once per edit: its processors and state are the same objects
-    every time, so a compiled UNet forward sees an unchanged module and keeps its graphs.
-    """
-
-    def __init__(self, unet: torch.nn.Module, layer_names: list[str]) -> None:
-        self.unet = unet
-        self.state = BankState()
-        self.processors = {name: MemoryBankAttnProcessor(self.state, name) for name in layer_names}
+    def __init__(self, unet: torch.nn.Module, processors: dict) -> None:
+        self.unet, self.processors = unet, processors
         self._saved: dict | None = None
 
-    def __enter__(self) -> BankState:
+    def install(self) -> None:
         procs = dict(self.unet.attn_processors)
         self._saved = dict(procs)
         procs.update(self.processors)
         self.unet.set_attn_processor(procs)
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            self.unet.set_attn_processor(self._saved)
+            self._saved = None
+
+
+class BankControl(ProcessorSwap):
+    """Installs the processors on the decoder's self-attention layers; restores the old ones.
+    One control per `Editor`, entered once per edit."""
+
+    def __init__(self, unet: torch.nn.Module, layer_names: list[str]) -> None:
+        self.state = BankState()
+        procs = {name: MemoryBankAttnProcessor(self.state, name) for name in layer_names}
+        super().__init__(unet, procs)
+
+    def __enter__(self) -> BankState:
+        self.install()
         self.state.reset()
         return self.state
 
     def __exit__(self, *exc) -> None:
         self.state.reset()
-        if self._saved is not None:
-            self.unet.set_attn_processor(self._saved)
-            self._saved = None
+        self.restore()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,27 +361,22 @@ class ImagePromptAttnProcessor:
         return attention_forward(attn, hidden_states, encoder_hidden_states, temb, attend)
 
 
-class ImagePromptControl:
+class ImagePromptControl(ProcessorSwap):
     """Installs an adapter's processors on the cross-attention layers; restores the old ones."""
 
     def __init__(self, unet: torch.nn.Module, adapter) -> None:
         """`adapter`: an `image_prompt.ImagePromptAdapter` (its per-layer K/V projections)."""
-        self.unet, self.adapter = unet, adapter
+        self.adapter = adapter
         self.state = ImagePromptState()
-        self.processors = {
+        procs = {
             name: ImagePromptAttnProcessor(self.state, k, v)
             for name, (k, v) in adapter.key_value.items()
         }
-        self._saved: dict | None = None
+        super().__init__(unet, procs)
 
     def __enter__(self) -> ImagePromptState:
-        procs = dict(self.unet.attn_processors)
-        self._saved = dict(procs)
-        procs.update(self.processors)
-        self.unet.set_attn_processor(procs)
+        self.install()
         return self.state
 
     def __exit__(self, *exc) -> None:
-        if self._saved is not None:
-            self.unet.set_attn_processor(self._saved)
-            self._saved = None
+        self.restore()

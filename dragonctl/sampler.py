@@ -85,6 +85,7 @@ class SamplerStats:
         """Batch rows of every UNet call of the editing loop, forward and backward alike: the
         work an edit costs whatever its batching."""
         return sum(self.forward_rows) + sum(self.feature_rows) + sum(self.backward_rows)
+
     energies: list[tuple[int, float, float]] = field(default_factory=list)  # (step, edit, content)
 
 
