@@ -3,10 +3,11 @@
 #   bash benchmarks/device.sh speed          the speed table: move at 512² and 768², eager and --compile on,
 #                                            then every mode at 512² eager (about 5-7 minutes on an H100)
 #   bash benchmarks/device.sh train MINUTES  a shapes-training chunk (batch 256), resumed from the package weights
-#   bash benchmarks/device.sh all SECONDS    one call for a whole lease: fp16 against fp32 guidance, the
-#                                            eager table, the compiled move rows (cudagraphs, then
-#                                            inductor's reduce-overhead), SDXL's move at 1024², then
-#                                            training for what is left
+#   bash benchmarks/device.sh all SECONDS    one call for a whole lease: fp16 against fp32 guidance,
+#                                            K-edit batches, the fast preset, the eager table, the
+#                                            compiled move rows (cudagraphs, then inductor's
+#                                            reduce-overhead), SDXL's move at 1024², then training
+#                                            for what is left (stages past the budget are skipped)
 #   bash benchmarks/device.sh ray            batch throughput on Ray over every GPU of a multi-GPU box
 # Carry `.whl` (diffusers and pydantic are not installed there). Results land in $OUT: speed.json and
 # speed_modes.json, or the exported model (copy it into dragonctl/shapes/weights/ and commit it).
@@ -34,23 +35,34 @@ case "${1:-speed}" in
       --minutes "${2:-6}" --cooldown-share 0.5 --save-every 1000 --export-dir "$OUT/weights" 2>&1 | tail -40
     ;;
   all)
-    # Each stage is capped so that the next still runs; bench speed saves its JSON after every row.
-    # Output goes to files, not pipes: inductor's compile workers outlive a killed stage and would hold
-    # a pipe open (a first lease lost 75 s that way).
+    # Each stage is capped so that the next still runs, and skipped when the budget is spent; bench
+    # speed saves its JSON after every row. Output goes to files, not pipes: inductor's compile
+    # workers outlive a killed stage and would hold a pipe open (a first lease lost 75 s that way).
     budget=${2:-540}
-    stage() { local cap=$1; shift; timeout -k 5 "$cap" "$@" >/tmp/stage.log 2>&1; grep -v "Warning\|should be kept in float32" /tmp/stage.log | tail -30; }
+    stage() {
+      local cap=$1; shift
+      local left=$((budget - SECONDS - 10))
+      [ "$left" -lt 30 ] && { echo "skipped (budget spent): $*"; return; }
+      [ "$cap" -gt "$left" ] && cap=$left
+      timeout -k 5 "$cap" "$@" >/tmp/stage.log 2>&1; grep -v "Warning\|should be kept in float32" /tmp/stage.log | tail -30
+    }
     # fp16 guidance against fp32 with SD 1.5-sized weights (random: the backward's range)
-    stage 90 python3 -m dragonctl bench precision --size sd15 --resolution 512 --resolution 768 \
+    stage 70 python3 -m dragonctl bench precision --size sd15 --resolution 512 --resolution 768 \
       --out "$OUT/precision.json"
-    stage 170 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
+    # K edits of one source per loop (K = 1, 4, 8), and the fast preset, eager, move at 512²
+    stage 90 python3 -m dragonctl bench speed --mode move --resolution 512 --batch 1 --batch 4 --batch 8 \
+      --out "$OUT/speed_batch.json"
+    stage 70 python3 -m dragonctl bench speed --mode move --resolution 512 --preset fast \
+      --out "$OUT/speed_fast.json"
+    stage 150 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
       --mode drag --mode appearance --mode paste --out "$OUT/speed_eager.json"
     # CUDA graphs of the eager kernels: seconds to build; then inductor's (minutes to build)
-    stage 150 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --compile cudagraphs \
+    stage 120 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --compile cudagraphs \
       --out "$OUT/speed_cudagraphs.json"
-    stage 220 python3 -m dragonctl bench speed --mode move --resolution 512 --compile on \
+    stage 200 python3 -m dragonctl bench speed --mode move --resolution 512 --compile on \
       --out "$OUT/speed_compiled.json"
     # SDXL at its real size (random weights), eager, move at 1024²
-    stage 120 python3 -m dragonctl bench speed --size sdxl --mode move --resolution 1024 \
+    stage 100 python3 -m dragonctl bench speed --size sdxl --mode move --resolution 1024 \
       --out "$OUT/speed_sdxl.json"
     left=$((budget - SECONDS - 60))
     if [ "$left" -gt 60 ]; then

@@ -92,6 +92,10 @@ class EditOptions:
     ray_address: str | None = None  # the cluster to join (else RAY_ADDRESS, else a local runtime)
     workers: int | None = None  # at most this many Ray workers
     cpus_per_worker: int | None = None  # CPU cores per Ray worker without GPUs
+    # at most this many edits of one source share a sampler loop (None: the editor's default,
+    # from free accelerator memory; 1 on the CPU)
+    max_batch: int | None = None
+    preset: str | None = None  # every spec's preset (None: each spec's own)
 
 
 def load(
@@ -132,6 +136,9 @@ class Session:
     def __init__(self, opts: EditOptions) -> None:
         self.opts = opts
         self._editors: dict[str, object] = {}
+
+    def max_batch(self, editor) -> int:
+        return self.opts.max_batch or editor.default_max_batch()
 
     def editor(self, model: str):
         if model not in self._editors:
@@ -187,7 +194,14 @@ def edit(
     opts = opts or EditOptions()
     specs = expand_specs(paths)
     jobs = check_jobs(
-        specs, opts.out_dir, opts.out_root, opts.model, opts.seed, opts.metadata, opts.composite
+        specs,
+        opts.out_dir,
+        opts.out_root,
+        opts.model,
+        opts.seed,
+        opts.metadata,
+        opts.composite,
+        opts.preset,
     )
     refuse_clobbering(jobs, opts.overwrite)
     if opts.ray:
@@ -200,20 +214,126 @@ def edit(
     session = Session(opts)
     by_index: dict[int, SpecReport] = {}
     interrupted = False
-    for i, k in enumerate(run_order(jobs), 1):
-        if on_start:
-            on_start(jobs[k].path, i, len(jobs))
-        failed = [jobs[d].path for d in jobs[k].after if not by_index[d].ok]
-        if failed:
-            why = f"{jobs[k].path}: not run: it reads the output of {failed[0]}, which failed"
-            rep = SpecReport(jobs[k].path, False, errors=[why], output=jobs[k].output)
+    started = 0
+    for group in _loop_groups(session, jobs, run_order(jobs)):
+        for k, _inp in group:
+            started += 1
+            if on_start:
+                on_start(jobs[k].path, started, len(jobs))
+        if len(group) > 1 and not interrupted:
+            members = [(jobs[k], inp) for k, inp in group]
+            reports = _run_group(session, members, opts, progress, stop)
         else:
-            rep = _run_job(session, jobs[k], opts, progress, stop, interrupted)
-        interrupted = interrupted or rep.interrupted
-        by_index[k] = rep
-        if on_report:
-            on_report(rep)
+            reports = [
+                _run_after(session, jobs, k, by_index, opts, progress, stop, interrupted)
+                for k, _inp in group
+            ]
+        for (k, _inp), rep in zip(group, reports):
+            interrupted = interrupted or rep.interrupted
+            by_index[k] = rep
+            if on_report:
+                on_report(rep)
     return [by_index[k] for k in range(len(jobs))]
+
+
+def _run_after(
+    session: Session,
+    jobs: list[Job],
+    k: int,
+    done: dict[int, SpecReport],
+    opts: EditOptions,
+    progress: Progress | None,
+    stop: Callable[[], bool] | None,
+    interrupted: bool,
+) -> SpecReport:
+    """Job k alone, unless a spec whose output it reads has failed."""
+    failed = [jobs[d].path for d in jobs[k].after if not done[d].ok]
+    if failed:
+        why = f"{jobs[k].path}: not run: it reads the output of {failed[0]}, which failed"
+        return SpecReport(jobs[k].path, False, errors=[why], output=jobs[k].output)
+    return _run_job(session, jobs[k], opts, progress, stop, interrupted)
+
+
+def _loop_groups(
+    session: Session, jobs: list[Job], order: list[int]
+) -> Iterable[list[tuple[int, EditInputs | None]]]:
+    """The jobs in run order, as groups that share one sampler loop: neighbours with equal
+    `Editor.batch_key`s, up to the editor's max batch. A job that reads another's output, fails
+    its checks, or cannot be keyed runs alone (with its inputs loaded again, and its failure
+    reported, by `_run_job`)."""
+    pending: list[tuple[int, EditInputs | None]] = []
+    pending_key = None
+    batching = session.opts.max_batch != 1
+    for k in order:
+        key, inp, limit = _loop_key(session, jobs[k]) if batching else (None, None, None)
+        if key is not None and pending and key == pending_key and len(pending) < (limit or 1):
+            pending.append((k, inp))
+            continue
+        if pending:
+            yield pending
+        pending, pending_key = [(k, inp)], key
+        if key is None:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def _loop_key(session: Session, job: Job) -> tuple[tuple | None, EditInputs | None, int | None]:
+    """(the job's batch key, its inputs, its editor's max batch), or Nones when it runs alone."""
+    if job.errors or job.spec is None or job.output is None or job.after:
+        return None, None, None
+    try:
+        inp = load_inputs(job.spec)
+        editor = session.editor(job.spec.spec.model)
+    except DragonError:
+        return None, None, None
+    limit = session.max_batch(editor)
+    spec = in_family(job.spec, editor.bundle.family).spec
+    key = editor.batch_key(spec, inp)
+    return (None if key is None or limit < 2 else (spec.model, key)), inp, limit
+
+
+def _run_group(
+    session: Session,
+    group: list[tuple[Job, EditInputs | None]],
+    opts: EditOptions,
+    progress: Progress | None,
+    stop: Callable[[], bool] | None,
+) -> list[SpecReport]:
+    """Edits of one source in one loop, each written and reported as `edit_one` would."""
+    t0 = time.perf_counter()
+    reports, runnable = [], []
+    for job, inp in group:
+        assert job.spec is not None and job.output is not None and inp is not None
+        rep = SpecReport(job.path, False, warnings=list(inp.warnings), output=job.output)
+        reports.append(rep)
+        if not _finished_before_editing(job.spec, job.output, opts, rep):
+            runnable.append((job, inp, rep))
+    items = [(job.spec, inp) for job, inp, _rep in runnable]
+    try:
+        results: list[Edited | BaseException] = list(
+            compute_edits(session, items, opts, progress, stop)  # type: ignore[arg-type]
+        )
+    except Exception as e:
+        results = [e] * len(items)
+    for (job, inp, rep), out in zip(runnable, results):
+        try:
+            if isinstance(out, BaseException):
+                raise out
+            write_edited(job.spec, inp, job.output, opts, out)  # type: ignore[arg-type]
+            rep.ok, rep.inversions = True, out.inversions
+            rep.warnings += out.warnings
+        except Exception as e:
+            message = failure_message(job.path, job.output, e)
+            if message is None:
+                raise
+            rep.errors.append(message)
+            rep.interrupted = isinstance(e, EditInterrupted)
+    share = (time.perf_counter() - t0) / len(group)
+    for rep in reports:
+        rep.seconds = share
+    return reports
 
 
 def refuse_clobbering(jobs: list[Job], overwrite: bool) -> None:
@@ -313,42 +433,83 @@ def compute_edit(
 ) -> Edited:
     """Run one edit (nothing is written); `digests` are the inputs' hashes when already known.
     Raises what the edit raises (see `failure_message`)."""
+    out = compute_edits(session, [(ls, inp)], opts, progress, stop, [digests])[0]
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def compute_edits(
+    session: Session,
+    items: list[tuple[LoadedSpec, EditInputs]],
+    opts: EditOptions,
+    progress: Progress | None = None,
+    stop: Callable[[], bool] | None = None,
+    digests: list[dict[str, str] | None] | None = None,
+) -> list[Edited | DragonError]:
+    """Run edits of one source in one sampler loop (one model, equal `Editor.batch_key`s);
+    nothing is written. An edit that failed by itself (it diverged) comes back as its error;
+    what fails the loop (an interruption, out of memory) is raised."""
     from dragonctl import outputs
 
-    editor = session.editor(ls.spec.model)
-    if editor.bundle.family != ls.family:  # a hub model unknown until it was downloaded
-        ls = ls.for_family(editor.bundle.family)
-    result = editor.edit(ls.spec, inp, progress, stop)
-    record = None
-    if opts.metadata:
-        stats = {
-            "unet_forward": result.stats.unet_forward,
-            "unet_backward": result.stats.unet_backward,
-            "inversions": result.inversions,
-            "edited_fraction": round(result.edited_fraction, 6),
-            "unet_row_passes": result.stats.unet_row_passes,
-        }
-        if result.stats.image_prompt_steps:
-            stats["image_prompt_steps"] = result.stats.image_prompt_steps
-        inputs = digests if digests is not None else input_digests(ls, inp.source_bytes)
-        record = outputs.metadata_record(
-            ls.spec,
-            ls.path,
-            editor.bundle.identity,
-            result.timings,
-            {"inputs": inputs, "stats": stats},
-        )
+    editor = session.editor(items[0][0].spec.model)
+    # a hub model's family is unknown until it was downloaded
+    loaded = [(in_family(ls, editor.bundle.family), inp) for ls, inp in items]
+    results = editor.edit_batch([(ls.spec, inp) for ls, inp in loaded], progress, stop)
     b = editor.bundle
     warnings = list(editor.cache.warnings)
     editor.cache.warnings.clear()
-    return Edited(
-        result.image,
-        record,
-        b.name,
-        b.model_hash if opts.metadata else "",
-        result.inversions,
-        warnings,
-    )
+    out: list[Edited | DragonError] = []
+    for k, ((ls, inp), result) in enumerate(zip(loaded, results)):
+        if isinstance(result, DragonError):
+            out.append(result)
+            continue
+        record = None
+        if opts.metadata:
+            known = digests[k] if digests else None
+            inputs = known if known is not None else input_digests(ls, inp.source_bytes)
+            record = outputs.metadata_record(
+                ls.spec,
+                ls.path,
+                b.identity,
+                result.timings,
+                {"inputs": inputs, "stats": _sidecar_stats(result)},
+            )
+        out.append(
+            Edited(
+                result.image,
+                record,
+                b.name,
+                b.model_hash if opts.metadata else "",
+                result.inversions,
+                warnings,
+            )
+        )
+    return out
+
+
+def in_family(ls: LoadedSpec, family: str) -> LoadedSpec:
+    """The spec over its model's family's defaults (a hub model's family is known only once it
+    has loaded)."""
+    return ls if ls.family == family else ls.for_family(family)
+
+
+def _sidecar_stats(result) -> dict:
+    """What the metadata says of an edit's work."""
+    st = result.stats
+    stats = {
+        "unet_forward": st.unet_forward,
+        "unet_backward": st.unet_backward,
+        "inversions": result.inversions,
+        "edited_fraction": round(result.edited_fraction, 6),
+        # with other edits in the loop: its own rows and its part of the shared bank rows
+        "unet_row_passes": round(st.unet_row_passes, 2),
+    }
+    if st.edits > 1:
+        stats["edits_in_loop"] = st.edits
+    if st.image_prompt_steps:
+        stats["image_prompt_steps"] = st.image_prompt_steps
+    return stats
 
 
 def write_edited(
@@ -389,12 +550,7 @@ def edit_one(
     """Edit one loaded spec and write its result (a failure is reported, never raised)."""
     t0 = time.perf_counter()
     rep = SpecReport(ls.path, False, warnings=list(inp.warnings), output=out)
-    problems = output_problems(ls, out, opts.metadata)
-    if problems:  # a single spec's edit, or a file that changed since the batch's check
-        rep.errors += [f"{ls.path}: output: {p}" for p in problems]
-        return rep
-    if opts.skip_existing and up_to_date(ls, out):
-        rep.ok, rep.skipped = True, True
+    if _finished_before_editing(ls, out, opts, rep):
         return rep
     try:
         edited = compute_edit(session, ls, inp, opts, progress, stop)
@@ -409,6 +565,19 @@ def edit_one(
         rep.interrupted = isinstance(e, EditInterrupted)
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def _finished_before_editing(ls: LoadedSpec, out: Path, opts: EditOptions, rep: SpecReport) -> bool:
+    """Whether the report is complete without an edit: the output cannot be written (a single
+    spec's edit, or a file that changed since the batch's check), or it is up to date."""
+    problems = output_problems(ls, out, opts.metadata)
+    if problems:
+        rep.errors += [f"{ls.path}: output: {p}" for p in problems]
+        return True
+    if opts.skip_existing and up_to_date(ls, out):
+        rep.ok, rep.skipped = True, True
+        return True
+    return False
 
 
 def input_digests(ls: LoadedSpec, source_bytes: bytes | None = None) -> dict[str, str]:

@@ -7,7 +7,9 @@ right away. This reproduces the inversion-time K/V exactly (same latent, timeste
 without the gigabytes of host RAM the reference re-uploads every step.
 
 Batch layout while the bank is read: rows [0, n_bank) are bank rows (plain self-attention), the
-rest are generation rows whose K/V are replaced, concatenated or composited.
+rest are generation rows whose K/V are replaced, concatenated or composited. A batched loop (several
+edits of one source) has each edit's generation rows in turn after the shared bank rows; each edit
+reads its own bank images its own way (`BankReading`).
 
 The alternative records the bank's K/V per layer and step in one pass before the loop
 (`BankState.recording`) and reads them back with no bank rows in the batch; both give the same
@@ -54,18 +56,31 @@ class BankAttention:
             raise ValueError("composite attention needs base_keep and ref_keep")
 
 
+@dataclass(frozen=True)
+class BankReading:
+    """A run of edits (of a batched loop) whose generation rows read the bank the same way."""
+
+    first: int  # the run's edits: [first, stop)
+    stop: int
+    attention: BankAttention | None  # None: plain self-attention
+    images: tuple[int, ...]  # the bank rows they read: the source's, then their second image's
+
+
 @dataclass
 class BankState:
     """What the processors do on the next forward.
 
-    `configure` sets it up once per edit from the mode's `BankAttention`; `reading(step, n_bank)`
-    switches it on for one forward. Outside `reading` every layer is plain self-attention.
+    `configure` sets it up once per loop from each edit's `BankAttention` and bank images;
+    `reading(step, n_bank)` switches it on for one forward. Outside `reading` every layer is plain
+    self-attention. In a batched loop every edit has the same number of generation rows, in edit
+    order after the bank rows.
     """
 
-    mode: str = "off"  # off | replace | concat | composite: this forward's reading
+    mode: str = "off"  # off | reading: this forward's
     n_bank: int = 0  # bank rows at the head of this forward's batch
     step: int = 0
-    attention: BankAttention | None = None
+    readings: list[BankReading] = field(default_factory=list)
+    n_edits: int = 1
     latent_hw: tuple[int, int] = (0, 0)
     record: dict | None = None  # while recording: every layer saves its K/V under (layer, step)
     stored: dict | None = None  # recorded K/V, read instead of bank rows
@@ -73,29 +88,38 @@ class BankState:
 
     def configure(
         self,
-        attention: BankAttention | None,
+        attention: BankAttention | None | list[tuple[BankAttention | None, tuple[int, ...]]],
         latent_hw: tuple[int, int],
         device: torch.device,
         stored: dict | None = None,
     ) -> None:
-        """Set up an edit: its reading, and the composite's token indices for every decoder
-        resolution (so the forward only indexes with fixed-size tensors: no syncs, no graph
-        breaks)."""
+        """Set up a loop: one `BankAttention` (one edit reading bank rows 0 and 1), or one
+        (attention, bank images) pair per edit of a batched loop. The composite's token indices
+        are made here for every decoder resolution (so the forward only indexes with fixed-size
+        tensors: no syncs, no graph breaks)."""
         self.reset()
-        self.attention, self.latent_hw, self.stored = attention, latent_hw, stored
-        if attention is None or attention.mode != "composite":
-            return
+        edits = attention if isinstance(attention, list) else [(attention, (0, 1))]
+        self.readings, self.n_edits = _runs(edits), len(edits)
+        self.latent_hw, self.stored = latent_hw, stored
         h, w = latent_hw
-        for k in range(4):  # the latent size halved up to three times
-            if h % 2**k == 0 and w % 2**k == 0:
-                self.token_masks((h >> k) * (w >> k), device)
+        for r, reading in enumerate(self.readings):
+            if reading.attention is None or reading.attention.mode != "composite":
+                continue
+            for k in range(4):  # the latent size halved up to three times
+                if h % 2**k == 0 and w % 2**k == 0:
+                    self.token_masks(r, (h >> k) * (w >> k), device)
+
+    @property
+    def attention(self) -> BankAttention | None:
+        """The first edit's reading (a single edit's)."""
+        return self.readings[0].attention if self.readings else None
 
     @contextmanager
     def reading(self, step: int, n_bank: int) -> Iterator[None]:
         """One forward in which the generation rows read the bank (its first `n_bank` rows, or
         the recorded K/V when there are none)."""
-        assert self.attention is not None
-        self.mode, self.n_bank, self.step = self.attention.mode, n_bank, step
+        assert self.readings, "configure the bank state first"
+        self.mode, self.n_bank, self.step = "reading", n_bank, step
         try:
             yield
         finally:
@@ -111,12 +135,14 @@ class BankState:
             self.record = None
 
     def token_masks(
-        self, n_tokens: int, device: torch.device
+        self, run: int, n_tokens: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(source token indices kept, second image's token indices kept, the generation
-        queries' attention mask or None) at the layer with `n_tokens` tokens."""
-        if n_tokens not in self._token_masks:
-            a = self.attention
+        queries' attention mask or None) of reading run `run` at the layer with `n_tokens`
+        tokens."""
+        key = (run, n_tokens)
+        if key not in self._token_masks:
+            a = self.readings[run].attention
             assert a is not None and a.base_keep is not None and a.ref_keep is not None
             h, w = self.latent_hw
             f = math.sqrt(h * w / n_tokens)
@@ -133,19 +159,41 @@ class BankState:
                     ],
                     dim=1,
                 ).to(device)
-            self._token_masks[n_tokens] = (
+            self._token_masks[key] = (
                 base.nonzero().flatten().to(device),
                 ref.nonzero().flatten().to(device),
                 allowed,
             )
-        return self._token_masks[n_tokens]
+        return self._token_masks[key]
 
     def reset(self) -> None:
         """Back to plain attention with nothing configured (the start and end of every edit)."""
         self.mode, self.n_bank, self.step = "off", 0, 0
-        self.attention, self.record, self.stored = None, None, None
+        self.readings, self.n_edits = [], 1
+        self.record, self.stored = None, None
         self.latent_hw = (0, 0)
         self._token_masks.clear()
+
+
+def _runs(edits: list[tuple[BankAttention | None, tuple[int, ...]]]) -> list[BankReading]:
+    """Neighbouring edits that read the same bank images the same way share one attention call
+    (replace and concat carry no per-edit data; a composite's token masks are its own)."""
+    runs: list[BankReading] = []
+    for k, (attention, images) in enumerate(edits):
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last.images == images
+            and (last.attention is attention or _same_plain_reading(last.attention, attention))
+        ):
+            runs[-1] = BankReading(last.first, k + 1, last.attention, images)
+        else:
+            runs.append(BankReading(k, k + 1, attention, images))
+    return runs
+
+
+def _same_plain_reading(a: BankAttention | None, b: BankAttention | None) -> bool:
+    return a is not None and b is not None and a.mode == b.mode and a.mode != "composite"
 
 
 def _at_layer(mask: np.ndarray, hw: tuple[int, int], at_least_one: bool) -> torch.Tensor:
@@ -197,29 +245,41 @@ class MemoryBankAttnProcessor:
             if s.mode == "off" or nb == 0 or q.shape[0] <= nb:
                 return sdpa(attn, q, k, v, mask)
             kb, vb = k[:nb], v[:nb]
-        n_gen = q.shape[0] - nb
-        gen_mask = None
-        if s.mode == "replace":
-            k_gen, v_gen = kb[:1].expand(n_gen, -1, -1), vb[:1].expand(n_gen, -1, -1)
-        elif s.mode == "concat":
-            k_gen = torch.cat([k[nb:], kb[:1].expand(n_gen, -1, -1)], dim=1)
-            v_gen = torch.cat([v[nb:], vb[:1].expand(n_gen, -1, -1)], dim=1)
-        elif s.mode == "composite":
-            base_keep, ref_keep, allowed = s.token_masks(k.shape[1], k.device)
-            k_c = torch.cat(
-                [kb[0].index_select(0, base_keep), kb[1].index_select(0, ref_keep)], dim=0
-            )[None]
-            v_c = torch.cat(
-                [vb[0].index_select(0, base_keep), vb[1].index_select(0, ref_keep)], dim=0
-            )[None]
-            k_gen, v_gen = k_c.expand(n_gen, -1, -1), v_c.expand(n_gen, -1, -1)
-            gen_mask = allowed
-        else:
-            raise ValueError(f"unknown bank mode {s.mode!r}")
-        gen = sdpa(attn, q[nb:], k_gen, v_gen, gen_mask)
+        per_edit = (q.shape[0] - nb) // s.n_edits
+        outs = []
+        for run, reading in enumerate(s.readings):
+            rows = slice(nb + reading.first * per_edit, nb + reading.stop * per_edit)
+            k_gen, v_gen, gen_mask = self._bank_kv(s, run, reading, k[rows], v[rows], kb, vb)
+            outs.append(sdpa(attn, q[rows], k_gen, v_gen, gen_mask))
+        gen = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         if nb == 0:
             return gen
         return torch.cat([sdpa(attn, q[:nb], k[:nb], v[:nb], None), gen], dim=0)
+
+    @staticmethod
+    def _bank_kv(s: BankState, run: int, reading: BankReading, k, v, kb, vb):
+        """The K/V (and attention mask) a run of generation rows reads, given their own K/V."""
+        n = k.shape[0]
+        a = reading.attention
+        src = reading.images[0]
+        if a is None:
+            return k, v, None
+        if a.mode == "replace":
+            return kb[src : src + 1].expand(n, -1, -1), vb[src : src + 1].expand(n, -1, -1), None
+        if a.mode == "concat":
+            k_gen = torch.cat([k, kb[src : src + 1].expand(n, -1, -1)], dim=1)
+            v_gen = torch.cat([v, vb[src : src + 1].expand(n, -1, -1)], dim=1)
+            return k_gen, v_gen, None
+        if a.mode == "composite":
+            second = reading.images[1]
+            base_keep, ref_keep, allowed = s.token_masks(run, k.shape[1], k.device)
+
+            def kept(t: torch.Tensor) -> torch.Tensor:
+                own = [t[src].index_select(0, base_keep), t[second].index_select(0, ref_keep)]
+                return torch.cat(own)[None].expand(n, -1, -1)
+
+            return kept(kb), kept(vb), allowed
+        raise ValueError(f"unknown bank mode {a.mode!r}")
 
 
 def attention_forward(

@@ -75,6 +75,7 @@ def check_jobs(
     seed: int | None = None,
     metadata: bool = True,
     composite: bool | None = None,
+    preset: str | None = None,
 ) -> list[Job]:
     """Load and check every spec and its output, and find which specs read others' outputs.
 
@@ -83,7 +84,8 @@ def check_jobs(
     specs would write one file, or specs read each other's outputs in a cycle.
     """
     root = (out_root or common_folder(paths)) if out_dir is not None else None
-    jobs = [_load_job(p, (model, seed, composite), out_dir, root, metadata) for p in paths]
+    overrides = (model, seed, composite, preset)
+    jobs = [_load_job(p, overrides, out_dir, root, metadata) for p in paths]
     _refuse_shared_outputs(jobs)
     producers = {resolved(j.output): k for k, j in enumerate(jobs) if j.output is not None}
     for k, job in enumerate(jobs):
@@ -104,7 +106,7 @@ def check_jobs(
 
 def _load_job(
     p: Path,
-    overrides: tuple[str | None, int | None, bool | None],
+    overrides: tuple[str | None, int | None, bool | None, str | None],
     out_dir: Path | None,
     root: Path | None,
     metadata: bool,

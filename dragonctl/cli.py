@@ -271,6 +271,20 @@ def edit(
     ray_address: str | None = RAY_ADDRESS_OPTION,
     workers: int | None = WORKERS_OPTION,
     cpus_per_worker: int | None = CPUS_PER_WORKER_OPTION,
+    preset: str | None = typer.Option(
+        None,
+        "--preset",
+        help="Every spec's preset: a named set of defaults from the model's config, e.g. fast "
+        "(half the UNet work; its cost in quality is in the README). A spec's own fields win.",
+    ),
+    max_batch: int | None = typer.Option(
+        None,
+        "--max-batch",
+        min=1,
+        help="At most K edits of one source share one sampler loop (specs with the same "
+        "source, prompt, resolution and steps; same results, fewer UNet rows per edit). "
+        "Default: as many as free GPU memory holds; 1 on the CPU.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec on stdout."),
 ) -> None:
     """Run edits. Example: dragonctl edit samples/move.yaml --out results/"""
@@ -303,6 +317,8 @@ def edit(
         ray_address=ray_address,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
+        max_batch=max_batch,
+        preset=preset,
     )
     if opts.ray:
         _check_ray()
@@ -630,11 +646,23 @@ def bench_speed(
         "--compile off --compile on gives eager and compiled rows).",
     ),
     steps: int = typer.Option(50, help="DDIM steps."),
-    model: str | None = typer.Option(None, help="A real model instead of random weights."),
+    model: str | None = typer.Option(
+        None, help="A real model instead of random weights (shapes: the embedded model)."
+    ),
     device: str = typer.Option("auto"),
     dtype: str = typer.Option("auto"),
+    preset: str | None = typer.Option(None, help="Every spec's preset (e.g. fast)."),
+    batch: list[int] = typer.Option(
+        None,
+        "--batch",
+        min=1,
+        help="Instead: K edits of one source in one loop, per K (repeatable: --batch 1 "
+        "--batch 4 --batch 8): seconds and UNet row-passes per edit.",
+    ),
 ) -> None:
-    """Time full edits per mode: phases, UNet passes, peak memory, ratio to a plain eager loop."""
+    """Time full edits per mode: phases, UNet passes, peak memory, ratio to a plain eager loop.
+
+    With --batch: K edits of one source per loop, per K: seconds and row-passes per edit."""
     from dragonctl.bench import speed
 
     if size not in ("sd15", "sdxl", "tiny", "tiny_sdxl"):
@@ -645,6 +673,26 @@ def bench_speed(
 
     if set(compile) - {"on", *COMPILE_MODES}:
         _usage(f"--compile is on or one of {', '.join(COMPILE_MODES)}")
+    if batch:
+        with _reported_errors():
+            results = speed.run_batches(
+                size,
+                tuple(resolution),
+                tuple(mode) if mode else speed.MODES,
+                steps,
+                model,
+                device,
+                dtype,
+                tuple(batch),
+                method[0],
+                log=_err,
+                on_row=lambda partial: speed.save(partial, out),
+                preset=preset,
+            )
+        speed.save(results, out)
+        typer.echo(speed.batch_table(results))
+        _err(f"wrote {out}")
+        return
     with _reported_errors():
         results = speed.run(
             size,
@@ -659,6 +707,7 @@ def bench_speed(
             kv_banks=tuple(kv_bank),
             compiles=tuple(compile),
             on_row=lambda partial: speed.save(partial, out),
+            preset=preset,
         )  # finished rows survive an interrupted run
     speed.save(results, out)
     typer.echo(speed.table(results))

@@ -1,12 +1,14 @@
 """One edit from decoded inputs to the result image: resize, encode, invert, sample, decode,
-composite into the source.
+composite into the source; or several edits of one source in one batched loop.
 
-`Editor` holds a loaded model bundle and the cache; it is what the API calls per spec. This is
-where a spec's settings become the sampler's plain values (`loop_settings`, `step_windows`).
+`Editor` holds a loaded model bundle and the cache; it is what the API calls per spec (or per
+group of specs with equal `Editor.batch_key`). This is where a spec's settings become the sampler's
+plain values (`loop_settings`, `step_windows`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,9 +20,9 @@ import torch
 
 from dragonctl.attention import BankControl, ImagePromptControl
 from dragonctl.cache import TrajectoryCache, TrajectoryKey
-from dragonctl.compilation import feature_forward, unet_forward
+from dragonctl.compilation import CUDA_GRAPH_MODES, feature_forward, unet_forward
 from dragonctl.composite import composite, region_pixels
-from dragonctl.errors import EditInterrupted
+from dragonctl.errors import EditDiverged, EditInterrupted
 from dragonctl.geometry import Frame, grid_ratio, working_size
 from dragonctl.image_prompt import load_image_prompt
 from dragonctl.inputs import EditInputs
@@ -29,17 +31,19 @@ from dragonctl.models import ModelBundle
 from dragonctl.modes import EditPlan, build_plan
 from dragonctl.progress import Progress
 from dragonctl.sampler import (
+    DIVERGED,
     ENERGY_UNIT,
     GuidanceSettings,
     ImagePromptRows,
+    LoopEdit,
     MemoryBank,
     Prompts,
     SamplerStats,
     UNetCalls,
-    guided_edit,
+    guided_edits,
 )
 from dragonctl.schedules import Schedule, StepPlan, StepWindows, to_eps
-from dragonctl.spec import Guidance, Spec
+from dragonctl.spec import Guidance, Spec, family_defaults
 
 
 @dataclass
@@ -69,6 +73,9 @@ class EditSetup:
     steps: StepPlan
     calls: UNetCalls
     image_prompt: tuple[ImagePromptControl, torch.Tensor, float] | None = None  # control, tokens
+    contexts: list[torch.Tensor] = field(default_factory=list)  # each bank image's prompt
+    inversions: int = 0  # inversion passes its trajectories took (0: all cached)
+    inversion_unet_calls: int = 0
 
 
 @dataclass
@@ -155,6 +162,8 @@ class Editor:
             raise ValueError("compile works with recomputed K/V only")
         self.bundle = bundle
         self.stored_kv = stored_kv
+        # a CUDA graph's backward is replayed once per forward: one copy of z per energy
+        self.two_copies = compile in CUDA_GRAPH_MODES and bundle.device.type == "cuda"
         cond = bundle.condition
         self.forward = unet_forward(bundle.unet, bundle.dtype, compile, compile_backend, cond)
         self.features = feature_forward(bundle.unet, compile, compile_backend, cond)
@@ -264,6 +273,36 @@ class Editor:
             self._memo.popitem(last=False)
         return latents
 
+    def batch_key(self, spec: Spec, inp: EditInputs) -> tuple | None:
+        """Edits with equal keys can share one loop (`edit_batch`): the same source, prompt,
+        working size, schedule and step plan. None: this edit runs alone (an image prompt is
+        one edit's)."""
+        steps = StepPlan.build(step_windows(spec.guidance), spec.steps)
+        if steps.image_prompt and inp.image_prompt is not None:
+            return None
+        frame = self.frame_for(inp.source, spec.resolution)
+        return (
+            hashlib.sha256(inp.source_bytes).hexdigest(),
+            spec.prompt,
+            (frame.work_h, frame.work_w),
+            spec.steps,
+            spec.inversion_refine,
+            spec.guidance.cfg_scale,
+            steps,
+        )
+
+    def default_max_batch(self) -> int:
+        """How many edits of one source share a loop when not told: 1 on the CPU (batching
+        saves row-passes there, not seconds per edit, but holds K edits' memory), else as many
+        as the free accelerator memory holds by the family's `batching` estimate (configs/)."""
+        b = self.bundle
+        if b.device.type != "cuda":
+            return 1
+        batching = family_defaults(b.family).get("batching", {})
+        free, _total = torch.cuda.mem_get_info(b.device)
+        per_edit = float(batching.get("memory_per_edit_gib", 2.0)) * 2**30
+        return max(1, min(int(batching.get("max_edits", 8)), int(0.8 * free // per_edit)))
+
     def edit(
         self,
         spec: Spec,
@@ -272,49 +311,79 @@ class Editor:
         should_stop: Callable[[], bool] | None = None,
     ) -> EditResult:
         """Edit one spec's decoded inputs (nothing is written)."""
+        out = self.edit_batch([(spec, inp)], progress, should_stop)[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def edit_batch(
+        self,
+        items: list[tuple[Spec, EditInputs]],
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[EditResult | EditDiverged]:
+        """Edit several specs of one source (equal `batch_key`s) in one loop; nothing is
+        written. An edit that diverged comes back as its `EditDiverged`, the others as results;
+        an interruption raises `EditInterrupted` for all."""
         t0 = time.perf_counter()
-        latent = self.edit_latent(spec, inp, progress, should_stop)
-        t2 = time.perf_counter()
-        with torch.no_grad():
-            work = to_uint8(self.bundle.decode_latent(latent.z0))
-        t3 = time.perf_counter()
-        if spec.composite:
-            f = self.bundle.latent_factor
-            put = composite(
-                inp.source,
-                work,
-                latent.frame,
-                region_pixels(latent.changed, f),
-                spec.composite_margin * f,
+        latents = self.edit_latents(items, progress, should_stop)
+        t_loop = time.perf_counter() - t0
+        results: list[EditResult | EditDiverged] = []
+        for (spec, inp), latent in zip(items, latents):
+            if isinstance(latent, EditDiverged):
+                results.append(latent)
+                continue
+            t2 = time.perf_counter()
+            with torch.no_grad():
+                work = to_uint8(self.bundle.decode_latent(latent.z0))
+            t3 = time.perf_counter()
+            image, fraction = self._place(spec, inp, latent, work)
+            timings = {
+                "inversion_s": latent.inversion_s,
+                "editing_s": latent.editing_s,
+                "decode_s": t3 - t2,
+                "composite_s": time.perf_counter() - t3,
+            }
+            # the loop's time is shared: each edit's total counts its part of it
+            timings["total_s"] = t_loop / len(items) + timings["decode_s"] + timings["composite_s"]
+            results.append(
+                EditResult(
+                    image=image,
+                    work_image=work,
+                    frame=latent.frame,
+                    composited=spec.composite,
+                    edited_fraction=fraction,
+                    timings=timings,
+                    stats=latent.stats,
+                    bank_images=len(latent.trajectories),
+                    inversions=latent.inversions,
+                    inversion_unet_calls=latent.inversion_unet_calls,
+                    warnings=list(inp.warnings),
+                )
             )
-            image, fraction = put.image, put.edited_fraction
-        else:
-            image, fraction = latent.frame.image_to_source(work), 1.0
-        timings = {
-            "inversion_s": latent.inversion_s,
-            "editing_s": latent.editing_s,
-            "decode_s": t3 - t2,
-            "composite_s": time.perf_counter() - t3,
-            "total_s": time.perf_counter() - t0,
-        }
-        return EditResult(
-            image=image,
-            work_image=work,
-            frame=latent.frame,
-            composited=spec.composite,
-            edited_fraction=fraction,
-            timings=timings,
-            stats=latent.stats,
-            bank_images=len(latent.trajectories),
-            inversions=latent.inversions,
-            inversion_unet_calls=latent.inversion_unet_calls,
-            warnings=list(inp.warnings),
+        return results
+
+    def _place(
+        self, spec: Spec, inp: EditInputs, latent: EditedLatent, work: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        """The result at the source's size: composited into the source, or the whole image."""
+        if not spec.composite:
+            return latent.frame.image_to_source(work), 1.0
+        f = self.bundle.latent_factor
+        put = composite(
+            inp.source,
+            work,
+            latent.frame,
+            region_pixels(latent.changed, f),
+            spec.composite_margin * f,
         )
+        return put.image, put.edited_fraction
 
     def prepare(self, spec: Spec, inp: EditInputs, progress: Progress | None = None) -> EditSetup:
         """Everything the loop takes for this spec: plan, schedule, trajectories (inverted or
         cached), prompts, settings, steps, and fresh counted UNet calls."""
         b = self.bundle
+        inv_before, calls_before = self.inversions, self.inversion_unet_calls
         frame = self.frame_for(inp.source, spec.resolution)
         plan = build_plan(spec, inp, frame, b.latent_factor, b.device)
         schedule = Schedule.from_config(b.scheduler_config, spec.steps)
@@ -338,7 +407,19 @@ class Editor:
             assert shown is not None and spec.guidance.image_prompt is not None
             tokens = control.adapter.tokens(shown, settings.cfg)
             image_prompt = (control, tokens, spec.guidance.image_prompt.scale)
-        return EditSetup(frame, plan, trajectories, prompts, settings, steps, calls, image_prompt)
+        return EditSetup(
+            frame,
+            plan,
+            trajectories,
+            prompts,
+            settings,
+            steps,
+            calls,
+            image_prompt,
+            cond,
+            self.inversions - inv_before,
+            self.inversion_unet_calls - calls_before,
+        )
 
     def edit_latent(
         self,
@@ -348,11 +429,30 @@ class Editor:
         should_stop: Callable[[], bool] | None = None,
     ) -> EditedLatent:
         """The edit up to its latent: plan, inversion (cached), the guided loop."""
+        out = self.edit_latents([(spec, inp)], progress, should_stop)[0]
+        if isinstance(out, EditDiverged):
+            raise out
+        return out
+
+    def edit_latents(
+        self,
+        items: list[tuple[Spec, EditInputs]],
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[EditedLatent | EditDiverged]:
+        """Edits of one source up to their latents, in one guided loop: each plan, the shared
+        inversion (cached), the bank rows shared (each distinct bank image once)."""
         t0 = time.perf_counter()
-        inv_before, calls_before = self.inversions, self.inversion_unet_calls
-        s = self.prepare(spec, inp, progress)
+        setups = [self.prepare(spec, inp, progress) for spec, inp in items]
         t1 = time.perf_counter()
-        n = s.calls.schedule.steps
+        first = setups[0]
+        n = first.calls.schedule.steps
+        if any(s.steps != first.steps for s in setups):
+            raise ValueError("a batched loop's edits share one step plan (see Editor.batch_key)")
+        trajectories, contexts, images = _shared_bank(setups)
+        b = self.bundle
+        with torch.no_grad():
+            prompts = Prompts.build(contexts, b.unconditional(), first.settings.cfg, len(items))
 
         def step_done(i: int) -> None:
             if progress:
@@ -360,25 +460,60 @@ class Editor:
             if should_stop and should_stop():
                 raise EditInterrupted(f"interrupted at step {i + 1} of {n}")
 
-        ip_control = s.image_prompt[0] if s.image_prompt else nullcontext()
+        edits = [
+            LoopEdit(s.plan, s.settings, torch.Generator().manual_seed(spec.seed), own)
+            for s, (spec, _inp), own in zip(setups, items, images)
+        ]
+        ip_setup = first.image_prompt if len(items) == 1 else None
+        ip_control = ip_setup[0] if ip_setup else nullcontext()
         # the image prompt's cross-attention processors outside the bank's: each restores its own
         with ip_control as ip_state, self.bank_control as state:
-            bank = MemoryBank(s.trajectories, state, self.stored_kv)
-            generator = torch.Generator().manual_seed(spec.seed)
-            rows = None
-            if s.image_prompt is not None:
-                rows = ImagePromptRows(ip_state, s.image_prompt[1], s.image_prompt[2])
-            z0, stats = guided_edit(
-                s.calls, bank, s.prompts, s.plan, s.steps, s.settings, generator, step_done, rows
+            bank = MemoryBank(trajectories, state, self.stored_kv)
+            rows = ImagePromptRows(ip_state, ip_setup[1], ip_setup[2]) if ip_setup else None
+            z0s, stats = guided_edits(
+                first.calls, bank, prompts, edits, first.steps, step_done, rows, self.two_copies
             )
-        return EditedLatent(
-            z0,
-            s.frame,
-            s.trajectories,
-            stats,
-            (s.plan.edit_mask | s.plan.sde_mask).cpu().numpy(),
-            t1 - t0,
-            time.perf_counter() - t1,
-            self.inversions - inv_before,
-            self.inversion_unet_calls - calls_before,
-        )
+        editing_s = (time.perf_counter() - t1) / len(items)
+        out: list[EditedLatent | EditDiverged] = []
+        for s, z0, st, own in zip(setups, z0s, stats, images):
+            if not torch.isfinite(z0).all():
+                out.append(EditDiverged(DIVERGED))
+                continue
+            out.append(
+                EditedLatent(
+                    z0,
+                    s.frame,
+                    [trajectories[m] for m in own],
+                    st,
+                    (s.plan.edit_mask | s.plan.sde_mask).cpu().numpy(),
+                    (t1 - t0) / len(items),
+                    editing_s,
+                    s.inversions,
+                    s.inversion_unet_calls,
+                )
+            )
+        return out
+
+
+def _shared_bank(
+    setups: list[EditSetup],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, ...]]]:
+    """The distinct bank images of a loop's edits (the shared source first) with their prompts,
+    and each edit's indices into them. One trajectory is one tensor (`Editor.trajectory` keeps
+    them), so identity finds the shared ones."""
+    trajectories: list[torch.Tensor] = []
+    contexts: list[torch.Tensor] = []
+    images = []
+    for s in setups:
+        own = []
+        for traj, ctx in zip(s.trajectories, s.contexts):
+            at = next((m for m, t in enumerate(trajectories) if t is traj), None)
+            if at is None:
+                at = len(trajectories)
+                trajectories.append(traj)
+                contexts.append(ctx)
+            own.append(at)
+        images.append(tuple(own))
+    if any(own[0] != 0 for own in images):
+        raise ValueError("a batched loop's edits share one source (see Editor.batch_key)")
+    return trajectories, contexts, images

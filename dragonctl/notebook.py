@@ -90,7 +90,6 @@ class Editor:
             generator: a torch.Generator whose seed drives the SDE noise (else `spec`'s seed).
             callback: called as (step, steps) after every editing step.
         """
-        from dragonctl import outputs
         from dragonctl.inputs import load_inputs
         from dragonctl.spec import load_spec
 
@@ -105,8 +104,46 @@ class Editor:
             ls = load_spec(path, model=self.opts.model, seed=seed)
             inp = load_inputs(ls)
             result = self.engine.edit(ls.spec, inp, progress)
+        return self._result(ls.spec, inp, result)
+
+    def edit_many(
+        self, image: Any, specs: list[dict], max_batch: int | None = None
+    ) -> list[NotebookResult]:
+        """Several edits of one image: those that share a batch shape (prompt, resolution,
+        steps, step windows) run in one sampler loop, up to `max_batch` at a time (None: as
+        many as free GPU memory holds; 1 on the CPU). The same results as `edit` one by one.
+        Raises the first edit's failure, if any."""
+        from dragonctl.inputs import load_inputs
+        from dragonctl.spec import load_spec
+
+        limit = max_batch or self.engine.default_max_batch()
+        groups: dict = {}
+        with tempfile.TemporaryDirectory(prefix="dragonctl-") as tmp:
+            loaded = []
+            for k, spec in enumerate(specs):
+                folder = Path(tmp) / str(k)
+                folder.mkdir()
+                ls = load_spec(write_spec_folder(image, spec, folder), self.opts.model)
+                loaded.append((ls.spec, load_inputs(ls)))
+        for k, (spec, inp) in enumerate(loaded):
+            key = self.engine.batch_key(spec, inp)
+            groups.setdefault(k if key is None else key, []).append(k)
+        results: dict[int, NotebookResult] = {}
+        for members in groups.values():
+            for at in range(0, len(members), limit):
+                chunk = members[at : at + limit]
+                done = self.engine.edit_batch([loaded[k] for k in chunk])
+                for k, result in zip(chunk, done):
+                    if isinstance(result, Exception):
+                        raise result
+                    results[k] = self._result(*loaded[k], result)
+        return [results[k] for k in range(len(specs))]
+
+    def _result(self, spec, inp, result) -> NotebookResult:
+        from dragonctl import outputs
+
         record = outputs.metadata_record(
-            ls.spec, Path("<notebook>"), self.engine.bundle.identity, result.timings
+            spec, Path("<notebook>"), self.engine.bundle.identity, result.timings
         )
         return NotebookResult(Image.fromarray(result.image), record, list(inp.warnings))
 

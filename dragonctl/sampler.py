@@ -6,7 +6,12 @@ decoder self-attention reads the bank's K/V, (2) on guided steps adds the region
 to ε, (3) takes a DDIM step (with DiffEditor's regional SDE in its window), (4) in the time-travel
 window repeats the step after re-noising. Latents are fp32; the UNet runs in the bundle's dtype.
 
-The parts, in the order `guided_edit` uses them: `UNetCalls` (the model calls, counted),
+`guided_edits` runs K edits of one source in one loop (`guided_edit` is K = 1): the bank rows are
+shared, each edit has its own generation rows (edit after edit in every batch), and the guided steps
+backpropagate the K energies' sum in one backward (the edits are independent, so each latent's
+gradient is its own edit's).
+
+The parts, in the order `guided_edits` uses them: `UNetCalls` (the model calls, counted),
 `Prompts` (every context batch), `MemoryBank` (the guidance branch), `EnergyGuidance` (the energy
 gradient), `RegionalSDE` (DiffEditor's stochastic steps), and the step functions `guided_eps`,
 `renoise`. None of them reads the spec: settings arrive as plain values.
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -78,15 +83,21 @@ class SamplerStats:
     forward_rows: list[int] = field(default_factory=list)  # batch rows of each full forward
     feature_rows: list[int] = field(default_factory=list)  # ... of each truncated forward
     backward_rows: list[int] = field(default_factory=list)  # ... of each backward
+    bank_rows: int = 0  # of all those rows, the bank images' (shared by a batched loop's edits)
     stored_kv_bytes: int = 0  # with recorded K/V: the memory they take
+    edits: int = 1  # edits that shared the loop
+    # one edit's share of a batched loop's rows: its own rows, and each bank image's rows
+    # divided among the edits that read that image (None: every row is this edit's)
+    row_share: float | None = None
+    energies: list[tuple[int, float, float]] = field(default_factory=list)  # (step, edit, content)
 
     @property
-    def unet_row_passes(self) -> int:
-        """Batch rows of every UNet call of the editing loop, forward and backward alike: the
-        work an edit costs whatever its batching."""
+    def unet_row_passes(self) -> float:
+        """Batch rows of every UNet call of the editing loop, forward and backward alike (shared
+        rows divided among the edits sharing them): the work an edit costs."""
+        if self.row_share is not None:
+            return self.row_share
         return sum(self.forward_rows) + sum(self.feature_rows) + sum(self.backward_rows)
-
-    energies: list[tuple[int, float, float]] = field(default_factory=list)  # (step, edit, content)
 
 
 class UNetCalls:
@@ -108,20 +119,30 @@ class UNetCalls:
         self.timesteps = torch.tensor(schedule.timesteps, device=device)
         self.stats = SamplerStats()
 
-    def output(self, z: torch.Tensor, i: int, context: torch.Tensor) -> torch.Tensor:
-        """The UNet's raw output (fp32) at step i's timestep."""
+    def output(
+        self, z: torch.Tensor, i: int, context: torch.Tensor, bank_rows: int = 0
+    ) -> torch.Tensor:
+        """The UNet's raw output (fp32) at step i's timestep (`bank_rows`: how many of z's rows
+        are bank images')."""
         self.stats.unet_forward += 1
         self.stats.forward_rows.append(z.shape[0])
+        self.stats.bank_rows += bank_rows
         with torch.no_grad():
             return self._forward(z, self.timesteps[i], context)
 
     def features(
-        self, z: torch.Tensor, i: int, context: torch.Tensor, grid_hw: tuple[int, int]
+        self,
+        z: torch.Tensor,
+        i: int,
+        context: torch.Tensor,
+        grid_hw: tuple[int, int],
+        bank_rows: int = 0,
     ) -> Features:
         """The feature stages on the common grid, fp32 (to_grid copies them out of a compiled
         call's buffers before the next call)."""
         self.stats.unet_forward += 1
         self.stats.feature_rows.append(z.shape[0])
+        self.stats.bank_rows += bank_rows
         return to_grid(self._features(z.to(self.dtype), self.timesteps[i], context), grid_hw)
 
     def eps(self, output: torch.Tensor, z: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -130,30 +151,43 @@ class UNetCalls:
 
 @dataclass(frozen=True)
 class Prompts:
-    """Every context batch the loop uses, built once per edit rather than once per step."""
+    """Every context batch the loop uses, built once per loop rather than once per step."""
 
     bank: torch.Tensor  # one row per bank image
     # the bank images' guidance features read the source's prompt, as the reference's estimator
     # does (the bank rows themselves keep each image's own, as its inversion had)
     bank_features: torch.Tensor
-    generation: torch.Tensor  # [unconditional, source] with CFG, else [source]
+    generation: torch.Tensor  # per edit: [unconditional, source] with CFG, else [source]
     bank_and_generation: torch.Tensor
-    source: torch.Tensor  # the source's prompt: also the generation's
-    source_pair: torch.Tensor  # the guided step's two copies of the edited latent
+    source: torch.Tensor  # the source's prompt (also the generation's), one row per edit
+    source_pair: torch.Tensor  # the guided step's two copies of each edited latent
 
     @classmethod
-    def build(cls, bank: list[torch.Tensor], uncond: torch.Tensor, cfg: bool) -> Prompts:
+    def build(
+        cls, bank: list[torch.Tensor], uncond: torch.Tensor, cfg: bool, edits: int = 1
+    ) -> Prompts:
+        """`bank`: each bank image's prompt (the source's first); `edits`: the loop's edits."""
         source = bank[0]
-        generation = torch.cat([uncond, source]) if cfg else source
+        generation = (torch.cat([uncond, source]) if cfg else source).repeat(edits, 1, 1)
         bank_ctx = torch.cat(bank)
         return cls(
             bank_ctx,
             source.expand(len(bank), -1, -1),
             generation,
             torch.cat([bank_ctx, generation]),
-            source,
-            source.expand(2, -1, -1),
+            source.expand(edits, -1, -1),
+            source.expand(2 * edits, -1, -1),
         )
+
+
+@dataclass(frozen=True)
+class LoopEdit:
+    """One edit of a (batched) loop: its plan, settings, SDE noise and bank images."""
+
+    plan: LoopPlan
+    settings: GuidanceSettings
+    generator: torch.Generator  # a CPU generator for its SDE noise
+    images: tuple[int, ...] = (0,)  # its bank images' indices: the source's, then its second's
 
 
 @dataclass(frozen=True)
@@ -182,11 +216,10 @@ class MemoryBank:
         self.n = trajectories[0].shape[0] - 1
         self.stored: dict | None = {} if stored_kv else None
 
-    def noise(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """z_T of the source and of the second image (None for one-image modes)."""
-        return self.trajectories[0][self.n], (
-            self.trajectories[1][self.n] if self.size > 1 else None
-        )
+    def noise(self, images: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """z_T of an edit's source and of its second image (None for one-image modes)."""
+        second = self.trajectories[images[1]][self.n] if len(images) > 1 else None
+        return self.trajectories[images[0]][self.n], second
 
     def injected_rows(self, i: int) -> torch.Tensor:
         """The latents whose forward at step i's timestep reproduces the inversion's (L[n-1-i])."""
@@ -200,18 +233,18 @@ class MemoryBank:
         self,
         calls: UNetCalls,
         prompts: Prompts,
-        attention: BankAttention | None,
+        readings: list[tuple[BankAttention | None, tuple[int, ...]]],
         latent_hw: tuple[int, int],
         injected: Iterable[int],
     ) -> None:
-        """Configure the attention for this edit; record the K/V of every injected step when
-        they are stored."""
-        self.state.configure(attention, latent_hw, calls.timesteps.device, self.stored)
+        """Configure the attention for the loop's edits (each edit's reading and bank images);
+        record the K/V of every injected step when they are stored."""
+        self.state.configure(readings, latent_hw, calls.timesteps.device, self.stored)
         if self.stored is None:
             return
         for i in sorted(injected):
             with self.state.recording(self.stored, i):
-                calls.output(self.injected_rows(i), i, prompts.bank)
+                calls.output(self.injected_rows(i), i, prompts.bank, bank_rows=self.size)
         calls.stats.stored_kv_bytes = sum(
             k.numel() * k.element_size() * 2 for k, _v in self.stored.values()
         )
@@ -231,10 +264,10 @@ def guided_eps(
     cfg_scale: float,
     image_prompt: ImagePromptRows | None = None,
 ) -> torch.Tensor:
-    """ε of the generation rows at step i, with CFG; injected steps read the bank's K/V, and
-    the generation rows read the image prompt when one is given."""
+    """ε of each edit's generation rows (z: one row per edit) at step i, with CFG; injected
+    steps read the bank's K/V, and the generation rows read the image prompt when one is given."""
     cfg = cfg_scale != 1.0
-    generation = torch.cat([z, z]) if cfg else z
+    generation = z.repeat_interleave(2, dim=0) if cfg else z  # per edit: [unconditional, cond]
     rows = bank.bank_rows(i) if inject else None
     nb = 0 if rows is None else rows.shape[0]
     batch = generation if rows is None else torch.cat([rows, generation])
@@ -244,61 +277,111 @@ def guided_eps(
         calls.stats.image_prompt_steps += 1
         prompting = image_prompt.state.prompting(image_prompt.tokens, image_prompt.scale, nb)
     with bank.state.reading(i, nb) if inject else nullcontext(), prompting:
-        out = calls.output(batch, i, context)[nb:]
-    eps = calls.eps(out, z.expand_as(out), calls.schedule.alpha[i])
-    return eps[:1] + cfg_scale * (eps[1:] - eps[:1]) if cfg else eps
+        out = calls.output(batch, i, context, bank_rows=nb)[nb:]
+    eps = calls.eps(out, generation, calls.schedule.alpha[i])
+    if not cfg:
+        return eps
+    eps = eps.unflatten(0, (z.shape[0], 2))
+    return eps[:, 0] + cfg_scale * (eps[:, 1] - eps[:, 0])
 
 
 class EnergyGuidance:
-    """The regional energy gradient: the edit energy's gradient inside the edit mask, the content
-    energy's outside, both from one backward through the truncated forward."""
+    """The regional energy gradient: each edit's edit-energy gradient inside its edit mask, its
+    content energy's outside.
+
+    One truncated forward of the edited latents, then two backwards (the edit energies', the
+    content energies'). With `two_copies` the forward runs each latent twice instead (one copy
+    per energy) and one backward gives both: one more forward row and twice the activations,
+    for compiled CUDA graphs, whose replayed backward must not run twice over one forward.
+    """
 
     def __init__(
-        self, calls: UNetCalls, bank: MemoryBank, prompts: Prompts, plan: LoopPlan, gain: float
+        self,
+        calls: UNetCalls,
+        bank: MemoryBank,
+        prompts: Prompts,
+        edits: list[LoopEdit],
+        two_copies: bool = False,
     ) -> None:
-        self.calls, self.bank, self.prompts, self.plan, self.gain = calls, bank, prompts, plan, gain
-        self.edit_mask = plan.edit_mask.to(calls.timesteps.device, torch.float32)
-        self._log: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.calls, self.bank, self.prompts, self.edits = calls, bank, prompts, edits
+        self.two_copies = two_copies
+        dev = calls.timesteps.device
+        masks = [e.plan.edit_mask.to(dev, torch.float32) for e in edits]
+        self.edit_mask = torch.stack(masks)[:, None]  # K×1×h×w
+        self.feature_hw = edits[0].plan.feature_hw
+        self._log: list[tuple[int, torch.Tensor]] = []
 
     def gradient(self, z: torch.Tensor, i: int) -> torch.Tensor:
-        calls, plan, hw = self.calls, self.plan, self.plan.feature_hw
+        calls, hw, k_edits = self.calls, self.feature_hw, z.shape[0]
         self.calls.stats.guided_steps += 1
         # The bank's features need no gradient: a forward of their own, so the backward (and the
-        # activations it keeps) covers only the two rows that need one.
+        # activations it keeps) covers only the rows that need one.
         with torch.no_grad():
-            bank_feats = calls.features(self.bank.rows_at(i), i, self.prompts.bank_features, hw)
-        refs = [[f[k] for f in bank_feats] for k in range(self.bank.size)]
-        # Two copies of z: the edit energy reads one and the content energy the other, so one
-        # backward gives both gradients of the regional rule.
-        z_edit = z.detach().clone().requires_grad_(True)
-        z_content = z.detach().clone().requires_grad_(True)
+            bank_feats = calls.features(
+                self.bank.rows_at(i), i, self.prompts.bank_features, hw, bank_rows=self.bank.size
+            )
+        refs = [[f[m] for f in bank_feats] for m in range(self.bank.size)]
+        leaves = [z.detach().clone().requires_grad_(True) for _ in range(1 + self.two_copies)]
+        context = self.prompts.source_pair if self.two_copies else self.prompts.source
         with torch.enable_grad():
-            feats = calls.features(torch.cat([z_edit, z_content]), i, self.prompts.source_pair, hw)
-            e_edit = plan.edit_energy([f[0] for f in feats], refs)
-            e_content = plan.content_energy([f[1] for f in feats], refs)
-            # The backward starts from gain·E, as the reference's does: what flows back through
-            # the (fp16) UNet is then the guidance itself, of ε's scale, inside fp16's normal
-            # range at any working size (the bare energy's per-cell gradients are not).
-            scaled = self.gain * (e_edit + e_content)
-            g_edit, g_content = self._backward(scaled, z_edit, z_content)
-        self._log.append((i, e_edit.detach(), e_content.detach()))  # read after the loop: no sync
+            feats = calls.features(torch.cat(leaves), i, context, hw)
+            content_row = k_edits if self.two_copies else 0  # the content energy's copy
+            totals: list[torch.Tensor | None] = [None, None]
+            energies = []
+            for k, e in enumerate(self.edits):
+                own = [refs[m] for m in e.images]
+                e_edit = e.plan.edit_energy([f[k] for f in feats], own)
+                e_content = e.plan.content_energy([f[content_row + k] for f in feats], own)
+                energies.append(torch.stack([e_edit.detach(), e_content.detach()]))
+                # The backward starts from gain·E, as the reference's does: what flows back
+                # through the (fp16) UNet is then the guidance itself, of ε's scale, inside
+                # fp16's normal range at any working size (the bare energy's is not).
+                for n, term in enumerate((e_edit, e_content)):
+                    scaled = e.settings.energy_gain * term
+                    totals[n] = scaled if totals[n] is None else totals[n] + scaled
+            g_edit, g_content = self._backward(totals, leaves)
+        self._log.append((i, torch.stack(energies)))  # read after the loop: no sync
         g_edit = torch.zeros_like(z) if g_edit is None else g_edit.float()
         g_content = torch.zeros_like(z) if g_content is None else g_content.float()
         return g_edit * self.edit_mask + g_content * (1 - self.edit_mask)
 
-    def _backward(self, total: torch.Tensor, *leaves: torch.Tensor):
-        if not total.requires_grad:  # no term touched the latent (e.g. every weight is zero)
-            return (None,) * len(leaves)
-        self.calls.stats.unet_backward += 1
-        self.calls.stats.backward_rows.append(len(leaves) * leaves[0].shape[0])
-        return torch.autograd.grad(total, list(leaves), allow_unused=True)
+    def _backward(
+        self, totals: list[torch.Tensor | None], leaves: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(∂ edit total/∂z, ∂ content total/∂z); None where no term touched the latent (e.g.
+        every weight is zero)."""
+        stats = self.calls.stats
+        live = [t is not None and t.requires_grad for t in totals]
+        if self.two_copies:
+            if not any(live):
+                return None, None
+            stats.unet_backward += 1
+            stats.backward_rows.append(len(leaves) * leaves[0].shape[0])
+            total = sum(t for t, on in zip(totals, live) if on)
+            g = torch.autograd.grad(total, leaves, allow_unused=True)
+            return g[0], g[1]
+        grads: list[torch.Tensor | None] = []
+        for n, (total, on) in enumerate(zip(totals, live)):
+            if not on:
+                grads.append(None)
+                continue
+            stats.unet_backward += 1
+            stats.backward_rows.append(leaves[0].shape[0])
+            retain = any(live[n + 1 :])  # the content energies' backward still needs the graph
+            g = torch.autograd.grad(total, leaves, retain_graph=retain, allow_unused=True)
+            grads.append(g[0])
+        return grads[0], grads[1]
 
-    def energies(self) -> list[tuple[int, float, float]]:
-        """(step, edit energy, content energy) of every guided pass: one device → host copy."""
+    def energies(self) -> list[list[tuple[int, float, float]]]:
+        """Each edit's (step, edit energy, content energy) of every guided pass: one device →
+        host copy."""
         if not self._log:
-            return []
-        values = torch.stack([torch.stack([e, c]) for _i, e, c in self._log]).float().cpu().tolist()
-        return [(i, ec[0], ec[1]) for (i, _e, _c), ec in zip(self._log, values)]
+            return [[] for _ in self.edits]
+        values = torch.stack([e for _i, e in self._log]).float().cpu().tolist()
+        steps = [i for i, _e in self._log]
+        return [
+            [(i, v[k][0], v[k][1]) for i, v in zip(steps, values)] for k in range(len(self.edits))
+        ]
 
 
 class RegionalSDE:
@@ -341,6 +424,91 @@ def renoise(calls: UNetCalls, prompts: Prompts, z_prev: torch.Tensor, i: int) ->
     return inversion_step(z_prev, eps, s.alpha[i], s.alpha_prev[i])
 
 
+def guided_edits(
+    calls: UNetCalls,
+    bank: MemoryBank,
+    prompts: Prompts,
+    edits: list[LoopEdit],
+    steps: StepPlan,
+    callback: Callable[[int], None] | None = None,
+    image_prompt: ImagePromptRows | None = None,
+    two_copies: bool = False,
+) -> tuple[list[torch.Tensor], list[SamplerStats]]:
+    """DragonDiffusion's edit (DiffEditor's where `steps` has SDE and time-travel steps) of K
+    edits of one source in one loop.
+
+    Args:
+        calls: the UNet calls (full and truncated forwards), counted in `calls.stats`.
+        bank: the inverted trajectories the edits read (the shared source first).
+        prompts: the context batches (`Prompts.build` for `len(edits)` edits).
+        edits: each edit's plan (attention, masks, energies, initial latent), settings (their
+            CFG scale must agree), SDE generator and bank images.
+        steps: which steps are guided, injected, stochastic and repeated (all edits alike).
+        callback: called with i after every step (progress, interruption).
+        image_prompt: the image tokens the generation reads on `steps.image_prompt` (None: no
+            image prompt; one edit only).
+        two_copies: the guided steps' forward runs each latent twice (see `EnergyGuidance`).
+
+    Returns:
+        Each edit's z_0 (fp32, 1×C×h×w; non-finite where that edit diverged) and its statistics
+        (the loop's counts, its own energies, its share of the row-passes).
+    """
+    s = calls.schedule
+    cfg_scale = edits[0].settings.cfg_scale
+    if any(e.settings.cfg_scale != cfg_scale for e in edits):
+        raise ValueError("a batched loop's edits share one CFG scale")
+    if image_prompt is not None and len(edits) > 1:
+        raise ValueError("an image prompt is one edit's")
+    readings = [(e.plan.attention, e.images) for e in edits]
+    bank.prepare(calls, prompts, readings, edits[0].plan.latent_hw, steps.injected)
+    energy = EnergyGuidance(calls, bank, prompts, edits, two_copies)
+    z = torch.cat([e.plan.init_latent(*bank.noise(e.images)).float() for e in edits])
+    sdes = [
+        RegionalSDE(steps.sde, e.plan.sde_mask, e.settings, z[:1].shape, e.generator, z.device)
+        for e in edits
+    ]
+    for i in range(s.steps):
+        a, ap = s.alpha[i], s.alpha_prev[i]
+        z_next = z
+        for r in range(steps.passes(i)):
+            if r:  # time travel: back to step i's noise level, then the step again
+                z = renoise(calls, prompts, z_next, i)
+            ip = image_prompt if i in steps.image_prompt else None
+            inject = i in steps.injected
+            eps = guided_eps(calls, bank, prompts, z, i, inject, cfg_scale, ip)
+            eps_hat = eps + energy.gradient(z, i) if i in steps.guided else eps
+            if i in steps.sde:
+                calls.stats.sde_steps += 1
+                z_next = torch.cat(
+                    [
+                        sde.step(z[k : k + 1], eps_hat[k : k + 1], eps[k : k + 1], a, ap, i)
+                        for k, sde in enumerate(sdes)
+                    ]
+                )
+            else:
+                z_next = ddim_step(z, eps_hat, a, ap, eps_dir=eps)
+        z = z_next
+        if callback:
+            callback(i)
+    shares = row_shares(calls.stats, bank.size, [e.images for e in edits])
+    stats = [
+        replace(calls.stats, energies=own, edits=len(edits), row_share=share)
+        for own, share in zip(energy.energies(), shares)
+    ]
+    return list(z.split(1)), stats
+
+
+def row_shares(stats: SamplerStats, bank_size: int, images: list[tuple[int, ...]]) -> list[float]:
+    """Each edit's share of a loop's row-passes: its own generation and guidance rows (an equal
+    part of the non-bank rows), plus each of its bank images' rows divided among the edits
+    reading that image (every bank call runs every bank image once)."""
+    total = sum(stats.forward_rows) + sum(stats.feature_rows) + sum(stats.backward_rows)
+    per_image = stats.bank_rows / bank_size
+    readers = [sum(m in own for own in images) for m in range(bank_size)]
+    own_rows = (total - stats.bank_rows) / len(images)
+    return [own_rows + sum(per_image / readers[m] for m in set(own)) for own in images]
+
+
 def guided_edit(
     calls: UNetCalls,
     bank: MemoryBank,
@@ -351,51 +519,18 @@ def guided_edit(
     generator: torch.Generator,
     callback: Callable[[int], None] | None = None,
     image_prompt: ImagePromptRows | None = None,
+    two_copies: bool = False,
 ) -> tuple[torch.Tensor, SamplerStats]:
-    """DragonDiffusion's edit (DiffEditor's where `steps` has SDE and time-travel steps).
+    """One edit (`guided_edits` with K = 1, reading every bank image). Raises `EditDiverged`
+    for a non-finite result."""
+    edit = LoopEdit(plan, settings, generator, tuple(range(bank.size)))
+    z, stats = guided_edits(calls, bank, prompts, [edit], steps, callback, image_prompt, two_copies)
+    if not torch.isfinite(z[0]).all():
+        raise EditDiverged(DIVERGED)
+    return z[0], stats[0]
 
-    Args:
-        calls: the UNet calls (full and truncated forwards), counted in `calls.stats`.
-        bank: the inverted trajectories the generation reads (source first).
-        prompts: the context batches (`Prompts.build`).
-        plan: the mode's attention, masks, energies and initial latent.
-        steps: which steps are guided, injected, stochastic and repeated.
-        settings: CFG scale, energy gain, SDE strengths.
-        generator: a CPU generator for the SDE noise.
-        callback: called with i after every step (progress, interruption).
-        image_prompt: the image tokens the generation reads on `steps.image_prompt` (None: no
-            image prompt).
 
-    Returns:
-        The edited latent z_0 (fp32) and the loop's statistics.
-    """
-    s = calls.schedule
-    bank.prepare(calls, prompts, plan.attention, plan.latent_hw, steps.injected)
-    energy = EnergyGuidance(calls, bank, prompts, plan, settings.energy_gain)
-    z = plan.init_latent(*bank.noise()).float()
-    sde = RegionalSDE(steps.sde, plan.sde_mask, settings, z.shape, generator, z.device)
-    for i in range(s.steps):
-        a, ap = s.alpha[i], s.alpha_prev[i]
-        z_next = z
-        for r in range(steps.passes(i)):
-            if r:  # time travel: back to step i's noise level, then the step again
-                z = renoise(calls, prompts, z_next, i)
-            ip = image_prompt if i in steps.image_prompt else None
-            inject = i in steps.injected
-            eps = guided_eps(calls, bank, prompts, z, i, inject, settings.cfg_scale, ip)
-            eps_hat = eps + energy.gradient(z, i) if i in steps.guided else eps
-            if i in steps.sde:
-                calls.stats.sde_steps += 1
-                z_next = sde.step(z, eps_hat, eps, a, ap, i)
-            else:
-                z_next = ddim_step(z, eps_hat, a, ap, eps_dir=eps)
-        z = z_next
-        if callback:
-            callback(i)
-    calls.stats.energies = energy.energies()
-    if not torch.isfinite(z).all():
-        raise EditDiverged("the edit diverged (non-finite latent); lower guidance.energy_scale")
-    return z, calls.stats
+DIVERGED = "the edit diverged (non-finite latent); lower guidance.energy_scale"
 
 
 def reconstruct(

@@ -183,6 +183,8 @@ class Spec(_Model):
     composite: bool
     composite_margin: Annotated[float, Field(allow_inf_nan=False, ge=0, le=64)]
     output: PathStr | None = None
+    # a named set of defaults from the model family's config (`presets:`), e.g. fast
+    preset: str | None = None
 
     @field_validator("version", mode="before")
     @classmethod
@@ -220,9 +222,12 @@ class LoadedSpec(BaseModel):
     def for_family(self, family: str) -> LoadedSpec:
         """The same file merged over another family's defaults (a hub model whose family was
         unknown until it was downloaded)."""
-        mode = self.spec.mode
+        mode, preset = self.spec.mode, self.spec.preset
+        if preset is not None and preset not in presets(family):
+            raise SpecError.one(self.path, "preset", _unknown_preset(preset, family))
         try:
-            spec = Spec.model_validate(deep_merge(mode_defaults(family, mode), self.raw))
+            merged = deep_merge(mode_defaults(family, mode, preset), self.raw)
+            spec = Spec.model_validate(merged)
         except ValidationError as e:
             raise SpecError(_problems(self.path, e)) from None
         return LoadedSpec(path=self.path, spec=spec, raw=self.raw, family=family)
@@ -262,9 +267,18 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def mode_defaults(family: str, mode: str) -> dict:
+def mode_defaults(family: str, mode: str, preset: str | None = None) -> dict:
+    """The family's defaults, its mode's over them, then the preset's (KeyError: no such
+    preset)."""
     cfg = family_defaults(family)
-    return deep_merge(cfg["defaults"], cfg.get("modes", {}).get(mode, {}))
+    out = deep_merge(cfg["defaults"], cfg.get("modes", {}).get(mode, {}))
+    if preset is not None:
+        out = deep_merge(out, cfg.get("presets", {})[preset])
+    return out
+
+
+def presets(family: str) -> list[str]:
+    return sorted(family_defaults(family).get("presets", {}))
 
 
 def defaults_for(model: str, mode: str) -> dict:
@@ -347,9 +361,10 @@ def load_spec(
     model: str | None = None,
     seed: int | None = None,
     composite: bool | None = None,
+    preset: str | None = None,
 ) -> LoadedSpec:
-    """Read, merge and validate one spec file. `model`, `seed` and `composite` are command-line
-    overrides (None: the spec's own)."""
+    """Read, merge and validate one spec file. `model`, `seed`, `composite` and `preset` are
+    command-line overrides (None: the spec's own)."""
     path = Path(path)
     if path.suffix not in SPEC_SUFFIXES:
         raise SpecError.one(path, "", "spec files end in .yaml or .yml")
@@ -360,10 +375,15 @@ def load_spec(
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise SpecError.one(path, "", f"cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        given = {"model": model, "seed": seed, "composite": composite}
+        given = {"model": model, "seed": seed, "composite": composite, "preset": preset}
         return _parse(path, text, {k: v for k, v in given.items() if v is not None})
     except RecursionError:
         raise SpecError.one(path, "", "nested too deeply") from None
+
+
+def _unknown_preset(preset: Any, family: str) -> str:
+    known = ", ".join(presets(family)) or "none"
+    return f"no preset {_SHORT.repr(preset)} for {family} models (known: {known})"
 
 
 def _parse(path: Path, text: str, overrides: dict[str, Any]) -> LoadedSpec:
@@ -386,7 +406,10 @@ def _parse(path: Path, text: str, overrides: dict[str, Any]) -> LoadedSpec:
     mode = raw.get("mode")
     model_name = raw.get("model") if isinstance(raw.get("model"), str) else SD15_MODEL
     family = family_for_model(model_name)
-    merged = deep_merge(mode_defaults(family, mode if mode in MODES else "move"), raw)
+    preset = raw.get("preset")
+    if preset is not None and preset not in presets(family):
+        raise SpecError.one(path, "preset", _unknown_preset(preset, family))
+    merged = deep_merge(mode_defaults(family, mode if mode in MODES else "move", preset), raw)
     if not isinstance(raw.get("guidance", {}), dict):
         raise SpecError.one(path, "guidance", "must be a mapping of guidance settings")
     if family == "shapes" and raw.get("guidance", {}).get("image_prompt"):

@@ -7,8 +7,10 @@ import json
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from dragonctl.bench import quality, speed, success
+from dragonctl.cli import app
 
 
 @pytest.mark.parametrize("mode", quality.MODES)
@@ -131,8 +133,8 @@ def test_speed_benchmark_runs_at_tiny_size_and_counts_passes(tmp_path):
     runs = json.loads((tmp_path / "speed.json").read_text())["runs"]
     move = next(r for r in runs if r["mode"] == "move")
     # 6 inversion calls, 6 edit steps, 4 guided steps (i < 0.6·6), each two truncated forwards
-    # (the bank's without grad, the edited latent's with) and one backward
-    assert (move["inversion_unet_calls"], move["unet_forward"], move["unet_backward"]) == (6, 20, 4)
+    # (the bank's without grad, the edited latent's with) and two backwards (edit, content)
+    assert (move["inversion_unet_calls"], move["unet_forward"], move["unet_backward"]) == (6, 20, 8)
     paste = next(r for r in runs if r["mode"] == "paste")
     assert paste["inversion_unet_calls"] == 12  # the source and the placed reference
     assert (move["bank_images"], paste["bank_images"]) == (1, 2)
@@ -158,6 +160,23 @@ def test_speed_benchmark_reports_compiled_rows_with_their_warm_up(tmp_path):
         eager["unet_forward"],
         eager["unet_backward"],
     )
+
+
+def test_speed_benchmark_batches_edits_of_one_source(tmp_path):
+    """K edits per loop: each edit's row-passes fall with K (the bank rows are shared)."""
+    out = tmp_path / "batch.json"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "speed", "--size", "tiny", "--resolution", "32", "--mode", "move", "--steps",
+         "6", "--device", "cpu", "--batch", "1", "--batch", "3", "--out", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["batches"]
+    assert [r["edits"] for r in rows] == [1, 3]
+    # per step: 1 bank row shared by K edits on the 5 injected steps and 4 guided steps
+    k1, k3 = rows[0]["row_passes_per_edit"], rows[1]["row_passes_per_edit"]
+    assert k1 - k3 == pytest.approx((5 + 4) * (1 - 1 / 3), abs=0.1)
+    assert "| 32 | move | 3 |" in result.output
 
 
 @pytest.mark.parametrize("mode", quality.MODES)

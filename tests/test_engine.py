@@ -259,9 +259,10 @@ def test_count_of_unet_calls_follows_the_diffeditor_schedule(tiny_sd, spec_for):
     stats = Editor(bundle).edit(ls.spec, load_inputs(ls)).stats
     # guided: 0..3 and 4, 6, 8, 10; time travel at step 10 (8 < i < 12, even): 3 passes, 2 re-
     # noises;
-    # each guided pass: the bank's truncated forward (no grad) and the edited latent's (with grad)
+    # each guided pass: the bank's truncated forward (no grad) and the edited latent's (with grad),
+    # then two backwards (the edit energy's, the content energy's)
     assert stats.guided_steps == 8 + 2
-    assert stats.unet_backward == 10
+    assert stats.unet_backward == 2 * 10
     assert stats.unet_forward == 20 + 2 + 2 + 2 * 10
 
 
@@ -282,10 +283,11 @@ def test_the_loop_records_the_batch_rows_of_every_unet_call(
     assert result.stats.forward_rows == [
         bank_images + 2 if i in steps.injected else 2 for i in range(6)
     ]
-    assert result.stats.feature_rows == [bank_images, 2] * len(steps.guided)
-    # row-passes: every forward's rows, and the two rows each guided step backpropagates
+    assert result.stats.feature_rows == [bank_images, 1] * len(steps.guided)
+    assert result.stats.backward_rows == [1, 1] * len(steps.guided)  # edit, then content energy
+    # row-passes: every forward's rows, and the two backwards of each guided step's one row
     forward = sum(result.stats.forward_rows)
-    assert result.stats.unet_row_passes == forward + (bank_images + 2 + 2) * len(steps.guided)
+    assert result.stats.unet_row_passes == forward + (bank_images + 1 + 2) * len(steps.guided)
 
 
 def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):

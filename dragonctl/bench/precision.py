@@ -51,18 +51,18 @@ def bundles(size: str, model: str | None, device: str) -> dict[str, object]:
 def guidance_gradient(editor, spec: Spec, inp, step: int) -> torch.Tensor:
     """The energy gradient added to ε at edit step `step`, at the inverted latent of that step
     (with the mode's initial copy applied), fp32."""
-    from dragonctl.sampler import EnergyGuidance, MemoryBank
+    from dragonctl.sampler import EnergyGuidance, LoopEdit, MemoryBank
 
     s = editor.prepare(spec, inp)
     n = s.calls.schedule.steps
     with editor.bank_control as state:
         bank = MemoryBank(s.trajectories, state)
-        bank.prepare(s.calls, s.prompts, s.plan.attention, s.plan.latent_hw, [])
+        images = tuple(range(bank.size))
+        bank.prepare(s.calls, s.prompts, [(s.plan.attention, images)], s.plan.latent_hw, [])
         second = s.trajectories[1][n - step] if len(s.trajectories) > 1 else None
         z = s.plan.init_latent(s.trajectories[0][n - step], second).float()
-        return EnergyGuidance(s.calls, bank, s.prompts, s.plan, s.settings.energy_gain).gradient(
-            z, step
-        )
+        edit = LoopEdit(s.plan, s.settings, torch.Generator(), images)
+        return EnergyGuidance(s.calls, bank, s.prompts, [edit]).gradient(z, step)
 
 
 def edit_effect(editor, spec: Spec, inp) -> float:

@@ -79,8 +79,11 @@ def build_bundle(size: str, model: str | None, device: str, dtype: str):
     )
 
 
-def write_specs(folder: Path, resolution: int, steps: int) -> dict[str, Path]:
-    """One spec per mode on a synthetic square source of the given side."""
+def write_specs(
+    folder: Path, resolution: int, steps: int, preset: str | None = None
+) -> dict[str, Path]:
+    """One spec per mode on a synthetic square source of the given side (`preset`: each spec's,
+    whose steps then win over `steps`)."""
     from dragonctl.shapes.world import Scene, Shape, render
 
     r = resolution
@@ -127,7 +130,7 @@ def write_specs(folder: Path, resolution: int, steps: int) -> dict[str, Path]:
                     "mode": mode,
                     "prompt": "a photo",
                     "resolution": r,
-                    "steps": steps,
+                    **({"preset": preset} if preset else {"steps": steps}),
                     **fields,
                 }
             )
@@ -142,10 +145,11 @@ def plain_eager(
     feature_rows: list[int],
     latent_hw: tuple[int, int],
     inversion_calls: int,
+    backward_rows: list[int],
 ) -> float:
     """The same UNet calls as an edit (its inversion, then each full forward's and truncated
     forward's batch rows, as the sampler recorded them) with no method logic. Truncated
-    forwards alternate: the bank's without grad, then the edited latent's with a backward."""
+    forwards alternate: the bank's without grad, then the edited latent's with its backwards."""
     from dragonctl.compilation import feature_forward, unet_forward
 
     b = bundle
@@ -165,14 +169,18 @@ def plain_eager(
         for rows in forward_rows:
             z = torch.randn(rows, c, h, w, device=dev, dtype=b.dtype)
             full(z, t, ctx.expand(rows, -1, -1))
-    for bank_rows, rows in zip(feature_rows[::2], feature_rows[1::2]):
+    pairs = list(zip(feature_rows[::2], feature_rows[1::2]))
+    backwards = len(backward_rows) // max(1, len(pairs))  # per guided pass: 1, or 2 (one row)
+    for bank_rows, rows in pairs:
         with torch.no_grad():
             z = torch.randn(bank_rows, c, h, w, device=dev, dtype=b.dtype)
             features(z, t, ctx.expand(bank_rows, -1, -1))
         z = torch.randn(rows, c, h, w, device=dev, dtype=torch.float32, requires_grad=True)
         with torch.enable_grad():
             feats = features(z.to(b.dtype), t, ctx.expand(rows, -1, -1))
-            torch.autograd.grad(sum(f.float().mean() for f in feats), [z])
+            for n in range(backwards):
+                term = sum(f.float()[:, n::backwards].mean() for f in feats)
+                torch.autograd.grad(term, [z], retain_graph=n + 1 < backwards)
     _sync(dev)
     return time.perf_counter() - t0
 
@@ -190,6 +198,7 @@ def run(
     kv_banks: tuple[str, ...] = ("recompute",),
     compiles: tuple[str, ...] = ("off",),
     on_row=None,
+    preset: str | None = None,
 ) -> dict:
     """Time full edits per resolution × mode × method × K/V bank × compile setting.
 
@@ -213,6 +222,7 @@ def run(
         "model": bundle.name,
         "size": size,
         "steps": steps,
+        "preset": preset,
         "load_s": round(load_s, 3),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
@@ -223,7 +233,7 @@ def run(
         for res in resolutions:
             folder = Path(tmp) / str(res)
             folder.mkdir()
-            specs = write_specs(folder, res, steps)
+            specs = write_specs(folder, res, steps, preset)
             for method, kv_bank, compile_mode, mode in itertools.product(
                 methods, kv_banks, compiles, modes
             ):
@@ -292,7 +302,8 @@ def measure_row(bundle, editor, spec, inp) -> dict:
     latent_hw = (frame.work_h // bundle.latent_factor, frame.work_w // bundle.latent_factor)
     # the better of two runs: the baseline is a floor, and GPU clocks vary between runs
     plain = min(
-        plain_eager(bundle, st.forward_rows, st.feature_rows, latent_hw, n_inv) for _ in range(2)
+        plain_eager(bundle, st.forward_rows, st.feature_rows, latent_hw, n_inv, st.backward_rows)
+        for _ in range(2)
     )
     t = result.timings
     return {
@@ -313,6 +324,119 @@ def measure_row(bundle, editor, spec, inp) -> dict:
         "plain_eager_s": round(plain, 3),
         "ratio_vs_plain": round(wall / plain, 3) if plain > 0 else None,
     }
+
+
+def run_batches(
+    size: str = "tiny",
+    resolutions: tuple[int, ...] = (512,),
+    modes: tuple[str, ...] = MODES,
+    steps: int = 50,
+    model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batches: tuple[int, ...] = (1, 4, 8),
+    method: str = "dragondiffusion",
+    log=print,
+    on_row=None,
+    preset: str | None = None,
+) -> dict:
+    """K edits of one source in one loop, for each K: seconds and UNet row-passes per edit.
+
+    The K edits are the mode's spec with K seeds (distinct edits with one batch shape); the
+    source's inversion is cached first (untimed, with a warm-up loop), so the figures are the
+    loops' own. Row-passes per edit are each edit's share (`SamplerStats.unet_row_passes`)."""
+    from dragonctl import api
+    from dragonctl.engine import Editor
+
+    bundle = build_bundle(size, model, device, dtype)
+    dev = bundle.device
+    editor = Editor(bundle)
+    results: dict = {
+        "device": str(dev),
+        "dtype": str(bundle.dtype).replace("torch.", ""),
+        "model": bundle.name,
+        "size": size if model is None else model,
+        "steps": steps,
+        "preset": preset,
+        "method": method,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "batches": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for res in resolutions:
+            folder = Path(tmp) / str(res)
+            folder.mkdir()
+            specs = write_specs(folder, res, steps, preset)
+            for mode in modes:
+                ls, inp = api.load(specs[mode])
+                g = ls.spec.guidance.model_copy(update={"method": method})
+                base = ls.spec.model_copy(update={"guidance": g})
+                editor.edit(base, inp)  # warm-up, and the source's inversion cached
+                one: dict | None = None
+                for k in batches:
+                    row = {"resolution": res, "mode": mode, **_batch_row(editor, base, inp, k)}
+                    one = one or row
+                    row["row_passes_vs_k1"] = round(
+                        row["row_passes_per_edit"] / one["row_passes_per_edit"], 3
+                    )
+                    row["seconds_vs_k1"] = round(
+                        row["seconds_per_edit"] / one["seconds_per_edit"], 3
+                    )
+                    results["batches"].append(row)
+                    if on_row is not None:
+                        on_row(results)
+                    log(
+                        f"{res}px {mode:10s} K={k}: {row['seconds_per_edit']:.2f} s/edit "
+                        f"({row['seconds_vs_k1']:.2f}× K=1), {row['row_passes_per_edit']:.0f} "
+                        f"row-passes/edit ({row['row_passes_vs_k1']:.2f}× K=1), "
+                        f"peak {row['peak_memory_mb']:.0f} MiB"
+                    )
+    return results
+
+
+def _batch_row(editor, base, inp, k: int) -> dict:
+    """One loop of K seeds of `base` (its source's inversion already cached)."""
+    dev = editor.bundle.device
+    items = [(base.model_copy(update={"seed": base.seed + j}), inp) for j in range(k)]
+    reset_peak(dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = editor.edit_batch(items)
+    _sync(dev)
+    wall = time.perf_counter() - t0
+    return {
+        "edits": k,
+        "seconds_per_edit": round(wall / k, 3),
+        "row_passes_per_edit": round(sum(r.stats.unet_row_passes for r in out) / k, 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1),
+    }
+
+
+def _steps(results: dict) -> str:
+    return f"preset {results['preset']}" if results.get("preset") else f"{results['steps']} steps"
+
+
+def batch_table(results: dict) -> str:
+    cols = [
+        "resolution",
+        "mode",
+        "edits",
+        "seconds_per_edit",
+        "seconds_vs_k1",
+        "row_passes_per_edit",
+        "row_passes_vs_k1",
+        "peak_memory_mb",
+    ]
+    head = (
+        f"device {results['device']} ({results['gpu'] or 'CPU'}), {results['dtype']}, "
+        f"{results['model']}, {_steps(results)}, {results['method']}, "
+        f"{results['threads']} threads, torch {results['torch']}"
+    )
+    lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results["batches"]]
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:
@@ -338,7 +462,7 @@ def table(results: dict) -> str:
     head = (
         f"device {results['device']} ({results['gpu'] or 'CPU'}), {results['dtype']}, "
         f"{results['model']}, "
-        f"{results['steps']} steps, torch {results['torch']}"
+        f"{_steps(results)}, torch {results['torch']}"
     )
     lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results["runs"]]
