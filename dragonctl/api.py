@@ -225,8 +225,8 @@ def edit(
             reports = _run_group(session, members, opts, progress, stop)
         else:
             reports = [
-                _run_after(session, jobs, k, by_index, opts, progress, stop, interrupted)
-                for k, _inp in group
+                _run_after(session, jobs, k, by_index, opts, progress, stop, interrupted, inp)
+                for k, inp in group
             ]
         for (k, _inp), rep in zip(group, reports):
             interrupted = interrupted or rep.interrupted
@@ -245,13 +245,15 @@ def _run_after(
     progress: Progress | None,
     stop: Callable[[], bool] | None,
     interrupted: bool,
+    inp: EditInputs | None = None,
 ) -> SpecReport:
-    """Job k alone, unless a spec whose output it reads has failed."""
+    """Job k alone, unless a spec whose output it reads has failed (`inp`: its inputs, when
+    already loaded)."""
     failed = [jobs[d].path for d in jobs[k].after if not done[d].ok]
     if failed:
         why = f"{jobs[k].path}: not run: it reads the output of {failed[0]}, which failed"
         return SpecReport(jobs[k].path, False, errors=[why], output=jobs[k].output)
-    return _run_job(session, jobs[k], opts, progress, stop, interrupted)
+    return _run_job(session, jobs[k], opts, progress, stop, interrupted, inp)
 
 
 def _loop_groups(
@@ -284,14 +286,16 @@ def _loop_key(session: Session, job: Job) -> tuple[tuple | None, EditInputs | No
     if job.errors or job.spec is None or job.output is None or job.after:
         return None, None, None
     try:
-        inp = load_inputs(job.spec)
         editor = session.editor(job.spec.spec.model)
+        limit = session.max_batch(editor)
+        if limit < 2:
+            return None, None, limit
+        inp = load_inputs(job.spec)
     except DragonError:
         return None, None, None
-    limit = session.max_batch(editor)
     spec = in_family(job.spec, editor.bundle.family).spec
     key = editor.batch_key(spec, inp)
-    return (None if key is None or limit < 2 else (spec.model, key)), inp, limit
+    return (None if key is None else (spec.model, key)), inp, limit
 
 
 def _run_group(
@@ -355,6 +359,7 @@ def _run_job(
     progress: Progress | None,
     stop: Callable[[], bool] | None,
     interrupted: bool,
+    inp: EditInputs | None = None,
 ) -> SpecReport:
     if job.errors or job.spec is None or job.output is None:
         return SpecReport(job.path, False, errors=job.errors)
@@ -363,7 +368,8 @@ def _run_job(
             job.path, False, errors=[f"{job.path}: not run (interrupted)"], output=job.output
         )
     try:
-        inp = load_inputs(job.spec)  # decoded again: a file changed since the check fails here
+        # decoded again (unless just now): a file changed since the check fails here
+        inp = inp or load_inputs(job.spec)
     except SpecError as e:
         return SpecReport(job.path, False, errors=[str(x) for x in e.problems])
     return edit_one(session, job.spec, inp, job.output, opts, progress, stop)

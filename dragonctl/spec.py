@@ -268,12 +268,14 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def mode_defaults(family: str, mode: str, preset: str | None = None) -> dict:
-    """The family's defaults, its mode's over them, then the preset's (KeyError: no such
-    preset)."""
+    """The family's defaults, its mode's over them, then the preset's: its `defaults`, then
+    its `modes.<mode>` (KeyError: no such preset)."""
     cfg = family_defaults(family)
     out = deep_merge(cfg["defaults"], cfg.get("modes", {}).get(mode, {}))
     if preset is not None:
-        out = deep_merge(out, cfg.get("presets", {})[preset])
+        named = cfg.get("presets", {})[preset]
+        out = deep_merge(out, named.get("defaults", {}))
+        out = deep_merge(out, named.get("modes", {}).get(mode, {}))
     return out
 
 

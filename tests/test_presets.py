@@ -14,7 +14,7 @@ from dragonctl.engine import Editor
 from dragonctl.errors import SpecError
 from dragonctl.inputs import load_inputs
 from dragonctl.models import load_bundle
-from dragonctl.spec import family_defaults, load_spec
+from dragonctl.spec import load_spec, mode_defaults
 
 
 def _spec(spec_for, name: str, **fields):
@@ -28,7 +28,7 @@ def _spec(spec_for, name: str, **fields):
 
 
 def test_a_preset_sets_defaults_and_the_spec_s_own_fields_win(spec_for, tiny_sd):
-    fast = family_defaults("sd15")["presets"]["fast"]
+    fast = mode_defaults("sd15", "move", "fast")
     plain = load_spec(_spec(spec_for, "p.yaml", model=str(tiny_sd))).spec
     preset = load_spec(_spec(spec_for, "f.yaml", model=str(tiny_sd), preset="fast"))
     assert preset.spec.steps == fast["steps"] != plain.steps
@@ -66,7 +66,7 @@ def test_edit_preset_flag_reaches_the_sidecar(spec_for, tiny_sd, tmp_path):
     assert result.exit_code == 0, result.output
     sidecar = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert sidecar["spec"]["preset"] == "fast"
-    assert sidecar["spec"]["steps"] == family_defaults("sd15")["presets"]["fast"]["steps"]
+    assert sidecar["spec"]["steps"] == mode_defaults("sd15", "move", "fast")["steps"]
     bad = CliRunner().invoke(app, ["edit", str(spec), "--out", str(tmp_path), "--preset", "x"])
     assert bad.exit_code == 1 and "preset" in bad.output
     assert api.validate([spec])[0].ok

@@ -80,10 +80,10 @@ def build_bundle(size: str, model: str | None, device: str, dtype: str):
 
 
 def write_specs(
-    folder: Path, resolution: int, steps: int, preset: str | None = None
+    folder: Path, resolution: int, steps: int, preset: str | None = None, model: str | None = None
 ) -> dict[str, Path]:
     """One spec per mode on a synthetic square source of the given side (`preset`: each spec's,
-    whose steps then win over `steps`)."""
+    whose steps then win over `steps`; `model`: a real model, whose family's defaults apply)."""
     from dragonctl.shapes.world import Scene, Shape, render
 
     r = resolution
@@ -131,6 +131,7 @@ def write_specs(
                     "prompt": "a photo",
                     "resolution": r,
                     **({"preset": preset} if preset else {"steps": steps}),
+                    **({"model": model} if model else {}),
                     **fields,
                 }
             )
@@ -233,7 +234,7 @@ def run(
         for res in resolutions:
             folder = Path(tmp) / str(res)
             folder.mkdir()
-            specs = write_specs(folder, res, steps, preset)
+            specs = write_specs(folder, res, steps, preset, model)
             for method, kv_bank, compile_mode, mode in itertools.product(
                 methods, kv_banks, compiles, modes
             ):
@@ -368,7 +369,7 @@ def run_batches(
         for res in resolutions:
             folder = Path(tmp) / str(res)
             folder.mkdir()
-            specs = write_specs(folder, res, steps, preset)
+            specs = write_specs(folder, res, steps, preset, model)
             for mode in modes:
                 ls, inp = api.load(specs[mode])
                 g = ls.spec.guidance.model_copy(update={"method": method})
