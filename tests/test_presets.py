@@ -70,3 +70,25 @@ def test_edit_preset_flag_reaches_the_sidecar(spec_for, tiny_sd, tmp_path):
     bad = CliRunner().invoke(app, ["edit", str(spec), "--out", str(tmp_path), "--preset", "x"])
     assert bad.exit_code == 1 and "preset" in bad.output
     assert api.validate([spec])[0].ok
+
+
+def test_a_preset_s_mode_section_applies_to_its_mode_only(monkeypatch):
+    from dragonctl import spec as spec_module
+
+    config = {
+        "defaults": {"steps": 50, "guidance": {"energy_scale": 1.0, "cfg_scale": 5.0}},
+        "modes": {"drag": {"guidance": {"energy_scale": 0.4}}},
+        "presets": {
+            "fast": {
+                "defaults": {"steps": 25},
+                "modes": {"drag": {"guidance": {"energy_scale": 0.8}}},
+            }
+        },
+    }
+    monkeypatch.setattr(spec_module, "family_defaults", lambda family: config)
+    drag = spec_module.mode_defaults("x", "drag", "fast")
+    move = spec_module.mode_defaults("x", "move", "fast")
+    assert (drag["steps"], drag["guidance"]["energy_scale"]) == (25, 0.8)
+    assert (move["steps"], move["guidance"]["energy_scale"]) == (25, 1.0)
+    assert drag["guidance"]["cfg_scale"] == 5.0  # merged, not replaced
+    assert spec_module.mode_defaults("x", "drag")["guidance"]["energy_scale"] == 0.4
