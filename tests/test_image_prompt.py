@@ -165,7 +165,8 @@ def test_diffeditor_with_the_image_prompt_runs_the_reference_schedule(tiny_sd, s
     ip = ls.spec.guidance.image_prompt
     assert (ip.scale, ip.start, ip.until, ip.encoder) == (0.1, 0.2, 0.4, None)
     stats = Editor(load_bundle(str(tiny_sd))).edit(ls.spec, load_inputs(ls)).stats
-    assert stats.guided_steps == 20 + 4 * 2 and stats.unet_backward == 28
+    # two backwards per guided pass: the edit energy's, the content energy's
+    assert stats.guided_steps == 20 + 4 * 2 and stats.unet_backward == 2 * 28
     assert stats.sde_steps == 9
     assert stats.image_prompt_steps == 10
     full_forwards = 50 + 4 * 2  # CFG pairs, time travel's repeats included
