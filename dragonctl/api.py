@@ -315,10 +315,10 @@ def _run_group(
         if not _finished_before_editing(job.spec, job.output, opts, rep):
             runnable.append((job, inp, rep))
     items = [(job.spec, inp) for job, inp, _rep in runnable]
+    results: list[Edited | BaseException] = []
     try:
-        results: list[Edited | BaseException] = list(
-            compute_edits(session, items, opts, progress, stop)  # type: ignore[arg-type]
-        )
+        if items:  # every member may be up to date already
+            results = list(compute_edits(session, items, opts, progress, stop))  # type: ignore[arg-type]
     except Exception as e:
         results = [e] * len(items)
     for (job, inp, rep), out in zip(runnable, results):

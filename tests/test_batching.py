@@ -116,6 +116,12 @@ def test_cli_batches_specs_of_one_source_and_records_the_share(tiny_sd, spec_for
     alone = json.loads(one[0].output.with_suffix(".json").read_text())["stats"]
     assert sidecars[0]["stats"]["unet_row_passes"] < alone["unet_row_passes"]
     assert many[0].inversions + many[1].inversions + many[2].inversions == 1  # one source
+    # resumed: a loop whose members are all up to date runs nothing
+    again = api.edit(
+        paths,
+        api.EditOptions(out_dir=tmp_path / "many", no_cache=True, max_batch=3, skip_existing=True),
+    )
+    assert all(r.ok and r.skipped for r in again)
 
 
 def test_an_interrupted_batch_writes_nothing(tiny_sd, spec_for, tmp_path):
