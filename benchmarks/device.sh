@@ -4,10 +4,10 @@
 #                                            then every mode at 512² eager (about 5-7 minutes on an H100)
 #   bash benchmarks/device.sh train MINUTES  a shapes-training chunk (batch 256), resumed from the package weights
 #   bash benchmarks/device.sh all SECONDS    one call for a whole lease: fp16 against fp32 guidance,
-#                                            K-edit batches, the fast preset, the eager table, the
-#                                            compiled move rows (cudagraphs, then inductor's
-#                                            reduce-overhead), SDXL's move at 1024², then training
-#                                            for what is left (stages past the budget are skipped)
+#                                            compiled move (inductor's reduce-overhead), K-edit
+#                                            batches, the fast preset, CUDA-graph move rows, the
+#                                            eager table, SDXL's move at 1024², then training for
+#                                            what is left (stages past the budget are skipped)
 #   bash benchmarks/device.sh ray            batch throughput on Ray over every GPU of a multi-GPU box
 # Carry `.whl` (diffusers and pydantic are not installed there). Results land in $OUT: speed.json and
 # speed_modes.json, or the exported model (copy it into dragonctl/shapes/weights/ and commit it).
@@ -49,18 +49,20 @@ case "${1:-speed}" in
     # fp16 guidance against fp32 with SD 1.5-sized weights (random: the backward's range)
     stage 70 python3 -m dragonctl bench precision --size sd15 --resolution 512 --resolution 768 \
       --out "$OUT/precision.json"
+    # the compiled guided steps first (never timed on a GPU yet), then K-edit batches and the fast
+    # preset, CUDA graphs at 512² and 768², the eager table
+    stage 200 python3 -m dragonctl bench speed --mode move --resolution 512 --compile on \
+      --out "$OUT/speed_compiled.json"
     # K edits of one source per loop (K = 1, 4, 8), and the fast preset, eager, move at 512²
     stage 90 python3 -m dragonctl bench speed --mode move --resolution 512 --batch 1 --batch 4 --batch 8 \
       --out "$OUT/speed_batch.json"
     stage 70 python3 -m dragonctl bench speed --mode move --resolution 512 --preset fast \
       --out "$OUT/speed_fast.json"
-    stage 150 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
-      --mode drag --mode appearance --mode paste --out "$OUT/speed_eager.json"
-    # CUDA graphs of the eager kernels: seconds to build; then inductor's (minutes to build)
+    # CUDA graphs of the eager kernels (seconds to build), then the eager table
     stage 120 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --compile cudagraphs \
       --out "$OUT/speed_cudagraphs.json"
-    stage 200 python3 -m dragonctl bench speed --mode move --resolution 512 --compile on \
-      --out "$OUT/speed_compiled.json"
+    stage 150 python3 -m dragonctl bench speed --mode move --resolution 512 --resolution 768 --mode resize \
+      --mode drag --mode appearance --mode paste --out "$OUT/speed_eager.json"
     # SDXL at its real size (random weights), eager, move at 1024²
     stage 100 python3 -m dragonctl bench speed --size sdxl --mode move --resolution 1024 \
       --out "$OUT/speed_sdxl.json"
