@@ -430,14 +430,8 @@ def batch_table(results: dict) -> str:
         "row_passes_vs_k1",
         "peak_memory_mb",
     ]
-    head = (
-        f"device {results['device']} ({results['gpu'] or 'CPU'}), {results['dtype']}, "
-        f"{results['model']}, {_steps(results)}, {results['method']}, "
-        f"{results['threads']} threads, torch {results['torch']}"
-    )
-    lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results["batches"]]
-    return "\n".join(lines)
+    extra = f"{results['method']}, {results['threads']} threads, "
+    return _markdown(results, extra, cols, results["batches"])
 
 
 def table(results: dict) -> str:
@@ -460,13 +454,17 @@ def table(results: dict) -> str:
         "ratio_vs_plain",
         "warmup_s",
     ]
+    return _markdown(results, "", cols, results["runs"])
+
+
+def _markdown(results: dict, extra: str, cols: list[str], rows: list[dict]) -> str:
+    """A results file's head line, then its rows as a Markdown table."""
     head = (
         f"device {results['device']} ({results['gpu'] or 'CPU'}), {results['dtype']}, "
-        f"{results['model']}, "
-        f"{_steps(results)}, torch {results['torch']}"
+        f"{results['model']}, {_steps(results)}, {extra}torch {results['torch']}"
     )
     lines = [head, "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results["runs"]]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
