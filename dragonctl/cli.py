@@ -219,6 +219,20 @@ COMPILE_OPTION = typer.Option(
 THREADS_OPTION = typer.Option(
     None, "--threads", min=1, help="CPU threads for torch (default: torch's, one per core)."
 )
+PRESET_OPTION = typer.Option(
+    None,
+    "--preset",
+    help="Every spec's preset: a named set of defaults from the model's config, e.g. fast "
+    "(half the UNet work; its cost in quality is in the README). A spec's own fields win.",
+)
+MAX_BATCH_OPTION = typer.Option(
+    None,
+    "--max-batch",
+    min=1,
+    help="At most K edits of one source share one sampler loop (specs with the same "
+    "source, prompt, resolution and steps; same results, fewer UNet rows per edit). "
+    "Default: as many as free GPU memory holds; 1 on the CPU.",
+)
 OVERWRITE_OPTION = typer.Option(
     False,
     "--overwrite",
@@ -271,30 +285,14 @@ def edit(
     ray_address: str | None = RAY_ADDRESS_OPTION,
     workers: int | None = WORKERS_OPTION,
     cpus_per_worker: int | None = CPUS_PER_WORKER_OPTION,
-    preset: str | None = typer.Option(
-        None,
-        "--preset",
-        help="Every spec's preset: a named set of defaults from the model's config, e.g. fast "
-        "(half the UNet work; its cost in quality is in the README). A spec's own fields win.",
-    ),
-    max_batch: int | None = typer.Option(
-        None,
-        "--max-batch",
-        min=1,
-        help="At most K edits of one source share one sampler loop (specs with the same "
-        "source, prompt, resolution and steps; same results, fewer UNet rows per edit). "
-        "Default: as many as free GPU memory holds; 1 on the CPU.",
-    ),
+    preset: str | None = PRESET_OPTION,
+    max_batch: int | None = MAX_BATCH_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON record per spec on stdout."),
 ) -> None:
     """Run edits. Example: dragonctl edit samples/move.yaml --out results/"""
     from dragonctl import api
 
-    if not specs:
-        _usage("give at least one spec file, folder or glob")
-    paths = api.expand_specs(specs)
-    if not paths:
-        _usage(f"no spec files found in: {' '.join(specs)}")
+    paths = _spec_paths(specs)
     _check_device_and_dtype(device, dtype)
     opts = api.EditOptions(
         out_dir=out,
@@ -320,9 +318,19 @@ def edit(
         max_batch=max_batch,
         preset=preset,
     )
-    if opts.ray:
-        _check_ray()
     _run_batch(paths, opts, as_json)
+
+
+def _spec_paths(specs: list[str] | None) -> list[Path]:
+    """The spec files named (files, folders, globs), or a usage error."""
+    from dragonctl import api
+
+    if not specs:
+        _usage("give at least one spec file, folder or glob")
+    paths = api.expand_specs(specs)
+    if not paths:
+        _usage(f"no spec files found in: {' '.join(specs)}")
+    return paths
 
 
 def _check_ray() -> None:
@@ -345,6 +353,8 @@ def _check_device_and_dtype(device: str, dtype: str) -> None:
 
 
 def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
+    if opts.ray:
+        _check_ray()
     """`api.edit` with a progress bar and Ctrl-C handling; report; exit with the batch's code."""
     from dragonctl import api
     from dragonctl.errors import DragonError, UsageError
@@ -674,25 +684,8 @@ def bench_speed(
     if set(compile) - {"on", *COMPILE_MODES}:
         _usage(f"--compile is on or one of {', '.join(COMPILE_MODES)}")
     if batch:
-        with _reported_errors():
-            results = speed.run_batches(
-                size,
-                tuple(resolution),
-                tuple(mode) if mode else speed.MODES,
-                steps,
-                model,
-                device,
-                dtype,
-                tuple(batch),
-                method[0],
-                log=_err,
-                on_row=lambda partial: speed.save(partial, out),
-                preset=preset,
-            )
-        speed.save(results, out)
-        typer.echo(speed.batch_table(results))
-        _err(f"wrote {out}")
-        return
+        args = (size, resolution, mode, steps, model, device, dtype, batch, method[0], preset)
+        return _bench_batches(out, *args)
     with _reported_errors():
         results = speed.run(
             size,
@@ -711,6 +704,32 @@ def bench_speed(
         )  # finished rows survive an interrupted run
     speed.save(results, out)
     typer.echo(speed.table(results))
+    _err(f"wrote {out}")
+
+
+def _bench_batches(
+    out: Path, size, resolution, mode, steps, model, device, dtype, batch, method, preset
+) -> None:
+    """`bench speed --batch`: K edits of one source per loop, per K."""
+    from dragonctl.bench import speed
+
+    with _reported_errors():
+        results = speed.run_batches(
+            size,
+            tuple(resolution),
+            tuple(mode) if mode else speed.MODES,
+            steps,
+            model,
+            device,
+            dtype,
+            tuple(batch),
+            method,
+            log=_err,
+            on_row=lambda partial: speed.save(partial, out),
+            preset=preset,
+        )
+    speed.save(results, out)
+    typer.echo(speed.batch_table(results))
     _err(f"wrote {out}")
 
 
