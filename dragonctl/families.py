@@ -1,11 +1,12 @@
 """Model families: which defaults in `configs/` a model gets, told from the model itself.
 
 `shapes` is the embedded model, or a folder of one exported by `python -m dragonctl.shapes.train`
-(it holds a null prompt). Stable Diffusion is told apart by structure, never by name: SDXL's UNet
-takes `text_time` added conditions (and its pipeline class says so); SD 2.x's UNet uses linear
-projections in its transformers and its OpenCLIP text encoder plain GELU; the rest is SD 1.x. A
-folder is read from its configs, a single checkpoint from its keys (diffusers' own inference), a
-hub id from its copy in the local hub cache.
+(it holds a null prompt); `shapes-v2` is such a folder with its own VAE (built like SD, 128 px).
+Stable Diffusion is told apart by structure, never by name: SDXL's UNet takes `text_time` added
+conditions (and its pipeline class says so); SD 2.x's UNet uses linear projections in its
+transformers and its OpenCLIP text encoder plain GELU; the rest is SD 1.x. A folder is read from
+its configs, a single checkpoint from its keys (diffusers' own inference), a hub id from its copy
+in the local hub cache.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 SHAPES_MODEL = "shapes"
 SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-FAMILIES = ("shapes", "sd15", "sd2", "sdxl")
+FAMILIES = ("shapes", "shapes-v2", "sd15", "sd2", "sdxl")
 CONFIG_FILES = ("model_index.json", "unet/config.json", "text_encoder/config.json")
 
 
@@ -31,8 +32,10 @@ def is_shapes_folder(path: Path) -> bool:
 def family_for_model(model: str) -> str:
     """The family whose `configs/` defaults a model gets."""
     path = Path(model).expanduser()
-    if model == SHAPES_MODEL or is_shapes_folder(path):
+    if model == SHAPES_MODEL:
         return "shapes"
+    if is_shapes_folder(path):  # the SD-like one has its own VAE
+        return "shapes-v2" if (path / "vae" / "config.json").is_file() else "shapes"
     try:
         if path.is_dir():
             return family_of_configs(_read_configs(lambda name: path / name))

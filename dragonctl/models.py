@@ -19,7 +19,13 @@ from pathlib import Path
 import torch
 
 from dragonctl.errors import ModelError
-from dragonctl.families import SD15_MODEL, SHAPES_MODEL, family_of_configs, is_shapes_folder
+from dragonctl.families import (
+    SD15_MODEL,
+    SHAPES_MODEL,
+    family_for_model,
+    family_of_configs,
+    is_shapes_folder,
+)
 from dragonctl.features import feature_blocks, unsupported_embeddings
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -290,12 +296,12 @@ def weights_fingerprint(model: str) -> str:
     if model == SHAPES_MODEL:
         from dragonctl.shapes.model import WEIGHTS_DIR
 
-        return sampled_hash([WEIGHTS_DIR / "unet" / "diffusion_pytorch_model.safetensors"])
+        return sampled_hash(shapes_weight_files(WEIGHTS_DIR))
     path = Path(model).expanduser()
     if path.is_file():
         return sampled_hash([path])
     if is_shapes_folder(path):
-        return sampled_hash([path / "unet" / "diffusion_pytorch_model.safetensors"])
+        return sampled_hash(shapes_weight_files(path))
     return sd_weights_identity(model, path if path.is_dir() else None)[0]
 
 
@@ -366,20 +372,7 @@ def sd_bundle(
         [(tokenizer_2, text_encoder_2)] if text_encoder_2 is not None else []
     )
     encode_prompt = _prompt_encoder(pairs, dev)
-    # SDXL's VAE overflows in fp16 (its config says so): it runs in fp32, as diffusers upcasts it
-    vae_dt = torch.float32 if vae.config.get("force_upcast") and dt == torch.float16 else dt
-    vae = vae.to(dtype=vae_dt)
-    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-
-    def encode_image(x: torch.Tensor) -> torch.Tensor:
-        # The latent distribution's mean, as the reference does: deterministic, no sampling noise.
-        return (vae.encode(x.to(dev, vae_dt)).latent_dist.mean - shift) * scaling
-
-    def decode_latent(z: torch.Tensor) -> torch.Tensor:
-        return vae.decode(z.to(dev, vae_dt) / scaling + shift).sample
-
+    latent_factor, encode_image, decode_latent = vae_codec(vae, dev, dt)
     sdxl = text_encoder_2 is not None
     cfg = unet.config
     pooled_dim = (cfg.get("projection_class_embeddings_input_dim") or 0) - 6 * (
@@ -463,6 +456,31 @@ def sdxl_condition(
     return context[:, :-1], added
 
 
+def shapes_weight_files(folder: Path) -> list[Path]:
+    """The weights a shapes folder's results depend on: its UNet's, and its VAE's if it has one."""
+    files = [folder / "unet" / "diffusion_pytorch_model.safetensors"]
+    vae = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    return files + ([vae] if vae.is_file() else [])
+
+
+def vae_codec(vae, dev: torch.device, dt: torch.dtype) -> tuple[int, Callable, Callable]:
+    """(pixels per latent cell, encode, decode) of an `AutoencoderKL`, in the scaled latent."""
+    # SDXL's VAE overflows in fp16 (its config says so): it runs in fp32, as diffusers upcasts it
+    vae_dt = torch.float32 if vae.config.get("force_upcast") and dt == torch.float16 else dt
+    vae = vae.to(dev, dtype=vae_dt).eval().requires_grad_(False)
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    def encode_image(x: torch.Tensor) -> torch.Tensor:
+        # The latent distribution's mean, as the reference does: deterministic, no sampling noise.
+        return (vae.encode(x.to(dev, vae_dt)).latent_dist.mean - shift) * scaling
+
+    def decode_latent(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(dev, vae_dt) / scaling + shift).sample
+
+    return 2 ** (len(vae.config.block_out_channels) - 1), encode_image, decode_latent
+
+
 def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) -> ModelBundle:
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from safetensors.torch import load_file
@@ -482,23 +500,35 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
     null = load_file(folder / "null_prompt.safetensors")["embedding"].to(dev, dt)
     attn = check_structure(unet, name)
     unet = unet.to(dev).eval().requires_grad_(False)
-    codec = PixelShuffleCodec(LATENT_FACTOR)
+    if (folder / "vae" / "config.json").is_file():  # the SD-like model: its own VAE
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+        latent_factor, encode_image, decode_latent = vae_codec(vae, dev, dt)
+    else:  # the lossless pixel-unshuffle latent
+        codec, latent_factor = PixelShuffleCodec(LATENT_FACTOR), LATENT_FACTOR
+
+        def encode_image(x: torch.Tensor) -> torch.Tensor:
+            return codec.encode(x.to(dev, dt))
+
+        def decode_latent(z: torch.Tensor) -> torch.Tensor:
+            return codec.decode(z.to(dev, dt))
 
     def encode_prompt(prompts: list[str]) -> torch.Tensor:
         return null.expand(len(prompts), -1, -1)
 
     return ModelBundle(
         name=name,
-        family="shapes",
+        family=family_for_model(str(folder)),
         unet=unet,
         scheduler_config=dict(sched.config),
         device=dev,
         dtype=dt,
-        latent_factor=LATENT_FACTOR,
-        encode_image=lambda x: codec.encode(x.to(dev, dt)),
-        decode_latent=lambda z: codec.decode(z.to(dev, dt)),
+        latent_factor=latent_factor,
+        encode_image=encode_image,
+        decode_latent=decode_latent,
         encode_prompt=encode_prompt,
-        weights_hash=sampled_hash([weights]),
+        weights_hash=sampled_hash(shapes_weight_files(folder)),
         decoder_self_attention=attn,
         weights_file=weights,
     )

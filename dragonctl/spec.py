@@ -414,7 +414,7 @@ def _parse(path: Path, text: str, overrides: dict[str, Any]) -> LoadedSpec:
     merged = deep_merge(mode_defaults(family, mode if mode in MODES else "move", preset), raw)
     if not isinstance(raw.get("guidance", {}), dict):
         raise SpecError.one(path, "guidance", "must be a mapping of guidance settings")
-    if family == "shapes" and raw.get("guidance", {}).get("image_prompt"):
+    if family.startswith("shapes") and raw.get("guidance", {}).get("image_prompt"):
         raise SpecError.one(
             path,
             "guidance.image_prompt",

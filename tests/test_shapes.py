@@ -163,3 +163,40 @@ def test_the_vae_trainer_exports_an_sd_layout_autoencoder_and_resumes(tmp_path):
     fresh = tmp_path / "fresh-machine"  # no checkpoint: starts from the exported weights
     assert train_vae.main(["--steps", "4", "--checkpoint-dir", str(fresh), *common]) == 0
     assert json.loads((export / "training.json").read_text())["step"] == 4
+
+
+def test_the_v2_unet_trains_on_the_vae_latents_and_resumes(tmp_path, monkeypatch, capsys):
+    """`--model v2`: SD 1.5's block topology on the committed VAE's latents (16×16×4 at 128 px);
+    the latent pool is encoded once and reused; a second run resumes from the checkpoint, a fresh
+    machine from the export, never from the shipped v1 weights."""
+    from dragonctl.shapes import latents, train
+
+    monkeypatch.setattr(latents, "SHARD", 4)  # a tiny pool: encoding 1024 scenes takes a minute
+    export = tmp_path / "model"
+    common = ["--model", "v2", "--batch", "2", "--threads", "1", "--device", "cpu"]
+    common += ["--pool-shards", "2", "--save-every", "2", "--export-dir", str(export)]
+    ck = ["--checkpoint-dir", str(tmp_path / "ck")]
+    assert train.main(["--steps", "2", *common, *ck]) == 0
+    assert capsys.readouterr().out.count("latent pool: shard") == 2
+    meta = json.loads((export / "training.json").read_text())
+    assert meta["step"] == 2 and meta["pool_scenes"] == 8 and meta["held_out_loss"] > 0
+    config = json.loads((export / "unet" / "config.json").read_text())
+    assert config["in_channels"] == 4 and config["sample_size"] == 16
+    assert len(config["down_block_types"]) == 4 and config["layers_per_block"] == 2
+    assert config["up_block_types"][0] == "UpBlock2D"
+    assert train.main(["--steps", "3", *common, *ck]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "state.pt" in out and "latent pool" not in out
+    assert json.loads((export / "training.json").read_text())["step"] == 3
+    fresh = ["--checkpoint-dir", str(tmp_path / "ck2")]
+    assert train.main(["--steps", "4", *common, *fresh]) == 0
+    assert f"fp16 weights in {export} at step 3" in capsys.readouterr().out
+    pool = latents.build_pool(
+        latents.load_vae(shapes_model.V2_DIR / "vae", torch.device("cpu")),
+        tmp_path / "again",
+        0,
+        2,
+        torch.device("cpu"),
+    )
+    stored = tmp_path / "ck" / f"latents-{latents.vae_tag(shapes_model.V2_DIR / 'vae')}"
+    assert torch.equal(pool, torch.cat([torch.load(p) for p in sorted(stored.glob("shard-*"))]))

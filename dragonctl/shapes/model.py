@@ -79,3 +79,28 @@ class NullPrompt(nn.Module):
 
     def forward(self, batch: int = 1) -> torch.Tensor:
         return self.embedding.expand(batch, -1, -1)
+
+
+# The next model, built like SD (#15): the VAE of `train_vae` (factor 8, 4 latent channels) and a
+# UNet with SD 1.5's block topology, scaled down. Trained under training/, not shipped yet.
+V2_DIR = Path(__file__).resolve().parents[2] / "training" / "shapes-v2"
+V2_SIZE = 128  # the world's side: sources edit at their own size
+V2_LATENT_FACTOR = 8
+
+
+def unet_v2_config() -> dict:
+    """SD 1.5's layout (three cross-attention levels, a plain fourth, two layers per block, 32
+    channels per head) at a width that keeps VAE + UNet under 16 MiB in fp16 (5.5 M parameters)."""
+    channels = (32, 64, 96, 96)
+    return dict(
+        sample_size=V2_SIZE // V2_LATENT_FACTOR,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=CONTEXT_DIM,
+        attention_head_dim=tuple(c // 32 for c in channels),  # head counts (diffusers' old name)
+        norm_num_groups=8,
+    )

@@ -1,5 +1,9 @@
 """Train the shapes model: `python -m dragonctl.shapes.train --minutes 8`.
 
+`--model v2` trains the next model's UNet (SD 1.5's topology, scaled down) on the latents of the
+VAE that `python -m dragonctl.shapes.train_vae` trained first; its scenes are encoded once into a
+latent pool (`dragonctl.shapes.latents`) under the checkpoint folder.
+
 Reproducible from `--seed`: step k's batch and noise come from generators seeded with (seed, k), so
 a run resumed from a checkpoint sees the same data as one that never stopped. Full training state
 (fp32 weights, EMA, optimiser) goes to `--checkpoint-dir` (kept out of git); the fp16 EMA weights
@@ -30,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from dragonctl.shapes import latents  # noqa: E402
 from dragonctl.shapes import model as shapes_model  # noqa: E402
 from dragonctl.shapes.world import batch as world_batch  # noqa: E402
 
@@ -39,10 +44,11 @@ def make_batch(args: tuple[int, int, int]) -> np.ndarray:
     return world_batch(np.random.default_rng([seed, step]), size)
 
 
-def build(device: torch.device):
+def build(device: torch.device, version: str = "v1"):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    unet = UNet2DConditionModel(**shapes_model.unet_config()).to(device)
+    config = shapes_model.unet_v2_config() if version == "v2" else shapes_model.unet_config()
+    unet = UNet2DConditionModel(**config).to(device)
     null = shapes_model.NullPrompt().to(device)
     sched = DDPMScheduler(
         **{k: v for k, v in shapes_model.scheduler_config().items() if k != "set_alpha_to_one"}
@@ -135,9 +141,29 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=0, help="data-generating processes (0: in-process)"
     )
     ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints/shapes"))
-    ap.add_argument("--export-dir", type=Path, default=shapes_model.WEIGHTS_DIR)
+    ap.add_argument(
+        "--model",
+        choices=("v1", "v2"),
+        default="v1",
+        help="v1: the shipped pixel-unshuffle model; v2: the SD-like UNet on the VAE's latents",
+    )
+    ap.add_argument(
+        "--pool-shards",
+        type=int,
+        default=16,
+        help=f"v2: scenes encoded once for training, in shards of {latents.SHARD}",
+    )
+    ap.add_argument(
+        "--vae-dir", type=Path, default=shapes_model.V2_DIR / "vae", help="v2: the trained VAE"
+    )
+    ap.add_argument("--checkpoint-dir", type=Path, default=None, help="default checkpoints/shapes")
+    ap.add_argument("--export-dir", type=Path, default=None, help="default: the model's folder")
     args = ap.parse_args(argv)
+    v2 = args.model == "v2"
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = Path("checkpoints/shapes-v2" if v2 else "checkpoints/shapes")
+    if args.export_dir is None:
+        args.export_dir = shapes_model.V2_DIR if v2 else shapes_model.WEIGHTS_DIR
     return run_saving_on_signals(train, args)
 
 
@@ -176,9 +202,9 @@ def resume(
         print(f"resumed from {state_path} at step {int(state['step'])}", flush=True)
         return int(state["step"]), 0, json.loads(state["history"])
     weights = Path("unet") / "diffusion_pytorch_model.safetensors"
-    init_dir = next(
-        (d for d in (args.export_dir, shapes_model.WEIGHTS_DIR) if (d / weights).exists()), None
-    )
+    # the package's weights seed only the model they are: v2 starts from scratch
+    candidates = (args.export_dir,) + ((shapes_model.WEIGHTS_DIR,) if args.model == "v1" else ())
+    init_dir = next((d for d in candidates if (d / weights).exists()), None)
     if init_dir is None:
         return 0, 0, []
     w = load_file(init_dir / weights)
@@ -203,26 +229,46 @@ def train_step(
     opt,
     params: list,
     autocast,
+    to_latent=None,
 ) -> torch.Tensor:
-    """One v-prediction step on a batch of images; its noise comes from (seed, step)."""
+    """One v-prediction step on a batch; its noise comes from (seed, step). `to_latent` maps the
+    batch and its noise to the latent (v1: pixel-unshuffle; v2's batches are latents already)."""
     unet, null = models
     device = x0.device
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     noise = torch.randn(x0.shape, generator=g).to(device)
     t = torch.randint(0, len(alphas), (x0.shape[0],), generator=g).to(device)
-    z0 = torch.nn.functional.pixel_unshuffle(x0, shapes_model.LATENT_FACTOR)
-    noise = torch.nn.functional.pixel_unshuffle(noise, shapes_model.LATENT_FACTOR)
-    a = alphas[t].view(-1, 1, 1, 1)
-    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-    v = a.sqrt() * noise - (1 - a).sqrt() * z0
+    if to_latent is not None:
+        x0, noise = to_latent(x0), to_latent(noise)
     with autocast:
-        pred = unet(zt, t, null(x0.shape[0])).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), v)
+        loss = v_loss(unet, null, x0, noise, t, alphas)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return loss
+
+
+def v_loss(unet, null, z0, noise, t, alphas) -> torch.Tensor:
+    """The v-prediction loss of latents z0 noised with `noise` at timesteps t."""
+    a = alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    v = a.sqrt() * noise - (1 - a).sqrt() * z0
+    pred = unet(zt, t, null(z0.shape[0])).sample
+    return torch.nn.functional.mse_loss(pred.float(), v)
+
+
+def unshuffle(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pixel_unshuffle(x, shapes_model.LATENT_FACTOR)
+
+
+@torch.no_grad()
+def held_out_loss(unet, null, latents: torch.Tensor, alphas: torch.Tensor) -> float:
+    """The v-loss on held-out latents at fixed timesteps and noise: exports compare on it."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(latents.shape, generator=g).to(latents.device)
+    t = torch.linspace(0, len(alphas) - 1, len(latents)).long().to(latents.device)
+    return float(v_loss(unet, null, latents, noise, t, alphas))
 
 
 def save_checkpoint(
@@ -236,6 +282,12 @@ def save_checkpoint(
     torch.save(state, tmp)
     os.replace(tmp, state_path)
     meta = {"step": step, "seed": args.seed, "batch": args.batch, "lr": args.lr, "history": history}
+    if getattr(args, "held_out", None) is not None:
+        meta["pool_scenes"] = len(args.pool)
+        meta["held_out_loss"] = held_out_loss(
+            models["ema_unet"], models["ema_null"], args.held_out, args.alphas
+        )
+        print(f"step {step}: held-out v-loss {meta['held_out_loss']:.4f}", flush=True)
     export(models["ema_unet"], models["ema_null"], args.export_dir, meta)
 
 
@@ -247,6 +299,10 @@ def update_ema(ema_unet, ema_null, params: list, decay: float) -> None:
 
 def batch_stream(args: argparse.Namespace, step: int):
     """(worker pool or None, the batches from `step` on): step k's batch comes from (seed, k)."""
+    if args.model == "v2":
+        return None, (
+            latents.pool_batch(args.pool, args.seed, s, args.batch) for s in range(step, args.steps)
+        )
     pool = get_context("spawn").Pool(args.workers) if args.workers else None
     jobs = ((args.seed, s, args.batch) for s in range(step, args.steps))
     return pool, (pool.imap(make_batch, jobs, chunksize=4) if pool else map(make_batch, jobs))
@@ -264,13 +320,25 @@ def _timed_chunk(
     return timed_from
 
 
+def prepare_data(args: argparse.Namespace, device: torch.device, alphas: torch.Tensor) -> None:
+    """v2: the VAE's latent pool (built once) and held-out latents; v1: pixel-unshuffle."""
+    args.alphas, args.to_latent, args.held_out = alphas, unshuffle, None
+    if args.model != "v2":
+        return
+    vae = latents.load_vae(args.vae_dir, device)
+    folder = args.checkpoint_dir / f"latents-{latents.vae_tag(args.vae_dir)}"
+    args.pool = latents.build_pool(vae, folder, args.seed, args.pool_shards, device)
+    args.held_out = latents.held_out(vae, 64, device).to(device)
+    args.to_latent = None
+
+
 def train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # one batch shape throughout: pick the fastest kernels once
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    unet, null, sched = build(device)
+    unet, null, sched = build(device, args.model)
     ema_unet, ema_null = (
         copy.deepcopy(unet).requires_grad_(False),
         copy.deepcopy(null).requires_grad_(False),
@@ -288,6 +356,7 @@ def train(args: argparse.Namespace) -> int:
         flush=True,
     )
     alphas = sched.alphas_cumprod.to(device)
+    prepare_data(args, device, alphas)
     t_start = time.time()
     pool, batches = batch_stream(args, step)
     # bf16 on a GPU; fp32 on the CPU
@@ -305,8 +374,10 @@ def train(args: argparse.Namespace) -> int:
             waited += time.time() - ready
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, args, optimiser_start)
-            x0 = torch.from_numpy(x_np).to(device)
-            loss = train_step(x0, step, args.seed, (unet, null), alphas, opt, params, autocast)
+            x0 = (x_np if torch.is_tensor(x_np) else torch.from_numpy(x_np)).to(device)
+            loss = train_step(
+                x0, step, args.seed, (unet, null), alphas, opt, params, autocast, args.to_latent
+            )
             update_ema(ema_unet, ema_null, params, min(args.ema, (1 + step) / (10 + step)))
             step += 1
             timed_from = _timed_chunk(args, run_start, step, timed_from, t_start)

@@ -1,0 +1,73 @@
+"""The UNet's training data for the SD-like shapes model: world scenes encoded by its VAE.
+
+Encoding costs more than a UNet step on the CPU, so scenes are encoded once into a pool of shards
+(`shard-NNNN.pt`, fp16 latents already multiplied by the VAE's scaling factor) under a folder
+named after the VAE's weights: a retrained VAE gets a new pool. Shard k holds the scenes of
+(seed, POOL_STREAM + k), so a pool rebuilt anywhere holds the same latents, and step k's batch is
+drawn from it with (seed, k).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dragonctl.shapes.model import V2_SIZE
+from dragonctl.shapes.world import batch as world_batch
+
+SHARD = 1024  # scenes per shard
+POOL_STREAM = 1_000_000  # the shards' seeds, apart from the trainers' step seeds
+HELD_OUT_SEED = 20_000  # scenes for the held-out loss, never in the pool
+
+
+def load_vae(folder: Path, device: torch.device):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).to(device).eval()
+
+
+def vae_tag(folder: Path) -> str:
+    data = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+@torch.no_grad()
+def encode(vae, images: np.ndarray, device: torch.device, batch: int = 32) -> torch.Tensor:
+    """Scaled latent means (n×4×h/8×w/8, fp32) of images in [-1, 1]."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i : i + batch]).to(device)
+        out.append(vae.encode(x).latent_dist.mean.float().cpu())
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def build_pool(vae, folder: Path, seed: int, shards: int, device: torch.device) -> torch.Tensor:
+    """Encode the missing shards (each saved atomically, so an interrupted build resumes), then
+    return the whole pool."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(shards):
+        path = folder / f"shard-{k:04d}.pt"
+        if path.exists():
+            continue
+        images = world_batch(np.random.default_rng([seed, POOL_STREAM + k]), SHARD, V2_SIZE)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(encode(vae, images, device).half(), tmp)
+        os.replace(tmp, path)
+        print(f"latent pool: shard {k + 1}/{shards} encoded", flush=True)
+    return torch.cat(
+        [torch.load(folder / f"shard-{k:04d}.pt", weights_only=True) for k in range(shards)]
+    )
+
+
+def pool_batch(pool: torch.Tensor, seed: int, step: int, n: int) -> torch.Tensor:
+    """Step `step`'s batch (fp32), drawn with (seed, step)."""
+    idx = np.random.default_rng([seed, step]).integers(0, len(pool), n)
+    return pool[torch.from_numpy(idx)].float()
+
+
+def held_out(vae, n: int, device: torch.device) -> torch.Tensor:
+    return encode(vae, world_batch(np.random.default_rng(HELD_OUT_SEED), n, V2_SIZE), device)
