@@ -589,6 +589,9 @@ def bench_quality(
     guidance: list[str] = typer.Option(
         None, help="Any guidance setting for every case, KEY=VALUE (repeatable)."
     ),
+    size: int | None = typer.Option(
+        None, help="The cases' side in px (default: a shapes model's working size, else 64)."
+    ),
 ) -> None:
     """Run every mode on held-out shapes scenes and judge each case against the ground truth.
 
@@ -623,6 +626,7 @@ def bench_quality(
             overrides,
             log=lambda m: _err(m),
             spec_overrides={"steps": steps} if steps else None,
+            size=size,
         )
     typer.echo(quality.success_table(summary) + "\n\n" + quality.table(summary))
     _err(f"wrote {out / 'quality.json'}, sheet_<mode>.png and failures_<mode>.png")

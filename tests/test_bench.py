@@ -13,10 +13,11 @@ from dragonctl.bench import quality, speed, success
 from dragonctl.cli import app
 
 
+@pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("mode", quality.MODES)
-def test_quality_metrics_are_perfect_on_the_ground_truth(mode):
+def test_quality_metrics_are_perfect_on_the_ground_truth(mode, size):
     # 12 cases: the benchmark's own count, with backgrounds that pass through the object's colour
-    for case in quality.make_cases(mode, 12):
+    for case in quality.make_cases(mode, 12, size=size):
         m = quality.score(case, case.truth)
         assert m["background_psnr"] == 99.0 and m["far_psnr"] == 99.0
         assert m.get("centroid_error", 0.0) < 0.01
@@ -29,6 +30,21 @@ def test_quality_metrics_are_perfect_on_the_ground_truth(mode):
         assert m.get("area_ratio_error", 0.0) == 0.0
         assert m["area_error"] == 0.0 and m["stray"] == 0.0 and m["cleanliness"] == 1.0
         assert success.verdict(mode, m, case.source.shape[1]) == [], case.name
+
+
+def test_cases_at_128_px_are_the_cases_at_64_drawn_finer():
+    """The SD-like model's cases (its own 128 px): same scenes and edits, coordinates doubled;
+    doing nothing still fails every one."""
+    for mode in quality.MODES:
+        for small, big in zip(quality.make_cases(mode, 6), quality.make_cases(mode, 6, size=128)):
+            assert big.source.shape == (128, 128, 3) and big.spec["mode"] == mode
+            c64, c128 = quality.centroid(small.new_mask), quality.centroid(big.new_mask)
+            assert abs(2 * c64[0] - c128[0]) <= 1.5 and abs(2 * c64[1] - c128[1]) <= 1.5  # raster
+            assert abs(big.new_mask.sum() / small.new_mask.sum() - 4) < 0.5
+            if mode == "move":
+                assert big.spec["offset"] == [2 * v for v in small.spec["offset"]]
+            assert success.verdict(mode, quality.score(big, big.source), 128), big.name
+    assert quality.case_size("shapes") == 64
 
 
 def test_verdicts_name_what_failed():

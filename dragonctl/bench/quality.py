@@ -34,6 +34,8 @@ from dragonctl.bench import success
 from dragonctl.shapes.world import Scene, Shape, render
 from dragonctl.spec import MODES
 
+WORLD = 64  # the case generator's units: the shapes world's side in px
+
 # RGB distance (in [0, 1] units) under which a pixel counts as the object's colour
 COLOR_TOL = success.COLOUR_DISTANCE / 255
 
@@ -103,41 +105,66 @@ def _box(mask: np.ndarray, margin: int, size: int) -> list[int]:
 MASK_STYLES = ("png", "box", "loose_box", "polygon")  # how case k's masks are drawn: k mod 4
 
 
-def make_cases(mode: str, n: int, seed: int = 1000) -> list[Case]:
+def make_cases(mode: str, n: int, seed: int = 1000, size: int = WORLD) -> list[Case]:
+    """n cases of a mode. Scenes and edits are drawn in the world's 64-px units and rendered at
+    `size`, with every coordinate scaled: the cases at 128 px are the cases at 64, drawn finer."""
     cases = []
     k = 0
     while len(cases) < n:
         rng = np.random.default_rng([seed, MODES.index(mode), k])
         k += 1
-        case = _make_case(mode, rng, MASK_STYLES[len(cases) % 4], index=len(cases))
+        style = MASK_STYLES[len(cases) % 4]
+        case = _make_case(mode, rng, style, index=len(cases), scale=size / WORLD)
         if case is not None:
             cases.append(case)
     return cases
 
 
-def _make_case(mode: str, rng: np.random.Generator, style: str, index: int) -> Case | None:
+class Draw:
+    """Renders world scenes at k times the world's 64 px, and scales lengths with them."""
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, sc: Scene):
+        if self.k == 1:
+            return render(sc)
+        shapes = tuple(
+            Shape(o.kind, o.cx * self.k, o.cy * self.k, o.size * self.k, o.color) for o in sc.shapes
+        )
+        return render(Scene(round(sc.size * self.k), sc.corners, sc.texture, shapes))
+
+    def px(self, n: float) -> int:
+        return round(n * self.k)
+
+
+def _make_case(
+    mode: str, rng: np.random.Generator, style: str, index: int, scale: float = 1.0
+) -> Case | None:
     """One case; None when the drawn scene leaves no room for the edit (the caller draws again)."""
     sc, obj = _scene(rng, bool(rng.integers(0, 2)), n_other=int(rng.integers(0, 3)))
-    src = render(sc)
+    draw = Draw(scale)
+    src = draw(sc)
     name = f"{mode}-{index:02d}"
-    mask_spec = _mask_spec(src.masks[0], style, rng, sc.size)
+    mask_spec = _mask_spec(src.masks[0], style, rng, draw)
     # every third case may end next to another object (1 px apart), the others keep 3 px
     near = 1.0 if index % 3 == 2 else 3.0
     if mode in ("move", "resize"):
-        return _move_case(mode, name, rng, sc, obj, src, mask_spec, near)
+        return _move_case(mode, name, rng, sc, obj, src, mask_spec, near, draw)
     if mode == "drag":
-        return _drag_case(name, rng, sc, obj, src, style, near)
-    return _two_image_case(mode, name, rng, sc, obj, src, mask_spec, style, near)
+        return _drag_case(name, rng, sc, obj, src, style, near, draw)
+    return _two_image_case(mode, name, rng, sc, obj, src, mask_spec, style, near, draw)
 
 
-def _mask_spec(mask: np.ndarray, style: str, rng: np.random.Generator, size: int) -> object:
+def _mask_spec(mask: np.ndarray, style: str, rng: np.random.Generator, draw: Draw) -> object:
     """The object's mask as a user would give it ("mask": the exact PNG)."""
+    size = mask.shape[0]
     if style == "box":
-        return {"box": _box(mask, 2, size)}
+        return {"box": _box(mask, draw.px(2), size)}
     if style == "loose_box":
-        return {"box": _box(mask, int(rng.integers(4, 9)), size)}
+        return {"box": _box(mask, draw.px(int(rng.integers(4, 9))), size)}
     if style == "polygon":
-        return {"polygon": _hull(_dilate(mask, int(rng.integers(2, 5))))}
+        return {"polygon": _hull(_dilate(mask, draw.px(int(rng.integers(2, 5)))))}
     return "mask"
 
 
@@ -163,14 +190,16 @@ def _cross(o, a, b) -> float:
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
-def _move_case(mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, near: float) -> Case | None:
+def _move_case(
+    mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, near: float, draw: Draw
+) -> Case | None:
     for _ in range(40):
         if mode == "move":
             dx, dy = (float(v) for v in rng.integers(-24, 25, 2))
             if math.hypot(dx, dy) < 8:
                 continue
             new = obj.moved(dx, dy)
-            spec = {"mode": "move", "mask": mask_spec, "offset": [dx, dy]}
+            spec = {"mode": "move", "mask": mask_spec, "offset": [dx * draw.k, dy * draw.k]}
         else:
             s = float(rng.choice([0.7, 0.8, 1.25, 1.4]))
             new = obj.scaled(s)
@@ -179,7 +208,7 @@ def _move_case(mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, near: flo
             break
     else:
         return None
-    truth = render(sc.with_shape(0, new))
+    truth = draw(sc.with_shape(0, new))
     old = src.masks[0]
     return Case(
         mode,
@@ -194,7 +223,9 @@ def _move_case(mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, near: flo
     )
 
 
-def _drag_case(name, rng, sc: Scene, obj: Shape, src, style: str, near: float) -> Case | None:
+def _drag_case(
+    name, rng, sc: Scene, obj: Shape, src, style: str, near: float, draw: Draw
+) -> Case | None:
     for _ in range(40):
         dx, dy = (float(v) for v in rng.integers(-12, 13, 2))
         if math.hypot(dx, dy) < 6:
@@ -204,15 +235,16 @@ def _drag_case(name, rng, sc: Scene, obj: Shape, src, style: str, near: float) -
             break
     else:
         return None
-    truth = render(sc.with_shape(0, new))
+    truth = draw(sc.with_shape(0, new))
     old = src.masks[0]
-    region = _dilate(old | truth.masks[0], 4)
-    box = _box(region, 4 if style == "loose_box" else 0, sc.size)
+    size = old.shape[0]
+    region = _dilate(old | truth.masks[0], draw.px(4))
+    box = _box(region, draw.px(4) if style == "loose_box" else 0, size)
     hx, hy = src.centroids[0]
     boxed = style in ("box", "loose_box")
     spec = {
         "mode": "drag",
-        "points": [[[hx, hy], [hx + dx, hy + dy]]],
+        "points": [[[hx, hy], [hx + dx * draw.k, hy + dy * draw.k]]],
         "mask": {"box": box} if boxed else "mask",
     }
     return Case(
@@ -224,23 +256,24 @@ def _drag_case(name, rng, sc: Scene, obj: Shape, src, style: str, near: float) -
         old_mask=old,
         new_mask=truth.masks[0],
         color=obj.color,
-        edit_region=_box_mask(box, sc.size) if boxed else region,
+        edit_region=_box_mask(box, size) if boxed else region,
     )
 
 
 def _two_image_case(
-    mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, style: str, near: float
+    mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, style: str, near: float, draw: Draw
 ) -> Case | None:
     """Appearance and paste: the reference holds one object of another colour."""
     ref_sc, ref_obj = _scene(rng, flat=bool(rng.integers(0, 2)), n_other=0)
     if np.linalg.norm(np.subtract(ref_obj.color, obj.color)) < 0.5:
         return None
-    ref = render(ref_sc)
-    ref_mask: object = {"box": _box(ref.masks[0], 2, ref_sc.size)} if style != "png" else "ref_mask"
+    ref = draw(ref_sc)
+    ref_box = _box(ref.masks[0], draw.px(2), ref.masks[0].shape[0])
+    ref_mask: object = {"box": ref_box} if style != "png" else "ref_mask"
     reference = {"image": "reference", "mask": ref_mask}
     old = src.masks[0]
     if mode == "appearance":
-        truth = render(sc.with_shape(0, Shape(obj.kind, obj.cx, obj.cy, obj.size, ref_obj.color)))
+        truth = draw(sc.with_shape(0, Shape(obj.kind, obj.cx, obj.cy, obj.size, ref_obj.color)))
         spec = {"mode": "appearance", "mask": mask_spec, "reference": reference}
         return Case(
             mode,
@@ -262,14 +295,14 @@ def _two_image_case(
         with_placed = Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,))
         if not _free(with_placed, placed, len(sc.shapes), near):
             continue
-        truth = render(with_placed)
+        truth = draw(with_placed)
         new = truth.masks[-1]
         # a pasted object the colour of what it covers could not be told from doing nothing
         if color_mask(src.to_uint8(), ref_obj.color)[new].mean() < 0.05:
             break
     else:
         return None
-    spec = {"mode": "paste", "reference": reference, "at": [cx, cy], "scale": s}
+    spec = {"mode": "paste", "reference": reference, "at": [cx * draw.k, cy * draw.k], "scale": s}
     return Case(
         mode,
         name,
@@ -359,17 +392,18 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
     # Pixels outside the object that have its colour in the ground truth too (a background gradient
     # passing through it) are not the object: a perfect edit must score perfectly.
     cm = color_mask(result, case.color) & ~(color_mask(case.truth, case.color) & ~case.new_mask)
-    background = ~_dilate(case.edit_region, 2)
+    rim = round(2 * case.source.shape[0] / WORLD)  # 2 px of the world's 64
+    background = ~_dilate(case.edit_region, rim)
     # far from the edit (a fifth of the image away): where a composited result is the source's own
     far = ~_dilate(case.edit_region, case.source.shape[0] // 5)
-    objects = _dilate(case.old_mask | case.new_mask, 2)
+    objects = _dilate(case.old_mask | case.new_mask, rim)
     vacated = case.old_mask & ~case.new_mask
     out: dict[str, float] = {
         "background_psnr": psnr(result, case.source, background),
         "far_psnr": psnr(result, case.source, far),
         "cleanliness": success.cleanliness(result, case.source, ~objects),
         # object-coloured pixels away from the truth's object and its old place: a second copy
-        "stray": float((cm & ~_dilate(case.new_mask, 2) & ~vacated).sum() / case.new_mask.sum()),
+        "stray": float((cm & ~_dilate(case.new_mask, rim) & ~vacated).sum() / case.new_mask.sum()),
         "residue": float(cm[vacated].mean()) if vacated.any() else 0.0,
     }
     if case.mode in ("move", "resize", "drag"):
@@ -445,11 +479,13 @@ def run(
     overrides: dict | None = None,
     log=print,
     spec_overrides: dict | None = None,
+    size: int | None = None,
 ) -> dict:
     """Run the benchmark; writes specs, results, contact sheets and `quality.json` under out_dir.
 
     Args:
         overrides: guidance settings for every case; spec_overrides: top-level spec fields.
+        size: the cases' side in px; default: a shapes model's own working size, else 64.
     """
     from dragonctl import api
     from dragonctl.files import atomic_write
@@ -458,10 +494,17 @@ def run(
     opts = api.EditOptions(no_cache=True, metadata=False)
     session = api.Session(opts)
     session.editor(model)  # a model that does not load fails the run here, not once per case
-    summary: dict = {"model": model, "cases_per_mode": cases, "seed": seed, "modes": {}}
+    size = size or case_size(model)
+    summary: dict = {
+        "model": model,
+        "cases_per_mode": cases,
+        "seed": seed,
+        "size": size,
+        "modes": {},
+    }
     for mode in modes:
         rows, failed, per_case = [], [], []
-        for case in make_cases(mode, cases, seed):
+        for case in make_cases(mode, cases, seed, size):
             path = write_case(case, out_dir / mode, model)
             _override(path, overrides, spec_overrides)
             record, row = run_case(session, opts, case, path, log)
@@ -471,8 +514,8 @@ def run(
                 if record["failed"]:
                     failed.append((row, f"{case.name}\nfailed: " + ", ".join(record["failed"])))
         if rows:
-            _save_sheet(rows, out_dir / f"sheet_{mode}.png")
-        gallery = success.failure_sheet(failed)
+            _save_sheet(rows, out_dir / f"sheet_{mode}.png", max(1, 3 * WORLD // size))
+        gallery = success.failure_sheet(failed, max(1, 3 * WORLD // size))
         if gallery is not None:
             Image.fromarray(gallery).save(out_dir / f"failures_{mode}.png")
         summary["modes"][mode] = _mode_summary(per_case)
@@ -480,11 +523,21 @@ def run(
     return summary
 
 
-def _save_sheet(rows: list[np.ndarray], path: Path) -> None:
+def _save_sheet(rows: list[np.ndarray], path: Path, scale: int = 3) -> None:
     sheet = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows])
     Image.fromarray(sheet).resize(
-        (sheet.shape[1] * 3, sheet.shape[0] * 3), Image.Resampling.NEAREST
+        (sheet.shape[1] * scale, sheet.shape[0] * scale), Image.Resampling.NEAREST
     ).save(path)
+
+
+def case_size(model: str) -> int:
+    """A shapes model's cases are drawn at its own working size; other models get the world's."""
+    from dragonctl.families import family_for_model
+    from dragonctl.spec import defaults_for
+
+    if family_for_model(model).startswith("shapes"):
+        return int(defaults_for(model, "move")["resolution"])
+    return WORLD
 
 
 def _override(path: Path, guidance: dict | None, fields: dict | None) -> None:
