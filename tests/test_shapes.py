@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,25 @@ def test_the_v2_unet_trains_on_the_vae_latents_and_resumes(tmp_path, monkeypatch
     )
     stored = tmp_path / "ck" / f"latents-{latents.vae_tag(shapes_model.V2_DIR / 'vae')}"
     assert torch.equal(pool, torch.cat([torch.load(p) for p in sorted(stored.glob("shard-*"))]))
+
+
+def test_a_decoder_only_chunk_keeps_the_latents(tmp_path):
+    """`--decoder-only` changes the decoder and leaves the encoder, the scaling factor and so the
+    UNet's latent pool (its folder tag) as they were."""
+    from safetensors.torch import load_file
+
+    from dragonctl.shapes import latents, train_vae
+
+    export = tmp_path / "vae"
+    shutil.copytree(shapes_model.V2_DIR / "vae", export)
+    before = load_file(export / "diffusion_pytorch_model.safetensors")
+    tag = latents.vae_tag(export)
+    start = json.loads((export / "training.json").read_text())["step"]
+    args = ["--steps", str(start + 1), "--batch", "1", "--threads", "1", "--device", "cpu"]
+    args += ["--decoder-only", "--export-dir", str(export)]
+    assert train_vae.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    after = load_file(export / "diffusion_pytorch_model.safetensors")
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert latents.vae_tag(export) == tag

@@ -10,6 +10,7 @@ drawn from it with (seed, k).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -31,8 +32,17 @@ def load_vae(folder: Path, device: torch.device):
 
 
 def vae_tag(folder: Path) -> str:
-    data = (folder / "diffusion_pytorch_model.safetensors").read_bytes()
-    return hashlib.sha256(data).hexdigest()[:12]
+    """What the latents depend on: the encoder's weights and the scaling factor (a decoder
+    trained on alone keeps the pool)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    scaling = float(json.loads((folder / "config.json").read_text())["scaling_factor"])
+    h = hashlib.sha256(scaling.hex().encode())
+    for name in sorted(k for k in weights if k.startswith(("encoder.", "quant_conv."))):
+        h.update(name.encode())
+        h.update(weights[name].float().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 @torch.no_grad()

@@ -56,6 +56,14 @@ def build(device: torch.device):
     return AutoencoderKL(**vae_config()).to(device)
 
 
+def decoder_parameters(vae) -> list:
+    """The decoder side (post_quant_conv, decoder): training only these keeps the latent space,
+    so a UNet trained on it stays valid while the decoder gets sharper (SD's ft-MSE decoder)."""
+    for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
+        p.requires_grad_(False)
+    return list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+
+
 def loss_terms(vae, x: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
     """Reconstruction (pixels and their differences, L1) plus KL; x in [-1, 1]."""
     posterior = vae.encode(x).latent_dist
@@ -98,7 +106,10 @@ def resume(args: argparse.Namespace, vae, opt, device: torch.device) -> tuple[in
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         vae.load_state_dict(state["vae"])
-        opt.load_state_dict(state["opt"])
+        if state.get("decoder_only", False) == args.decoder_only:
+            opt.load_state_dict(state["opt"])
+        else:  # its moments are for other parameters
+            print("fresh optimiser: --decoder-only changed", flush=True)
         print(f"resumed from {state_path} at step {state['step']}", flush=True)
         return int(state["step"]), json.loads(state["history"])
     weights = args.export_dir / "diffusion_pytorch_model.safetensors"
@@ -119,6 +130,7 @@ def save(args: argparse.Namespace, vae, opt, step: int, history: list[dict], dev
     state = {
         "vae": vae.state_dict(),
         "opt": opt.state_dict(),
+        "decoder_only": args.decoder_only,
         "step": step,
         "history": json.dumps(history),
     }
@@ -126,6 +138,9 @@ def save(args: argparse.Namespace, vae, opt, step: int, history: list[dict], dev
     os.replace(tmp, state_path)
     vae.eval()
     held_out = evaluate(vae, device)
+    if args.decoder_only:  # the encoder did not change: neither does the latents' scale
+        config = json.loads((args.export_dir / "config.json").read_text())
+        held_out["latent_std"] = 1.0 / config["scaling_factor"]
     vae.train()
     meta = {
         "step": step,
@@ -148,7 +163,8 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     vae = build(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    trained = decoder_parameters(vae) if args.decoder_only else list(vae.parameters())
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     step, history = resume(args, vae, opt, device)
     n_params = sum(p.numel() for p in vae.parameters()) / 1e6
     print(f"shapes VAE: {n_params:.2f} M parameters, {SIZE} px, batch {args.batch}", flush=True)
@@ -163,7 +179,7 @@ def train(args: argparse.Namespace) -> int:
             loss, parts = loss_terms(vae, x, args.kl_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             step += 1
             value = loss.item()
@@ -203,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
+    ap.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="train the decoder alone: the latents (and a UNet trained on them) stay valid",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
