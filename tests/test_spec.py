@@ -26,7 +26,7 @@ def test_every_mode_validates_and_merges_defaults(spec_for, mode):
     ls = load_spec(path)
     assert ls.spec.mode == mode
     # configs/shapes.yaml: the family's defaults, then the mode's, then the spec's own values
-    energy = {"move": 0.6, "resize": 0.6, "drag": 0.4, "appearance": 2.0, "paste": 0.4}[mode]
+    energy = {"move": 0.6, "resize": 0.6, "drag": 0.8, "appearance": 2.0, "paste": 0.4}[mode]
     g = ls.spec.guidance
     assert (g.energy_scale, g.w_edit, g.cfg_scale, g.guide_until) == (energy, 7.5, 1.0, 0.6)
     assert ls.spec.steps == 4 and ls.spec.seed == 42 and ls.spec.prompt == ""
