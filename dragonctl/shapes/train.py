@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pool-shards",
         type=int,
-        default=16,
+        default=8,
         help=f"v2: scenes encoded once for training, in shards of {latents.SHARD}",
     )
     ap.add_argument(
@@ -263,12 +263,12 @@ def unshuffle(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_loss(unet, null, latents: torch.Tensor, alphas: torch.Tensor) -> float:
+def held_out_loss(unet, null, z0: torch.Tensor, alphas: torch.Tensor) -> float:
     """The v-loss on held-out latents at fixed timesteps and noise: exports compare on it."""
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(latents.shape, generator=g).to(latents.device)
-    t = torch.linspace(0, len(alphas) - 1, len(latents)).long().to(latents.device)
-    return float(v_loss(unet, null, latents, noise, t, alphas))
+    noise = torch.randn(z0.shape, generator=g).to(z0.device)
+    t = torch.linspace(0, len(alphas) - 1, len(z0)).long().to(z0.device)
+    return float(v_loss(unet, null, z0, noise, t, alphas))
 
 
 def save_checkpoint(
