@@ -173,6 +173,7 @@ def test_the_v2_unet_trains_on_the_vae_latents_and_resumes(tmp_path, monkeypatch
     from dragonctl.shapes import latents, train
 
     monkeypatch.setattr(latents, "SHARD", 4)  # a tiny pool: encoding 1024 scenes takes a minute
+    monkeypatch.setattr(latents, "HELD_OUT_SCENES", 4)
     export = tmp_path / "model"
     common = ["--model", "v2", "--batch", "2", "--threads", "1", "--device", "cpu"]
     common += ["--pool-shards", "2", "--save-every", "2", "--export-dir", str(export)]

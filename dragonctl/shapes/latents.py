@@ -23,6 +23,7 @@ from dragonctl.shapes.world import batch as world_batch
 SHARD = 1024  # scenes per shard
 POOL_STREAM = 1_000_000  # the shards' seeds, apart from the trainers' step seeds
 HELD_OUT_SEED = 20_000  # scenes for the held-out loss, never in the pool
+HELD_OUT_SCENES = 64
 
 
 def load_vae(folder: Path, device: torch.device):
@@ -79,5 +80,6 @@ def pool_batch(pool: torch.Tensor, seed: int, step: int, n: int) -> torch.Tensor
     return pool[torch.from_numpy(idx)].float()
 
 
-def held_out(vae, n: int, device: torch.device) -> torch.Tensor:
-    return encode(vae, world_batch(np.random.default_rng(HELD_OUT_SEED), n, V2_SIZE), device)
+def held_out(vae, device: torch.device) -> torch.Tensor:
+    scenes = world_batch(np.random.default_rng(HELD_OUT_SEED), HELD_OUT_SCENES, V2_SIZE)
+    return encode(vae, scenes, device)

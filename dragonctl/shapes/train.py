@@ -328,7 +328,7 @@ def prepare_data(args: argparse.Namespace, device: torch.device, alphas: torch.T
     vae = latents.load_vae(args.vae_dir, device)
     folder = args.checkpoint_dir / f"latents-{latents.vae_tag(args.vae_dir)}"
     args.pool = latents.build_pool(vae, folder, args.seed, args.pool_shards, device)
-    args.held_out = latents.held_out(vae, 64, device).to(device)
+    args.held_out = latents.held_out(vae, device).to(device)
     args.to_latent = None
 
 
