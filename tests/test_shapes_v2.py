@@ -96,3 +96,14 @@ def test_bench_quality_draws_its_cases_at_the_models_size(v2_folder, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "q" / "quality.json").read_text())["size"] == 128
     assert Image.open(tmp_path / "q" / "move" / "move-00.png").size == (128, 128)
+
+
+def test_the_committed_weights_fit_the_package_budget():
+    """VAE + UNet + null prompt in fp16 under 16 MiB, and the UNet is the trainer's layout."""
+    files = list(shapes_model.V2_DIR.rglob("*.safetensors"))
+    assert {f.parent.name for f in files} >= {"unet", "vae"}
+    assert sum(f.stat().st_size for f in files) <= 16 * 2**20
+    config = json.loads((shapes_model.V2_DIR / "unet" / "config.json").read_text())
+    for key, value in shapes_model.unet_v2_config().items():
+        assert config[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert json.loads((shapes_model.V2_DIR / "training.json").read_text())["held_out_loss"] > 0
