@@ -29,13 +29,18 @@ def is_shapes_folder(path: Path) -> bool:
         return False
 
 
+def has_own_vae(path: Path) -> bool:
+    """A shapes folder built like SD: a `vae/` beside its UNet."""
+    return (path / "vae" / "config.json").is_file()
+
+
 def family_for_model(model: str) -> str:
     """The family whose `configs/` defaults a model gets."""
     path = Path(model).expanduser()
     if model == SHAPES_MODEL:
         return "shapes"
-    if is_shapes_folder(path):  # the SD-like one has its own VAE
-        return "shapes-v2" if (path / "vae" / "config.json").is_file() else "shapes"
+    if is_shapes_folder(path):
+        return "shapes-v2" if has_own_vae(path) else "shapes"
     try:
         if path.is_dir():
             return family_of_configs(_read_configs(lambda name: path / name))

@@ -24,6 +24,7 @@ from dragonctl.families import (
     SHAPES_MODEL,
     family_for_model,
     family_of_configs,
+    has_own_vae,
     is_shapes_folder,
 )
 from dragonctl.features import feature_blocks, unsupported_embeddings
@@ -500,7 +501,7 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
     null = load_file(folder / "null_prompt.safetensors")["embedding"].to(dev, dt)
     attn = check_structure(unet, name)
     unet = unet.to(dev).eval().requires_grad_(False)
-    if (folder / "vae" / "config.json").is_file():  # the SD-like model: its own VAE
+    if has_own_vae(folder):
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)

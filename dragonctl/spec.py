@@ -253,8 +253,10 @@ def configs_dir() -> Path:
 
 @cache
 def family_defaults(family: str) -> dict:
+    """A family's config; one that names `inherits: <family>` is merged over that one's."""
     data = yaml.safe_load((configs_dir() / f"{family}.yaml").read_text())
-    return data
+    parent = data.pop("inherits", None)
+    return deep_merge(family_defaults(parent), data) if parent else data
 
 
 def deep_merge(base: dict, over: dict) -> dict:

@@ -127,8 +127,6 @@ class Draw:
         self.k = k
 
     def __call__(self, sc: Scene):
-        if self.k == 1:
-            return render(sc)
         shapes = tuple(
             Shape(o.kind, o.cx * self.k, o.cy * self.k, o.size * self.k, o.color) for o in sc.shapes
         )

@@ -48,12 +48,12 @@ def vae_tag(folder: Path) -> str:
 
 @torch.no_grad()
 def encode(vae, images: np.ndarray, device: torch.device, batch: int = 32) -> torch.Tensor:
-    """Scaled latent means (n×4×h/8×w/8, fp32) of images in [-1, 1]."""
-    out = []
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i : i + batch]).to(device)
-        out.append(vae.encode(x).latent_dist.mean.float().cpu())
-    return torch.cat(out) * vae.config.scaling_factor
+    """Scaled latent means (n×4×h/8×w/8, fp32) of images in [-1, 1], as the bundle encodes."""
+    from dragonctl.models import vae_codec
+
+    to_latent = vae_codec(vae, device, torch.float32)[1]
+    chunks = (torch.from_numpy(images[i : i + batch]) for i in range(0, len(images), batch))
+    return torch.cat([to_latent(x).float().cpu() for x in chunks])
 
 
 def build_pool(vae, folder: Path, seed: int, shards: int, device: torch.device) -> torch.Tensor:
