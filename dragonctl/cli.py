@@ -574,7 +574,11 @@ def bench_quality(
         Path("runs/quality"), help="Folder for specs, results, contact sheets, quality.json."
     ),
     cases: int = typer.Option(50, help="Cases per mode."),
-    mode: list[str] = typer.Option(None, help="Only these modes (repeatable)."),
+    mode: list[str] = typer.Option(
+        None,
+        help="Only these modes (repeatable); drag_part: drags whose editable region covers only "
+        "part of the object, which must stretch.",
+    ),
     model: str = typer.Option(
         "shapes", help="Model to test (the ground truth is the shapes world)."
     ),
@@ -612,10 +616,10 @@ def bench_quality(
         if not sep:
             _usage(f"--guidance takes KEY=VALUE, got {item!r}")
         overrides[key.strip()] = yaml.safe_load(value)
-    modes = tuple(mode) if mode else quality.MODES
-    bad = [m for m in modes if m not in quality.MODES]
+    modes = tuple(mode) if mode else quality.CASE_SETS
+    bad = [m for m in modes if m not in quality.CASE_SETS]
     if bad:
-        _usage(f"unknown mode(s): {', '.join(bad)}")
+        _usage(f"unknown mode(s): {', '.join(bad)}; choose from {', '.join(quality.CASE_SETS)}")
     with _reported_errors():
         summary = quality.run(
             out,

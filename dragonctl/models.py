@@ -468,7 +468,9 @@ def vae_codec(vae, dev: torch.device, dt: torch.dtype) -> tuple[int, Callable, C
     """(pixels per latent cell, encode, decode) of an `AutoencoderKL`, in the scaled latent."""
     # SDXL's VAE overflows in fp16 (its config says so): it runs in fp32, as diffusers upcasts it
     vae_dt = torch.float32 if vae.config.get("force_upcast") and dt == torch.float16 else dt
-    vae = vae.to(dev, dtype=vae_dt).eval().requires_grad_(False)
+    # moved and cast only where needed: diffusers warns on every `to(dtype=...)`, even a no-op one
+    vae = vae.to(dev) if vae.dtype == vae_dt else vae.to(dev, dtype=vae_dt)
+    vae = vae.eval().requires_grad_(False)
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
 

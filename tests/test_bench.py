@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from dragonctl.bench import quality, speed, success
@@ -14,7 +15,7 @@ from dragonctl.cli import app
 
 
 @pytest.mark.parametrize("size", [64, 128])
-@pytest.mark.parametrize("mode", quality.MODES)
+@pytest.mark.parametrize("mode", quality.CASE_SETS)
 def test_quality_metrics_are_perfect_on_the_ground_truth(mode, size):
     # 12 cases: the benchmark's own count, with backgrounds that pass through the object's colour
     for case in quality.make_cases(mode, 12, size=size):
@@ -29,7 +30,7 @@ def test_quality_metrics_are_perfect_on_the_ground_truth(mode, size):
         )  # uint8 rounding
         assert m.get("area_ratio_error", 0.0) == 0.0
         assert m["area_error"] == 0.0 and m["stray"] == 0.0 and m["cleanliness"] == 1.0
-        assert success.verdict(mode, m, case.source.shape[1]) == [], case.name
+        assert success.verdict(case.mode, m, case.source.shape[1]) == [], case.name
 
 
 def test_cases_at_128_px_are_the_cases_at_64_drawn_finer():
@@ -99,10 +100,17 @@ def test_cases_are_reproducible_and_held_out():
 
 def test_quality_benchmark_runs_through_the_real_engine(tmp_path):
     summary = quality.run(
-        tmp_path, ("move", "appearance"), cases=1, spec_overrides={"steps": 6}, log=lambda m: None
+        tmp_path,
+        ("move", "appearance", "drag_part"),
+        cases=1,
+        spec_overrides={"steps": 6},
+        log=lambda m: None,
     )
     assert (tmp_path / "quality.json").exists() and (tmp_path / "sheet_move.png").exists()
-    for mode in ("move", "appearance"):
+    assert (
+        yaml.safe_load((tmp_path / "drag_part" / "drag_part-00.yaml").read_text())["mode"] == "drag"
+    )
+    for mode in ("move", "appearance", "drag_part"):
         s = summary["modes"][mode]
         assert (
             s["completed"] == 1
@@ -195,9 +203,39 @@ def test_speed_benchmark_batches_edits_of_one_source(tmp_path):
     assert "| 32 | move | 3 |" in result.output
 
 
-@pytest.mark.parametrize("mode", quality.MODES)
+@pytest.mark.parametrize("mode", quality.CASE_SETS)
 def test_doing_nothing_fails_every_case(mode):
     """No case of the 50-case set can be passed by returning the source (a pasted object the
     colour of what it covers once could)."""
     for case in quality.make_cases(mode, 50):
-        assert success.verdict(mode, quality.score(case, case.source), 64), case.name
+        assert success.verdict(case.mode, quality.score(case, case.source), 64), case.name
+
+
+def test_stretching_keeps_what_lies_before_the_cut_and_moves_the_rest_on():
+    square = np.zeros((12, 12), dtype=bool)
+    square[2:6, 3:7] = True  # rows 2-5, columns 3-6
+    right = quality.stretched(square, 5, 3, "right")
+    assert right[2:6, 3:10].all() and right.sum() == 4 * 7
+    left = quality.stretched(square, 5, 2, "left")  # columns 5-6 stay; 3-4 move two left
+    assert left[2:6, 1:7].all() and left.sum() == 4 * 6
+    down = quality.stretched(square, 4, 4, "down")
+    assert down[2:10, 3:7].all() and down.sum() == 8 * 4
+    up = quality.stretched(square, 4, 1, "up")
+    assert up[1:6, 3:7].all() and up.sum() == 5 * 4
+
+
+def test_partial_drags_edit_beyond_the_cut_and_a_rigid_move_misses_them():
+    """drag_part: the editable region never covers the object's fixed part, the handle's content
+    ends at the target, and the whole object moved by the drag vector fails the place
+    criterion."""
+    for case in quality.make_cases("drag_part", 20, size=128):
+        (hx, hy), (tx, ty) = case.spec["points"][0]
+        assert case.spec["mode"] == "drag"
+        fixed = case.old_mask & ~case.edit_region
+        assert fixed.sum() > 0.3 * case.old_mask.sum(), case.name  # part of it, not all
+        assert case.new_mask[int(ty), int(tx)] and case.old_mask[int(hy), int(hx)]
+        assert not case.edit_region[case.old_mask].all()
+        shift = (round(tx - hx), round(ty - hy))
+        rigid = np.roll(case.old_mask, (shift[1], shift[0]), axis=(0, 1))
+        error = quality._centroid_error(rigid, case.new_mask)
+        assert error > success.CENTROID_FRACTION * 128, case.name

@@ -7,6 +7,8 @@ run through the real engine via the public API, and scored against the ground-tr
 - move: centroid error (px), IoU with the target mask, residue at the vacated place, background PSNR
 - resize: area-ratio error, IoU with the scaled object
 - drag: distance of the dragged object's colour centroid to where the handle's content should be
+- drag_part: the same, for a drag of the object's far edge with an editable region that covers
+  only the part beyond its centre line: the object must stretch, its fixed part stay
 - appearance: colour distance to the reference colour, shape IoU with the original, background PSNR
 - paste: IoU and colour distance at the destination, background PSNR
 
@@ -34,6 +36,9 @@ from dragonctl.bench import success
 from dragonctl.shapes.world import Scene, Shape, render
 from dragonctl.spec import MODES
 
+# The edit modes, then drag_part: a drag whose editable region covers only the part of the object
+# beyond a cut, so the handle's content must move and the rest stay (the object is stretched).
+CASE_SETS = (*MODES, "drag_part")
 WORLD = 64  # the case generator's units: the shapes world's side in px
 
 # RGB distance (in [0, 1] units) under which a pixel counts as the object's colour
@@ -106,12 +111,13 @@ MASK_STYLES = ("png", "box", "loose_box", "polygon")  # how case k's masks are d
 
 
 def make_cases(mode: str, n: int, seed: int = 1000, size: int = WORLD) -> list[Case]:
-    """n cases of a mode. Scenes and edits are drawn in the world's 64-px units and rendered at
-    `size`, with every coordinate scaled: the cases at 128 px are the cases at 64, drawn finer."""
+    """n cases of a mode (or of drag_part, see `CASE_SETS`). Scenes and edits are drawn in the
+    world's 64-px units and rendered at `size`, with every coordinate scaled: the cases at 128 px
+    are the cases at 64, drawn finer."""
     cases = []
     k = 0
     while len(cases) < n:
-        rng = np.random.default_rng([seed, MODES.index(mode), k])
+        rng = np.random.default_rng([seed, CASE_SETS.index(mode), k])
         k += 1
         style = MASK_STYLES[len(cases) % 4]
         case = _make_case(mode, rng, style, index=len(cases), scale=size / WORLD)
@@ -151,6 +157,8 @@ def _make_case(
         return _move_case(mode, name, rng, sc, obj, src, mask_spec, near, draw)
     if mode == "drag":
         return _drag_case(name, rng, sc, obj, src, style, near, draw)
+    if mode == "drag_part":
+        return _partial_drag_case(name, rng, sc, obj, src, style, near, draw)
     return _two_image_case(mode, name, rng, sc, obj, src, mask_spec, style, near, draw)
 
 
@@ -256,6 +264,95 @@ def _drag_case(
         color=obj.color,
         edit_region=_box_mask(box, size) if boxed else region,
     )
+
+
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
+
+
+def stretched(mask: np.ndarray, cut: int, n: int, direction: str) -> np.ndarray:
+    """The mask stretched by n px in a direction at a cut line: what lies before the cut stays,
+    what lies beyond moves n px on, and the line at the cut fills the gap (a square becomes a
+    longer rectangle, a circle a stadium)."""
+    vertical, backwards = direction in ("down", "up"), direction in ("left", "up")
+    m = mask.T if vertical else mask
+    if backwards:
+        m, cut = m[:, ::-1], m.shape[1] - cut
+    out = np.zeros_like(m)
+    out[:, :cut] = m[:, :cut]
+    out[:, cut : cut + n] = m[:, cut : cut + 1]
+    out[:, cut + n :] = m[:, cut : m.shape[1] - n]
+    if backwards:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out.T if vertical else out)
+
+
+def _beyond(size: int, cut: int, direction: str) -> np.ndarray:
+    """The half-plane a partial drag may edit: from the cut line on, in the drag's direction."""
+    idx = np.arange(size)
+    side = idx >= cut if direction in ("right", "down") else idx < cut
+    return np.broadcast_to(side[None, :] if direction in ("right", "left") else side[:, None],
+                           (size, size)).copy()  # fmt: skip
+
+
+def _partial_drag_case(
+    name, rng, sc: Scene, obj: Shape, src, style: str, near: float, draw: Draw
+) -> Case | None:
+    """Drag the object's far edge n px on, editing only beyond its centre line: it stretches."""
+    # a triangle stretched along its axis would grow a neck: triangles stretch sideways only
+    direction = str(rng.choice(list(DIRECTIONS)[: 2 if obj.kind == "triangle" else 4]))
+    n = int(rng.integers(5, 11))
+    ux, uy = DIRECTIONS[direction]
+    # the stretched object's bounds, for the room check: the object moved n/2 on and n larger
+    bounds = Shape(obj.kind, obj.cx + ux * n / 2, obj.cy + uy * n / 2, obj.size + n, obj.color)
+    if not (_free(sc, obj, 0, 0.0) and _free(sc, bounds, 0, near)):
+        return None
+    old = src.masks[0]
+    size = old.shape[0]
+    centre = (draw.px(obj.cx), draw.px(obj.cy))
+    cut = centre[0] if ux else centre[1]
+    new = stretched(old, cut, draw.px(n), direction)
+    truth = src.image.copy()
+    truth[new] = np.asarray(obj.color, dtype=np.float32)
+    # the handle: one world px inside the object's edge, on its centre line
+    line = old[centre[1]] if ux else old[:, centre[0]]
+    inside = np.nonzero(line)[0]
+    edge = (inside.max() + 0.5 - draw.k) if ux + uy > 0 else (inside.min() + 0.5 + draw.k)
+    hx, hy = (float(edge), centre[1] + 0.5) if ux else (centre[0] + 0.5, float(edge))
+    region = _dilate(new, draw.px(4)) & _beyond(size, cut, direction)
+    if style in ("box", "loose_box"):
+        box = _box(region, draw.px(4) if style == "loose_box" else 0, size)
+        box[{"right": 0, "down": 1, "left": 2, "up": 3}[direction]] = cut  # not behind the cut
+        region = _box_mask(box, size)
+        mask_spec: object = {"box": box}
+    elif style == "polygon":
+        hull = _hull(region)
+        region = _polygon_mask(hull, size)
+        mask_spec = {"polygon": hull}
+    else:
+        mask_spec = "mask"
+    spec = {
+        "mode": "drag",
+        "points": [[[hx, hy], [hx + ux * n * draw.k, hy + uy * n * draw.k]]],
+        "mask": mask_spec,
+    }
+    return Case(
+        "drag",
+        name,
+        spec,
+        src.to_uint8(),
+        np.clip(np.round(truth * 255.0), 0, 255).astype(np.uint8),
+        old_mask=old,
+        new_mask=new,
+        color=obj.color,
+        edit_region=region,
+    )
+
+
+def _polygon_mask(vertices: list[list[float]], size: int) -> np.ndarray:
+    """The pixels a polygon covers, as the spec's mask loader draws it."""
+    from dragonctl.geometry import polygon_mask
+
+    return polygon_mask(vertices, size, size)
 
 
 def _two_image_case(
@@ -470,7 +567,7 @@ def _median(values: list[float]) -> float:
 
 def run(
     out_dir: Path,
-    modes: tuple[str, ...] = MODES,
+    modes: tuple[str, ...] = CASE_SETS,
     cases: int = 6,
     model: str = "shapes",
     seed: int = 1000,
