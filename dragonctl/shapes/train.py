@@ -65,7 +65,7 @@ def export(unet, null, out: Path, meta: dict) -> None:
     if tmp.exists():
         for p in sorted(tmp.rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
-    half = copy.deepcopy(unet).to("cpu", torch.float16)
+    half = copy.deepcopy(unet).to("cpu").half()  # not to(dtype): diffusers warns on that
     half.save_pretrained(tmp / "unet", safe_serialization=True)
     DDIMScheduler(**shapes_model.scheduler_config()).save_pretrained(tmp / "scheduler")
     save_file(
