@@ -506,7 +506,9 @@ def _load_shapes(folder: Path, name: str, dev: torch.device, dt: torch.dtype) ->
     if has_own_vae(folder):
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(
+            folder / "vae", local_files_only=True, low_cpu_mem_usage=has_accelerate()
+        )
         latent_factor, encode_image, decode_latent = vae_codec(vae, dev, dt)
     else:  # the lossless pixel-unshuffle latent
         codec, latent_factor = PixelShuffleCodec(LATENT_FACTOR), LATENT_FACTOR
