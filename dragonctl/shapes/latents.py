@@ -29,7 +29,12 @@ HELD_OUT_SCENES = 64
 def load_vae(folder: Path, device: torch.device):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).to(device).eval()
+    from dragonctl.models import has_accelerate
+
+    vae = AutoencoderKL.from_pretrained(
+        folder, torch_dtype=torch.float32, low_cpu_mem_usage=has_accelerate()
+    )
+    return vae.to(device).eval()
 
 
 def vae_tag(folder: Path) -> str:
