@@ -33,6 +33,7 @@ import yaml
 from PIL import Image
 
 from dragonctl.bench import success
+from dragonctl.geometry import polygon_mask
 from dragonctl.shapes.world import Scene, Shape, render
 from dragonctl.spec import MODES
 
@@ -288,10 +289,14 @@ def stretched(mask: np.ndarray, cut: int, n: int, direction: str) -> np.ndarray:
 
 def _beyond(size: int, cut: int, direction: str) -> np.ndarray:
     """The half-plane a partial drag may edit: from the cut line on, in the drag's direction."""
-    idx = np.arange(size)
-    side = idx >= cut if direction in ("right", "down") else idx < cut
-    return np.broadcast_to(side[None, :] if direction in ("right", "left") else side[:, None],
-                           (size, size)).copy()  # fmt: skip
+    rows, cols = slice(None), slice(None)
+    if direction in ("right", "left"):
+        cols = slice(cut, None) if direction == "right" else slice(None, cut)
+    else:
+        rows = slice(cut, None) if direction == "down" else slice(None, cut)
+    m = np.zeros((size, size), dtype=bool)
+    m[rows, cols] = True
+    return m
 
 
 def _partial_drag_case(
@@ -326,7 +331,7 @@ def _partial_drag_case(
         mask_spec: object = {"box": box}
     elif style == "polygon":
         hull = _hull(region)
-        region = _polygon_mask(hull, size)
+        region = polygon_mask(hull, size, size)
         mask_spec = {"polygon": hull}
     else:
         mask_spec = "mask"
@@ -346,13 +351,6 @@ def _partial_drag_case(
         color=obj.color,
         edit_region=region,
     )
-
-
-def _polygon_mask(vertices: list[list[float]], size: int) -> np.ndarray:
-    """The pixels a polygon covers, as the spec's mask loader draws it."""
-    from dragonctl.geometry import polygon_mask
-
-    return polygon_mask(vertices, size, size)
 
 
 def _two_image_case(
