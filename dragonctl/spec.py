@@ -131,6 +131,7 @@ class Guidance(_Model):
     time_travel_repeats: Annotated[int, Field(ge=0, le=10)]
     regional_attention: bool
     resize_method: Literal["correspondence", "scaled_copy"]
+    move_method: Literal["correspondence", "copy"]
     appearance_init: Literal["source", "reference_statistics"]
     image_prompt: ImagePrompt | None = None
 

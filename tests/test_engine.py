@@ -293,6 +293,7 @@ def test_the_loop_records_the_batch_rows_of_every_unet_call(
 def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):
     for mode, guidance in [
         ("move", {}),
+        ("move", {"move_method": "copy"}),
         ("drag", {}),
         ("paste", {}),
         ("resize", {"resize_method": "scaled_copy"}),
@@ -523,6 +524,32 @@ def test_scaled_copy_resize_reads_the_source_scaled_about_the_object(tiny_sd, sp
         assert plan.edit_mask.any() and not plan.edit_mask.all()
     correspondence = _plan(tiny_sd, spec_for("resize", model=str(tiny_sd)))[0]
     assert correspondence.attention.mode == "replace" and correspondence.second_image is None
+
+
+def test_a_move_by_copy_reads_the_source_shifted_by_the_offset(tiny_sd, spec_for):
+    """The copy holds the object at its new place (the red box moved by the offset), covers the
+    old and new places and is the source elsewhere; correspondence stays the default."""
+    path = spec_for("move", model=str(tiny_sd), resolution=56, guidance={"move_method": "copy"})
+    plan, frame, inp = _plan(tiny_sd, path)
+    assert plan.attention.mode == "composite" and plan.second_image is not None
+    red = np.abs(plan.second_image.astype(int) - [220, 40, 40]).sum(-1) < 120
+    ys, xs = np.nonzero(red)
+    work_offset = np.array([16, 4]) * frame.work_w / inp.source.shape[1]
+    moved = np.array(geometry.bbox_center(frame.mask_to_work(inp.mask))) + work_offset
+    assert np.abs(np.array([xs.mean(), ys.mean()]) - moved).max() < 1.5
+    region = plan.attention.ref_keep
+    assert region[frame.mask_to_work(inp.target_mask)].all()
+    assert np.array_equal(plan.second_image[~region], frame.image_to_work(inp.source)[~region])
+    correspondence = _plan(tiny_sd, spec_for("move", model=str(tiny_sd)))[0]
+    assert correspondence.attention.mode == "replace" and correspondence.second_image is None
+
+
+def test_a_move_by_copy_edits_with_a_second_bank_image(tiny_sd, spec_for, workdir):
+    spec = spec_for("move", model=str(tiny_sd), guidance={"move_method": "copy"})
+    session = api.Session(api.EditOptions(cache_dir=workdir / "cache"))
+    ls, inp = api.load(spec)
+    result = session.editor(ls.spec.model).edit(ls.spec, inp)
+    assert result.inversions == 2 and result.image.shape == inp.source.shape
 
 
 def test_scaled_copy_resize_edits_with_a_second_bank_image(tiny_sd, spec_for, workdir):

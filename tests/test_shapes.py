@@ -224,3 +224,25 @@ def test_a_decoder_only_chunk_keeps_the_latents(tmp_path):
     assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
     assert latents.vae_tag(export) == tag
+
+
+def test_an_encoder_only_chunk_keeps_the_decoder_and_gives_a_new_latent_pool(tmp_path):
+    """`--encoder-only` changes the encoder and leaves the decoder bit for bit; the latents
+    change, so the pool's folder tag does too (the UNet trains on from a new pool)."""
+    from safetensors.torch import load_file
+
+    from dragonctl.shapes import latents, train_vae
+
+    export = tmp_path / "vae"
+    shutil.copytree(shapes_model.V2_DIR / "vae", export)
+    before = load_file(export / "diffusion_pytorch_model.safetensors")
+    tag = latents.vae_tag(export)
+    start = json.loads((export / "training.json").read_text())["step"]
+    args = ["--steps", str(start + 1), "--batch", "1", "--threads", "1", "--device", "cpu"]
+    args += ["--encoder-only", "--export-dir", str(export)]
+    assert train_vae.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    after = load_file(export / "diffusion_pytorch_model.safetensors")
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert decoder and all(torch.equal(before[k], after[k]) for k in decoder)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert latents.vae_tag(export) != tag

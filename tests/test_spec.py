@@ -142,10 +142,16 @@ def test_a_fill_region_the_resize_method_cannot_use_is_a_warning(spec_for):
     assert rep.ok and any("fill_region is not used" in w for w in rep.warnings)
     rep = api.validate([spec_for("resize", name="r2.yaml", fill_region=fill)])[0]
     assert rep.ok and not rep.warnings
+    rep = api.validate(
+        [spec_for("move", name="m.yaml", fill_region=fill, guidance={"move_method": "copy"})]
+    )[0]
+    assert rep.ok and any("guidance.move_method copy" in w for w in rep.warnings)
+    rep = api.validate([spec_for("move", name="m2.yaml", fill_region=fill)])[0]
+    assert rep.ok and not rep.warnings
 
 
-def test_unknown_resize_and_appearance_methods_name_their_field(spec_for):
-    for key in ("resize_method", "appearance_init"):
+def test_unknown_resize_move_and_appearance_methods_name_their_field(spec_for):
+    for key in ("resize_method", "move_method", "appearance_init"):
         with pytest.raises(SpecError, match=f"guidance.{key}"):
             load_spec(spec_for("resize", guidance={key: "magic"}))
 

@@ -9,7 +9,8 @@ for modes that read a second image, that image at working size. One module per m
 |---|---|---|
 | move, resize (correspondence) | `move.plan` | replace |
 | drag | `drag.plan` | concat |
-| resize (scaled copy), paste | `copy.scaled_copy_plan`, `copy.paste_plan` | composite |
+| move (copy), resize (scaled copy) | `copy.scaled_copy_plan` | composite |
+| paste | `copy.paste_plan` | composite |
 | appearance | `appearance.plan` | composite |
 """
 
@@ -73,9 +74,12 @@ def build_plan(
     grids = Grids((frame.work_h, frame.work_w), latent_factor)
     dev = torch.device(device)
     g = spec.guidance
-    if spec.mode == "move" or (spec.mode == "resize" and g.resize_method == "correspondence"):
+    by_correspondence = (spec.mode == "move" and g.move_method == "correspondence") or (
+        spec.mode == "resize" and g.resize_method == "correspondence"
+    )
+    if by_correspondence:
         return move.plan(spec, inp, frame, grids, dev)
-    if spec.mode == "resize":
+    if spec.mode in ("move", "resize"):
         return copy.scaled_copy_plan(spec, inp, frame, grids, dev)
     if spec.mode == "drag":
         return drag.plan(spec, inp, frame, grids, dev)

@@ -1,4 +1,5 @@
-"""Generation from a pixel-aligned copy: resize's scaled source and paste's placed reference.
+"""Generation from a pixel-aligned copy: move's shifted source, resize's scaled source and paste's
+placed reference.
 
 The copy is a second bank image that holds the wanted content in a region. The region starts from
 the copy's inverted noise, reads its K/V (the source's elsewhere: composite), and its features are
@@ -59,9 +60,11 @@ def copy_plan(
 def scaled_copy_plan(
     spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
 ) -> EditPlan:
-    """Resize from an image-space copy: the source scaled about the object (and offset), over the
-    object's old and new places. A small resize moves the outline by less than a latent cell,
-    which correspondence guidance barely moves; the copy resamples the object exactly."""
+    """Move or resize from an image-space copy: the source offset (and scaled about the object),
+    over the object's old and new places. A small resize moves the outline by less than a latent
+    cell, which correspondence guidance barely moves; the copy resamples the object exactly. A
+    move starts the object where it goes, in its own colours, where correspondence guidance must
+    draw it there."""
     assert inp.mask is not None and inp.target_mask is not None
     dx, dy = spec.offset or (0.0, 0.0)
     cx, cy = geometry.bbox_center(inp.mask)

@@ -56,12 +56,23 @@ def build(device: torch.device):
     return AutoencoderKL(**vae_config()).to(device)
 
 
-def decoder_parameters(vae) -> list:
-    """The decoder side (post_quant_conv, decoder): training only these keeps the latent space,
-    so a UNet trained on it stays valid while the decoder gets sharper (SD's ft-MSE decoder)."""
-    for p in list(vae.encoder.parameters()) + list(vae.quant_conv.parameters()):
+PARTS = ("all", "decoder", "encoder")  # what a chunk trains
+
+
+def trained_parameters(vae, part: str) -> list:
+    """The parameters a chunk trains; the others are frozen.
+
+    decoder (post_quant_conv, decoder): keeps the latent space, so a UNet trained on it stays valid
+    while the decoder gets sharper (SD's ft-MSE decoder). encoder (encoder, quant_conv): moves the
+    latents towards those the decoder draws the scene from (a new latent pool: the UNet trains on
+    from its weights); the decoder and what it has learnt stay.
+    """
+    encoder = list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
+    decoder = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    frozen = {"all": [], "decoder": encoder, "encoder": decoder}[part]
+    for p in frozen:
         p.requires_grad_(False)
-    return list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    return {"all": encoder + decoder, "decoder": decoder, "encoder": encoder}[part]
 
 
 def loss_terms(vae, x: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, dict]:
@@ -106,10 +117,11 @@ def resume(args: argparse.Namespace, vae, opt, device: torch.device) -> tuple[in
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         vae.load_state_dict(state["vae"])
-        if state.get("decoder_only", False) == args.decoder_only:
+        part = state.get("part", "decoder" if state.get("decoder_only") else "all")
+        if part == args.part:
             opt.load_state_dict(state["opt"])
         else:  # its moments are for other parameters
-            print("fresh optimiser: --decoder-only changed", flush=True)
+            print(f"fresh optimiser: the last chunk trained {part}, this {args.part}", flush=True)
         print(f"resumed from {state_path} at step {state['step']}", flush=True)
         return int(state["step"]), json.loads(state["history"])
     weights = args.export_dir / "diffusion_pytorch_model.safetensors"
@@ -130,7 +142,7 @@ def save(args: argparse.Namespace, vae, opt, step: int, history: list[dict], dev
     state = {
         "vae": vae.state_dict(),
         "opt": opt.state_dict(),
-        "decoder_only": args.decoder_only,
+        "part": args.part,
         "step": step,
         "history": json.dumps(history),
     }
@@ -138,7 +150,7 @@ def save(args: argparse.Namespace, vae, opt, step: int, history: list[dict], dev
     os.replace(tmp, state_path)
     vae.eval()
     held_out = evaluate(vae, device)
-    if args.decoder_only:  # the encoder did not change: neither does the latents' scale
+    if args.part == "decoder":  # the encoder did not change: neither does the latents' scale
         config = json.loads((args.export_dir / "config.json").read_text())
         held_out["latent_std"] = 1.0 / config["scaling_factor"]
     vae.train()
@@ -163,7 +175,7 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     vae = build(device).train()
-    trained = decoder_parameters(vae) if args.decoder_only else list(vae.parameters())
+    trained = trained_parameters(vae, args.part)
     opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.0)
     step, history = resume(args, vae, opt, device)
     n_params = sum(p.numel() for p in vae.parameters()) / 1e6
@@ -219,11 +231,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--kl-weight", type=float, default=1e-6)
-    ap.add_argument(
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument(
         "--decoder-only",
-        action="store_true",
+        dest="part",
+        action="store_const",
+        const="decoder",
         help="train the decoder alone: the latents (and a UNet trained on them) stay valid",
     )
+    only.add_argument(
+        "--encoder-only",
+        dest="part",
+        action="store_const",
+        const="encoder",
+        help="train the encoder alone, towards the latents the decoder draws the scenes from "
+        "(a new latent pool; the UNet trains on from its weights)",
+    )
+    ap.set_defaults(part="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
