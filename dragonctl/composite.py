@@ -38,6 +38,7 @@ def composite(
     frame: Frame,
     region_work: np.ndarray,
     margin_work: float,
+    color_match: bool = False,
 ) -> Composite:
     """Blend the working-size edit into the source.
 
@@ -48,6 +49,8 @@ def composite(
         region_work: working-size pixels the edit may change.
         margin_work: working pixels from the region's edge to the untouched source; the weight
             falls from 1 at the edge to 0 across it.
+        color_match: shift the edit's colours by what it got wrong just outside the region
+            (`match_colors`), so a generation whose colours drifted shows no box.
     """
     h, w = source.shape[:2]
     ys, xs = np.nonzero(region_work)
@@ -78,8 +81,35 @@ def composite(
     )
     out = source.copy()
     crop = out[y0:y1, x0:x1].astype(np.float32)
+    if color_match:
+        edit = match_colors(edit, crop, region, 2 * half)
     out[y0:y1, x0:x1] = np.clip(np.round(crop + weight * (edit - crop)), 0, 255).astype(np.uint8)
     return Composite(out, float(np.count_nonzero(weight)) / (h * w), 2 * half)
+
+
+def match_colors(edit: np.ndarray, source: np.ndarray, region: np.ndarray, ring: int) -> np.ndarray:
+    """The edit plus a smooth colour correction: its difference from the source on a ring of
+    `ring` pixels around the region (pixels the edit did not change, so any difference there is
+    the generation's drift: a VAE's colour error, a shifted shade), spread over the crop by
+    normalised convolution. What the edit drew inside keeps its own contrasts.
+
+    Args:
+        edit, source: h×w×3 float arrays, the same crop.
+        region: h×w bool, the pixels the edit may change.
+        ring: the ring's width in pixels.
+    """
+    around = dilate(region, ring) & ~region
+    if not around.any():
+        return edit
+    weight = around.astype(np.float32)[..., None]
+    difference = (source - edit) * weight
+    radius = max(ring, max(region.shape) // 4)  # smooth: drift, not detail
+    for _ in range(3):  # three box blurs ≈ a Gaussian
+        difference, weight = _box_blur(difference, radius), _box_blur(weight, radius)
+    fallback = (source - edit)[around].mean(0)  # where the ring's reach ends
+    known = weight > 1e-3
+    correction = np.where(known, difference / np.where(known, weight, 1.0), fallback)
+    return edit + correction
 
 
 def _box_blur(values: np.ndarray, r: int) -> np.ndarray:

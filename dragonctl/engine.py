@@ -376,6 +376,7 @@ class Editor:
             latent.frame,
             region_pixels(latent.changed, f),
             spec.composite_margin * f,
+            spec.composite_color_match,
         )
         return put.image, put.edited_fraction
 

@@ -183,6 +183,7 @@ class Spec(_Model):
     guidance: Guidance
     composite: bool
     composite_margin: Annotated[float, Field(allow_inf_nan=False, ge=0, le=64)]
+    composite_color_match: bool
     output: PathStr | None = None
     # a named set of defaults from the model family's config (`presets:`), e.g. fast
     preset: str | None = None

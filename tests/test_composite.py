@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dragonctl import api
 from dragonctl.cli import app
-from dragonctl.composite import composite, region_pixels
+from dragonctl.composite import composite, match_colors, region_pixels
 from dragonctl.geometry import Frame, dilate
 
 
@@ -56,6 +56,44 @@ def test_the_feather_rises_monotonically_from_source_to_edit():
     row = composite(source, work, frame, region, margin_work=8.0).image[32, :, 0].astype(int)
     assert (row[:20] == 200).all() and (row[29:] == 0).all()
     assert (np.diff(row[19:29]) <= 0).all() and 0 < row[24] < 200
+
+
+def _gradient_scene(h: int = 96, w: int = 96) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.stack([60 + x, 90 + 0.5 * y, 140 - 0.4 * x], axis=-1)
+
+
+def test_match_colors_removes_a_drift_and_keeps_what_the_edit_drew():
+    """A generation whose colours drifted (+30 green, a slope in red) and which drew a square:
+    corrected, its background inside the region is the source's again and the square keeps its
+    contrast; without drift nothing changes."""
+    source = _gradient_scene()
+    region = np.zeros((96, 96), dtype=bool)
+    region[24:72, 20:76] = True
+    y, x = np.mgrid[0:96, 0:96].astype(np.float32)
+    drift = np.stack([0.1 * x, np.full_like(x, 30.0), np.zeros_like(x)], axis=-1)
+    drawn = source.copy()
+    drawn[40:56, 36:52] = (200, 40, 40)
+    out = match_colors(drawn + drift, source, region, ring=6)
+    background = region.copy()
+    background[36:60, 32:56] = False  # the square and a few pixels round it
+    assert np.abs(drawn + drift - source)[background].mean() > 10
+    assert np.abs(out - source)[background].mean() < 2.0
+    contrast = lambda img: img[48, 44] - img[48, 30]  # noqa: E731  (square minus background)
+    assert np.abs(contrast(out) - contrast(drawn)).max() < 2.0
+    assert np.abs(match_colors(drawn, source, region, ring=6) - drawn).max() < 1e-3
+
+
+def test_color_matched_composite_shows_no_box_where_the_generation_drifted():
+    frame = Frame(96, 96, 96, 96)
+    source = np.clip(_gradient_scene(), 0, 255).astype(np.uint8)
+    work = np.clip(source.astype(int) + (0, 30, 0), 0, 255).astype(np.uint8)
+    region = np.zeros((96, 96), dtype=bool)
+    region[24:72, 20:76] = True
+    plain = composite(source, work, frame, region, 4.0).image.astype(int)
+    matched = composite(source, work, frame, region, 4.0, color_match=True).image.astype(int)
+    assert (np.abs(plain - source)[region][:, 1] == 30).all()
+    assert np.abs(matched - source).max() <= 2
 
 
 def test_an_empty_region_changes_nothing():
