@@ -178,6 +178,25 @@ def object_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return found if found.sum() >= 4 else mask
 
 
+def fill_from_rim(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """The image with `hole` painted by the affine colour model of a ring around it: a flat or
+    gradient background continues where an object was. Ring pixels far off the first fit (a
+    neighbouring object's) are left out of the second."""
+    ring = dilate(hole, 2) & ~hole
+    if ring.sum() < 8 or not hole.any():
+        return image.copy()
+    img = image.astype(np.float64)
+    keep = np.ones(int(ring.sum()), dtype=bool)
+    for _ in range(2):
+        basis = _affine_basis(ring)
+        coef, *_ = np.linalg.lstsq(basis[keep], img[ring][keep], rcond=None)
+        residual = np.linalg.norm(img[ring] - basis @ coef, axis=1)
+        keep = residual <= max(3.0 * float(np.median(residual)), 8.0)
+    out = img.copy()
+    out[hole] = _affine_basis(hole) @ coef
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def bbox_center(mask: np.ndarray) -> tuple[float, float]:
     """Centre of the mask's bounding box: the anchor of resize and paste."""
     ys, xs = np.nonzero(mask)

@@ -94,8 +94,8 @@ def test_shapes_model_batch_without_cfg_equals_each_alone():
     together = editor.edit_batch(items)
     for a, t in zip(alone, together):
         assert np.abs(a.image.astype(int) - t.image.astype(int)).max() <= 1
-    # the source and resize's scaled copy as bank rows, then one row per edit
-    assert max(together[0].stats.forward_rows) == 2 + 3
+    # the source, move's shifted copy and resize's scaled copy as bank rows, then a row per edit
+    assert max(together[0].stats.forward_rows) == 3 + 3
     loop_rows = alone[0].stats.unet_row_passes
     assert together[0].stats.unet_row_passes < loop_rows
 

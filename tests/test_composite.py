@@ -154,3 +154,26 @@ def test_an_edit_keeps_the_source_away_from_the_edit_unless_told_not_to(tmp_path
     rep = api.edit([spec], opts)[0]
     assert rep.ok and not rep.skipped
     assert np.array_equal(np.asarray(Image.open(tmp_path / "on" / "move.png")), off)
+
+
+def test_a_spec_asks_for_color_matching_and_the_source_stays_away_from_the_edit(tmp_path):
+    h, w = 96, 128
+    ys, xs = np.mgrid[0:h, 0:w]
+    photo = np.stack([80 + 120 * xs / w, 100 + 80 * ys / h, 140 + 0 * xs], -1).astype(np.uint8)
+    photo[30:54, 30:54] = (220, 40, 40)
+    save_png(tmp_path / "photo.png", photo)
+    body = "version: 1\nimage: photo.png\nmode: move\nmodel: shapes\nsteps: 6\n"
+    body += "mask: {box: [26, 26, 58, 58]}\noffset: [30, 10]\n"
+    (tmp_path / "plain.yaml").write_text(body + "composite_color_match: false\n")
+    (tmp_path / "matched.yaml").write_text(body + "composite_color_match: true\n")
+    opts = api.EditOptions(no_cache=True, out_dir=tmp_path / "out")
+    assert all(r.ok for r in api.edit([tmp_path / "plain.yaml", tmp_path / "matched.yaml"], opts))
+    plain = np.asarray(Image.open(tmp_path / "out" / "plain.png")).astype(int)
+    matched = np.asarray(Image.open(tmp_path / "out" / "matched.png")).astype(int)
+    far = np.zeros((h, w), dtype=bool)
+    far[:, 110:] = True
+    far[85:, :] = True
+    assert np.array_equal(matched[far], photo[far]) and np.array_equal(plain[far], photo[far])
+    assert np.abs(matched - plain)[30:70, 30:90].max() > 0
+    meta = json.loads((tmp_path / "out" / "matched.json").read_text())
+    assert meta["spec"]["composite_color_match"] is True

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import save_png, write_spec
+from conftest import save_png, scene_image, write_spec
 
 from dragonctl import api, geometry
 from dragonctl.attention import BankAttention, BankState, MemoryBankAttnProcessor
@@ -540,20 +540,20 @@ def test_a_move_by_copy_reads_the_source_shifted_by_the_offset(tiny_sd, spec_for
     region = plan.attention.ref_keep
     assert region[frame.mask_to_work(inp.target_mask)].all()
     assert np.array_equal(plan.second_image[~region], frame.image_to_work(inp.source)[~region])
+    left = geometry.erode(frame.mask_to_work(inp.mask) & ~frame.mask_to_work(inp.target_mask), 1)
+    # the old place is the background again, its gradient continued (not the source shifted)
+    background = frame.image_to_work(scene_image(box=(0, 0, 0, 0))).astype(int)
+    assert left.any() and np.abs(plan.second_image[left].astype(int) - background[left]).max() <= 4
     correspondence = _plan(tiny_sd, spec_for("move", model=str(tiny_sd)))[0]
     assert correspondence.attention.mode == "replace" and correspondence.second_image is None
 
 
-def test_a_move_by_copy_edits_with_a_second_bank_image(tiny_sd, spec_for, workdir):
-    spec = spec_for("move", model=str(tiny_sd), guidance={"move_method": "copy"})
-    session = api.Session(api.EditOptions(cache_dir=workdir / "cache"))
-    ls, inp = api.load(spec)
-    result = session.editor(ls.spec.model).edit(ls.spec, inp)
-    assert result.inversions == 2 and result.image.shape == inp.source.shape
-
-
-def test_scaled_copy_resize_edits_with_a_second_bank_image(tiny_sd, spec_for, workdir):
-    spec = spec_for("resize", model=str(tiny_sd), guidance={"resize_method": "scaled_copy"})
+@pytest.mark.parametrize(
+    "mode,guidance",
+    [("move", {"move_method": "copy"}), ("resize", {"resize_method": "scaled_copy"})],
+)
+def test_a_copy_edits_with_a_second_bank_image(tiny_sd, spec_for, workdir, mode, guidance):
+    spec = spec_for(mode, model=str(tiny_sd), guidance=guidance)
     session = api.Session(api.EditOptions(cache_dir=workdir / "cache"))
     ls, inp = api.load(spec)
     result = session.editor(ls.spec.model).edit(ls.spec, inp)

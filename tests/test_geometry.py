@@ -113,3 +113,19 @@ def test_tight_masks_and_masks_where_nothing_stands_out_come_back_unchanged():
     assert np.array_equal(geometry.object_in_mask(img, empty_box), empty_box)
     tiny = geometry.box_mask([20, 24, 22, 26], 48, 48)  # all rim
     assert np.array_equal(geometry.object_in_mask(img, tiny), tiny)
+
+
+def test_fill_from_rim_continues_a_gradient_under_a_removed_object():
+    """The hole gets the background's gradient back; a neighbour touching the ring is left out of
+    the fit; outside the hole nothing changes."""
+    ys, xs = np.mgrid[0:64, 0:80].astype(np.float64)
+    background = np.stack([40 + 2 * xs, 200 - ys, 90 + xs + ys], axis=-1)
+    image = np.clip(background, 0, 255).astype(np.uint8)
+    image[20:40, 20:40] = (250, 10, 10)  # the object
+    image[20:40, 42:50] = (10, 250, 10)  # a neighbour, inside the ring's reach
+    hole = np.zeros((64, 80), dtype=bool)
+    hole[19:41, 19:41] = True
+    out = geometry.fill_from_rim(image, hole)
+    truth = np.clip(background, 0, 255)
+    assert np.abs(out[hole].astype(float) - truth[hole]).max() <= 2
+    assert np.array_equal(out[~hole], image[~hole])

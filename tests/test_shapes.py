@@ -204,9 +204,11 @@ def test_the_v2_unet_trains_on_the_vae_latents_and_resumes(tmp_path, monkeypatch
     assert torch.equal(pool, torch.cat([torch.load(p) for p in sorted(stored.glob("shard-*"))]))
 
 
-def test_a_decoder_only_chunk_keeps_the_latents(tmp_path):
+@pytest.mark.parametrize("part", ["decoder", "encoder"])
+def test_a_one_sided_vae_chunk_leaves_the_other_side_bit_for_bit(tmp_path, part):
     """`--decoder-only` changes the decoder and leaves the encoder, the scaling factor and so the
-    UNet's latent pool (its folder tag) as they were."""
+    UNet's latent pool (its folder tag) as they were; `--encoder-only` changes the encoder and
+    leaves the decoder, and the latents change, so the pool's tag does too."""
     from safetensors.torch import load_file
 
     from dragonctl.shapes import latents, train_vae
@@ -217,32 +219,11 @@ def test_a_decoder_only_chunk_keeps_the_latents(tmp_path):
     tag = latents.vae_tag(export)
     start = json.loads((export / "training.json").read_text())["step"]
     args = ["--steps", str(start + 1), "--batch", "1", "--threads", "1", "--device", "cpu"]
-    args += ["--decoder-only", "--export-dir", str(export)]
+    args += [f"--{part}-only", "--export-dir", str(export)]
     assert train_vae.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
     after = load_file(export / "diffusion_pytorch_model.safetensors")
-    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
-    assert encoder and all(torch.equal(before[k], after[k]) for k in encoder)
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
-    assert latents.vae_tag(export) == tag
-
-
-def test_an_encoder_only_chunk_keeps_the_decoder_and_gives_a_new_latent_pool(tmp_path):
-    """`--encoder-only` changes the encoder and leaves the decoder bit for bit; the latents
-    change, so the pool's folder tag does too (the UNet trains on from a new pool)."""
-    from safetensors.torch import load_file
-
-    from dragonctl.shapes import latents, train_vae
-
-    export = tmp_path / "vae"
-    shutil.copytree(shapes_model.V2_DIR / "vae", export)
-    before = load_file(export / "diffusion_pytorch_model.safetensors")
-    tag = latents.vae_tag(export)
-    start = json.loads((export / "training.json").read_text())["step"]
-    args = ["--steps", str(start + 1), "--batch", "1", "--threads", "1", "--device", "cpu"]
-    args += ["--encoder-only", "--export-dir", str(export)]
-    assert train_vae.main([*args, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
-    after = load_file(export / "diffusion_pytorch_model.safetensors")
-    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
-    assert decoder and all(torch.equal(before[k], after[k]) for k in decoder)
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
-    assert latents.vae_tag(export) != tag
+    sides = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}
+    kept = [k for k in before if k.startswith(sides["encoder" if part == "decoder" else "decoder"])]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(f"{part}."))
+    assert (latents.vae_tag(export) == tag) == (part == "decoder")

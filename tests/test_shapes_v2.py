@@ -42,11 +42,13 @@ def test_a_shapes_folder_with_a_vae_is_the_sd_like_family(v2_folder):
     assert family_for_model(str(shapes_model.WEIGHTS_DIR)) == "shapes"
     assert defaults_for(str(v2_folder), "move")["resolution"] == 128
     assert defaults_for("shapes", "move")["resolution"] == 64
-    # configs/shapes-v2.yaml inherits shapes.yaml: only its own size differs
+    # configs/shapes-v2.yaml inherits shapes.yaml: only its own size and its composite's colour
+    # matching (its VAE shifts flat colours) differ
     for mode in ("move", "drag", "appearance"):
         v1, v2 = defaults_for("shapes", mode), defaults_for(str(v2_folder), mode)
-        assert v2["guidance"]["energy_resolution"] == 128
+        assert v2["guidance"]["energy_resolution"] == 128 and v2["composite_color_match"]
         v2["guidance"]["energy_resolution"] = v1["guidance"]["energy_resolution"]
+        v2["composite_color_match"] = v1["composite_color_match"]
         assert {**v2, "resolution": 64} == v1, mode
     # results depend on the VAE too: a retrained VAE is a different model
     unet_only = sampled_hash([v2_folder / "unet" / "diffusion_pytorch_model.safetensors"])

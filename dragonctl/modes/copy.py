@@ -60,20 +60,25 @@ def copy_plan(
 def scaled_copy_plan(
     spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
 ) -> EditPlan:
-    """Move or resize from an image-space copy: the source offset (and scaled about the object),
-    over the object's old and new places. A small resize moves the outline by less than a latent
-    cell, which correspondence guidance barely moves; the copy resamples the object exactly. A
-    move starts the object where it goes, in its own colours, where correspondence guidance must
-    draw it there."""
+    """Move or resize from an image-space copy: the object found in the mask, offset (and scaled
+    about the mask's centre), over the source with the object's old place painted from its
+    surroundings (`geometry.fill_from_rim`). A small resize moves the outline by less than a
+    latent cell, which correspondence guidance barely moves; the copy resamples the object
+    exactly. A move starts the object where it goes, in its own colours, where correspondence
+    guidance must draw it there. Only the object moves: neighbours inside a loose mask stay."""
     assert inp.mask is not None and inp.target_mask is not None
     dx, dy = spec.offset or (0.0, 0.0)
+    s = spec.effective_scale
+    obj = geometry.object_in_mask(inp.source, inp.mask)  # a loose mask's margin stays put
     cx, cy = geometry.bbox_center(inp.mask)
-    scaled, _ = geometry.place_reference(
-        inp.source, inp.mask, spec.effective_scale, (cx + dx, cy + dy), inp.source.shape[:2]
-    )
+    ox, oy = geometry.bbox_center(obj)
+    at = (cx + s * (ox - cx) + dx, cy + s * (oy - cy) + dy)  # the mask's centre anchors the scale
+    placed, placed_mask = geometry.place_reference(inp.source, obj, s, at, inp.source.shape[:2])
+    vacated = geometry.fill_from_rim(inp.source, geometry.dilate(obj, 1))
+    moved = np.where(placed_mask[..., None], placed, vacated)
     region_w = geometry.dilate(frame.mask_to_work(inp.mask | inp.target_mask), grids.blend_margin())
     source_w = frame.image_to_work(inp.source)
-    copy_w = np.where(region_w[..., None], frame.image_to_work(scaled), source_w)
+    copy_w = np.where(region_w[..., None], frame.image_to_work(moved), source_w)
     return copy_plan(spec, grids, dev, copy_w, region_w)
 
 
