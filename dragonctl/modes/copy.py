@@ -1,5 +1,5 @@
-"""Generation from a pixel-aligned copy: move's shifted source, resize's scaled source and paste's
-placed reference.
+"""Generation from a pixel-aligned copy: move's and resize's object moved (and scaled) over the
+source, and paste's placed reference.
 
 The copy is a second bank image that holds the wanted content in a region. The region starts from
 the copy's inverted noise, reads its K/V (the source's elsewhere: composite), and its features are

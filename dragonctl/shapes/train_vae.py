@@ -56,9 +56,6 @@ def build(device: torch.device):
     return AutoencoderKL(**vae_config()).to(device)
 
 
-PARTS = ("all", "decoder", "encoder")  # what a chunk trains
-
-
 def trained_parameters(vae, part: str) -> list:
     """The parameters a chunk trains; the others are frozen.
 
