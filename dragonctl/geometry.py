@@ -197,6 +197,21 @@ def fill_from_rim(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def transfer_colors(
+    image: np.ndarray, region: np.ndarray, reference: np.ndarray, ref_region: np.ndarray
+) -> np.ndarray:
+    """The image with `region`'s pixels taking, channel by channel, the mean and spread of the
+    reference's `ref_region` (Reinhard's colour transfer, in RGB): each pixel keeps its place in
+    the region's own variation, so the object's shape and shading stay and its colours change."""
+    img, ref = image.astype(np.float64), reference.astype(np.float64)
+    a, b = img[region], ref[ref_region]
+    # a flat region has no spread to scale: it takes the reference's mean (and no noise blown up)
+    gain = b.std(0) / np.maximum(a.std(0), 2.0)
+    out = img.copy()
+    out[region] = (a - a.mean(0)) * gain + b.mean(0)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def bbox_center(mask: np.ndarray) -> tuple[float, float]:
     """Centre of the mask's bounding box: the anchor of resize and paste."""
     ys, xs = np.nonzero(mask)

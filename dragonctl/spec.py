@@ -133,6 +133,7 @@ class Guidance(_Model):
     resize_method: Literal["correspondence", "scaled_copy"]
     move_method: Literal["correspondence", "copy"]
     appearance_init: Literal["source", "reference_statistics"]
+    appearance_method: Literal["features", "recolour"]
     image_prompt: ImagePrompt | None = None
 
     @model_validator(mode="after")

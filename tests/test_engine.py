@@ -69,7 +69,7 @@ def test_step_plan_reproduces_the_reference_schedules(spec_for):
     assert dp.guided == frozenset(range(10)) | frozenset(range(10, 30, 2))
     assert dp.sde == frozenset(range(11, 20)) and dp.time_travel == frozenset({22, 24, 26, 28})
     assert [dp.passes(i) for i in (21, 22)] == [1, 3]
-    app = load_spec(spec_for("appearance", model="shapes")).spec.guidance
+    app = load_spec(spec_for("appearance", model="org/sd15-like")).spec.guidance  # SD's family
     assert plan(app).injected == frozenset(range(36))
     assert not plan(g.model_copy(update={"energy_scale": 0.0})).guided
 
@@ -223,7 +223,7 @@ def test_compiled_forward_edits_the_same_and_compiles_per_shape_not_per_step(
     bundle = load_bundle(str(tiny_sd))
     editor = Editor(bundle, compile="default", compile_backend=counting_backend)
     counts = []
-    for steps in (6, 12, 12):
+    for steps in (6, 12):  # a second edit, at another step count (6 has every batch shape)
         ls = load_spec(spec_for(mode, model=str(tiny_sd), steps=steps, guidance=guidance))
         inp = load_inputs(ls)
         compiled = editor.edit(ls.spec, inp)
@@ -233,7 +233,7 @@ def test_compiled_forward_edits_the_same_and_compiles_per_shape_not_per_step(
     # full forwards: inversion (batch 1), plain CFG rows (2), CFG + bank rows (3 or 4); the guided
     # steps' truncated forwards (the bank rows without grad, two rows with): nothing more, however
     # many steps
-    assert 2 <= counts[0] == counts[1] == counts[2] <= 6, counts
+    assert 2 <= counts[0] == counts[1] <= 6, counts
     torch._dynamo.reset()
 
 
@@ -298,6 +298,7 @@ def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):
         ("paste", {}),
         ("resize", {"resize_method": "scaled_copy"}),
         ("appearance", {"appearance_init": "reference_statistics"}),
+        ("appearance", {"appearance_method": "recolour"}),
     ]:
         ls = load_spec(spec_for(mode, model=str(tiny_sd), guidance=guidance))
         inp = load_inputs(ls)
@@ -558,6 +559,27 @@ def test_a_copy_edits_with_a_second_bank_image(tiny_sd, spec_for, workdir, mode,
     ls, inp = api.load(spec)
     result = session.editor(ls.spec.model).edit(ls.spec, inp)
     assert result.inversions == 2 and result.image.shape == inp.source.shape
+
+
+def test_a_recoloured_appearance_reads_the_object_in_the_reference_colours(tiny_sd, spec_for):
+    """`appearance_method: recolour`: the copy is the source with the object (the red box) in the
+    reference object's colours (the green box), its own outline kept; the rest is the source."""
+    path = spec_for(
+        "appearance", model=str(tiny_sd), resolution=56, guidance={"appearance_method": "recolour"}
+    )
+    plan, frame, inp = _plan(tiny_sd, path)
+    assert plan.attention.mode == "composite" and plan.second_image is not None
+    obj = frame.mask_to_work(geometry.object_in_mask(inp.source, inp.mask))
+    ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
+    core = geometry.erode(obj, 1)
+    want = inp.reference[ref_obj].astype(float).mean(0)
+    assert np.abs(plan.second_image[core].astype(float).mean(0) - want).max() <= 3
+    region = plan.attention.ref_keep
+    assert region[obj].all()
+    source_w = frame.image_to_work(inp.source)
+    assert np.array_equal(plan.second_image[~region], source_w[~region])
+    ring = geometry.dilate(obj, 2) & ~geometry.dilate(obj, 1)  # the background round it: as it was
+    assert np.abs(plan.second_image[ring].astype(int) - source_w[ring].astype(int)).max() <= 2
 
 
 def test_transfer_statistics_moves_the_region_to_the_reference_statistics():

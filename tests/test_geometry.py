@@ -129,3 +129,30 @@ def test_fill_from_rim_continues_a_gradient_under_a_removed_object():
     truth = np.clip(background, 0, 255)
     assert np.abs(out[hole].astype(float) - truth[hole]).max() <= 2
     assert np.array_equal(out[~hole], image[~hole])
+
+
+def test_transfer_colors_gives_the_region_the_reference_colours_and_keeps_its_shading():
+    """A shaded object takes the reference's mean and spread per channel, each pixel keeping its
+    rank; a flat object takes the reference's mean; nothing outside the region changes."""
+    rng = np.random.default_rng(0)
+    image = np.full((32, 32, 3), 128, dtype=np.uint8)
+    region = np.zeros((32, 32), dtype=bool)
+    region[8:24, 8:24] = True
+    shade = np.linspace(60, 180, 16)[None, :].repeat(16, 0)
+    image[8:24, 8:24] = np.stack([shade, shade / 2, 255 - shade], -1).astype(np.uint8)
+    reference = rng.integers(0, 255, (20, 20, 3)).astype(np.uint8)
+    ref_region = np.zeros((20, 20), dtype=bool)
+    ref_region[2:12, 5:15] = True
+    reference[ref_region] = np.clip(rng.normal((30, 200, 90), 12, (100, 3)), 0, 255)
+    out = geometry.transfer_colors(image, region, reference, ref_region)
+    want = reference[ref_region].astype(float)
+    got = out[region].astype(float)
+    assert np.abs(got.mean(0) - want.mean(0)).max() < 1.0
+    assert np.abs(got.std(0) - want.std(0)).max() < 1.0
+    # the shading's order survives: brighter in the source, brighter in the result (channel 0)
+    shading = image[region][:, 0].astype(float)
+    assert np.all(np.diff(got[:, 0][np.argsort(shading, kind="stable")]) >= 0)
+    assert np.array_equal(out[~region], image[~region])
+    flat = np.full((32, 32, 3), (200, 30, 30), dtype=np.uint8)
+    recoloured = geometry.transfer_colors(flat, region, reference, ref_region)
+    assert np.abs(recoloured[region].astype(float) - want.mean(0)).max() <= 1

@@ -132,12 +132,16 @@ def test_a_timed_chunk_ends_where_its_measured_speed_reaches_and_cools_down_over
     assert args.steps == 19_000  # never past --steps
 
 
-def test_the_vae_trainer_exports_an_sd_layout_autoencoder_and_resumes(tmp_path):
+def test_the_vae_trainer_exports_an_sd_layout_autoencoder_and_resumes(tmp_path, monkeypatch):
     """Factor 8 and 4 latent channels at the world's 128 px; the export carries the measured
-    scaling factor; a second run resumes from the checkpoint, a fresh machine from the export."""
+    scaling factor and reconstruction figures; a second run resumes from the checkpoint, a fresh
+    machine from the export."""
     from diffusers import AutoencoderKL
 
     from dragonctl.shapes import train_vae
+
+    monkeypatch.setattr(train_vae, "HELD_OUT_SCENES", 4)  # 56 scenes per save: most of the time
+    monkeypatch.setattr(train_vae, "FLAT_SCENES", 4)
 
     export = tmp_path / "vae"
     common = [
@@ -155,6 +159,7 @@ def test_the_vae_trainer_exports_an_sd_layout_autoencoder_and_resumes(tmp_path):
     assert train_vae.main(["--steps", "2", "--checkpoint-dir", str(tmp_path / "ck"), *common]) == 0
     meta = json.loads((export / "training.json").read_text())
     assert meta["step"] == 2 and meta["psnr"] > 0 and meta["latent_std"] > 0
+    assert meta["flat_psnr"] >= meta["flat_psnr_worst"] > 0 and meta["flat_share"] == 0.25
     vae = AutoencoderKL.from_pretrained(export)
     assert vae.config.scaling_factor == pytest.approx(1 / meta["latent_std"], rel=1e-3)
     z = vae.encode(torch.zeros(1, 3, train_vae.SIZE, train_vae.SIZE)).latent_dist.mean
@@ -164,6 +169,25 @@ def test_the_vae_trainer_exports_an_sd_layout_autoencoder_and_resumes(tmp_path):
     fresh = tmp_path / "fresh-machine"  # no checkpoint: starts from the exported weights
     assert train_vae.main(["--steps", "4", "--checkpoint-dir", str(fresh), *common]) == 0
     assert json.loads((export / "training.json").read_text())["step"] == 4
+
+
+def test_training_batches_hold_the_asked_share_of_flat_backgrounds():
+    """Flat backgrounds (the benchmark's and many users' scenes) are in the training world; the
+    frame's corners are background (shapes keep clear of the edges)."""
+    from dragonctl.shapes.world import batch
+
+    def flat_count(flat_share: float) -> int:
+        x = batch(np.random.default_rng(3), 64, 64, flat_share)
+        corners = x[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # n×3×4
+        return int((np.ptp(corners, axis=2).max(axis=1) < 1e-6).sum())
+
+    assert flat_count(0.0) == 0 and flat_count(1.0) == 64
+    assert 6 <= flat_count(0.25) <= 28
+    # no share asked: the scenes the committed weights were trained on, draw for draw
+    rng = np.random.default_rng(3)
+    scenes = [render(random_scene(rng, 64, shape_size=(10.0, 24.0))).image for _ in range(4)]
+    old_stream = np.stack(scenes).transpose(0, 3, 1, 2) * 2.0 - 1.0
+    assert np.array_equal(old_stream, batch(np.random.default_rng(3), 4, 64))
 
 
 def test_the_v2_unet_trains_on_the_vae_latents_and_resumes(tmp_path, monkeypatch, capsys):
@@ -199,13 +223,14 @@ def test_the_v2_unet_trains_on_the_vae_latents_and_resumes(tmp_path, monkeypatch
         0,
         2,
         torch.device("cpu"),
+        0.25,  # the trainer's default share of flat backgrounds: the folder says so
     )
-    stored = tmp_path / "ck" / f"latents-{latents.vae_tag(shapes_model.V2_DIR / 'vae')}"
+    stored = tmp_path / "ck" / f"latents-{latents.vae_tag(shapes_model.V2_DIR / 'vae')}-flat0.25"
     assert torch.equal(pool, torch.cat([torch.load(p) for p in sorted(stored.glob("shard-*"))]))
 
 
 @pytest.mark.parametrize("part", ["decoder", "encoder"])
-def test_a_one_sided_vae_chunk_leaves_the_other_side_bit_for_bit(tmp_path, part):
+def test_a_one_sided_vae_chunk_leaves_the_other_side_bit_for_bit(tmp_path, monkeypatch, part):
     """`--decoder-only` changes the decoder and leaves the encoder, the scaling factor and so the
     UNet's latent pool (its folder tag) as they were; `--encoder-only` changes the encoder and
     leaves the decoder, and the latents change, so the pool's tag does too."""
@@ -213,6 +238,8 @@ def test_a_one_sided_vae_chunk_leaves_the_other_side_bit_for_bit(tmp_path, part)
 
     from dragonctl.shapes import latents, train_vae
 
+    monkeypatch.setattr(train_vae, "HELD_OUT_SCENES", 4)
+    monkeypatch.setattr(train_vae, "FLAT_SCENES", 4)
     export = tmp_path / "vae"
     shutil.copytree(shapes_model.V2_DIR / "vae", export)
     before = load_file(export / "diffusion_pytorch_model.safetensors")

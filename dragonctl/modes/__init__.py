@@ -11,7 +11,8 @@ for modes that read a second image, that image at working size. One module per m
 | drag | `drag.plan` | concat |
 | move (copy), resize (scaled copy) | `copy.scaled_copy_plan` | composite |
 | paste | `copy.paste_plan` | composite |
-| appearance | `appearance.plan` | composite |
+| appearance (features) | `appearance.plan` | composite |
+| appearance (recolour) | `copy.recolour_plan` | composite |
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def build_plan(
         return drag.plan(spec, inp, frame, grids, dev)
     if spec.mode == "paste":
         return copy.paste_plan(spec, inp, frame, grids, dev)
+    if g.appearance_method == "recolour":
+        return copy.recolour_plan(spec, inp, frame, grids, dev)
     return appearance.plan(spec, inp, frame, grids, dev)
 
 

@@ -1,5 +1,5 @@
 """Generation from a pixel-aligned copy: move's and resize's object moved (and scaled) over the
-source, and paste's placed reference.
+source, paste's placed reference, and appearance's object recoloured like the reference.
 
 The copy is a second bank image that holds the wanted content in a region. The region starts from
 the copy's inverted noise, reads its K/V (the source's elsewhere: composite), and its features are
@@ -93,3 +93,20 @@ def paste_plan(
         inp.reference, ref_obj, spec.effective_scale, (spec.at[0], spec.at[1]), inp.source.shape[:2]
     )
     return copy_plan(spec, grids, dev, frame.image_to_work(placed), frame.mask_to_work(placed_mask))
+
+
+def recolour_plan(
+    spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
+) -> EditPlan:
+    """Appearance from an image-space copy: the object found in the mask, its colours transferred
+    from the object found in the reference's mask (`geometry.transfer_colors`). The object keeps
+    its own outline, which feature-pooled appearance guidance can trade for the reference's; the
+    reference's texture does not come through, only its colours."""
+    assert inp.reference is not None and inp.reference_mask is not None and inp.mask is not None
+    src_obj = geometry.object_in_mask(inp.source, inp.mask)
+    ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
+    recoloured = geometry.transfer_colors(inp.source, src_obj, inp.reference, ref_obj)
+    region_w = geometry.dilate(frame.mask_to_work(src_obj), grids.blend_margin())
+    source_w = frame.image_to_work(inp.source)
+    copy_w = np.where(region_w[..., None], frame.image_to_work(recoloured), source_w)
+    return copy_plan(spec, grids, dev, copy_w, region_w)

@@ -61,7 +61,9 @@ def encode(vae, images: np.ndarray, device: torch.device, batch: int = 32) -> to
     return torch.cat([to_latent(x).float().cpu() for x in chunks])
 
 
-def build_pool(vae, folder: Path, seed: int, shards: int, device: torch.device) -> torch.Tensor:
+def build_pool(
+    vae, folder: Path, seed: int, shards: int, device: torch.device, flat_share: float = 0.0
+) -> torch.Tensor:
     """Encode the missing shards (each saved atomically, so an interrupted build resumes), then
     return the whole pool."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,8 @@ def build_pool(vae, folder: Path, seed: int, shards: int, device: torch.device) 
         path = folder / f"shard-{k:04d}.pt"
         if path.exists():
             continue
-        images = world_batch(np.random.default_rng([seed, POOL_STREAM + k]), SHARD, V2_SIZE)
+        rng = np.random.default_rng([seed, POOL_STREAM + k])
+        images = world_batch(rng, SHARD, V2_SIZE, flat_share)
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save(encode(vae, images, device).half(), tmp)
         os.replace(tmp, path)

@@ -39,9 +39,9 @@ from dragonctl.shapes import model as shapes_model  # noqa: E402
 from dragonctl.shapes.world import batch as world_batch  # noqa: E402
 
 
-def make_batch(args: tuple[int, int, int]) -> np.ndarray:
-    seed, step, size = args
-    return world_batch(np.random.default_rng([seed, step]), size)
+def make_batch(args: tuple[int, int, int, float]) -> np.ndarray:
+    seed, step, n, flat_share = args
+    return world_batch(np.random.default_rng([seed, step]), n, flat_share=flat_share)
 
 
 def build(device: torch.device, version: str = "v1"):
@@ -132,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --minutes: end at the step the measured speed reaches in that time, "
         "cooling down "
         "over this share of the run's steps (a timed chunk, e.g. on a lent GPU)",
+    )
+    ap.add_argument(
+        "--flat-share",
+        type=float,
+        default=0.25,
+        help="share of training scenes on a flat background (users' and the benchmark's have them)",
     )
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
@@ -281,7 +287,14 @@ def save_checkpoint(
     state.update(opt=opt.state_dict(), step=step, history=json.dumps(history))
     torch.save(state, tmp)
     os.replace(tmp, state_path)
-    meta = {"step": step, "seed": args.seed, "batch": args.batch, "lr": args.lr, "history": history}
+    meta = {
+        "step": step,
+        "seed": args.seed,
+        "batch": args.batch,
+        "lr": args.lr,
+        "flat_share": args.flat_share,
+        "history": history,
+    }
     if getattr(args, "held_out", None) is not None:
         meta["pool_scenes"] = len(args.pool)
         meta["held_out_loss"] = held_out_loss(
@@ -304,7 +317,7 @@ def batch_stream(args: argparse.Namespace, step: int):
             latents.pool_batch(args.pool, args.seed, s, args.batch) for s in range(step, args.steps)
         )
     pool = get_context("spawn").Pool(args.workers) if args.workers else None
-    jobs = ((args.seed, s, args.batch) for s in range(step, args.steps))
+    jobs = ((args.seed, s, args.batch, args.flat_share) for s in range(step, args.steps))
     return pool, (pool.imap(make_batch, jobs, chunksize=4) if pool else map(make_batch, jobs))
 
 
@@ -326,8 +339,11 @@ def prepare_data(args: argparse.Namespace, device: torch.device, alphas: torch.T
     if args.model != "v2":
         return
     vae = latents.load_vae(args.vae_dir, device)
-    folder = args.checkpoint_dir / f"latents-{latents.vae_tag(args.vae_dir)}"
-    args.pool = latents.build_pool(vae, folder, args.seed, args.pool_shards, device)
+    flat = f"-flat{args.flat_share:g}" if args.flat_share else ""  # another world, another pool
+    folder = args.checkpoint_dir / f"latents-{latents.vae_tag(args.vae_dir)}{flat}"
+    args.pool = latents.build_pool(
+        vae, folder, args.seed, args.pool_shards, device, args.flat_share
+    )
     args.held_out = latents.held_out(vae, device).to(device)
     args.to_latent = None
 

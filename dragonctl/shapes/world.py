@@ -159,11 +159,15 @@ def random_scene(
     return Scene(size, tuple(tuple(float(x) for x in c) for c in corners), texture, tuple(shapes))
 
 
-def batch(rng: np.random.Generator, n: int, size: int = 64) -> np.ndarray:
-    """n random images as an n×3×size×size float32 array in [-1, 1] (the training data)."""
+def batch(rng: np.random.Generator, n: int, size: int = 64, flat_share: float = 0.0) -> np.ndarray:
+    """n random images as an n×3×size×size float32 array in [-1, 1] (the training data).
+
+    flat_share: the expected share of scenes on a flat background (the others get gradients).
+    """
     out = np.empty((n, 3, size, size), dtype=np.float32)
     k = size / 64  # shapes keep their share of the frame at any size
+    flat = rng.random(n) < flat_share if flat_share else np.zeros(n, dtype=bool)
     for i in range(n):
-        scene = random_scene(rng, size, shape_size=(10.0 * k, 24.0 * k))
+        scene = random_scene(rng, size, shape_size=(10.0 * k, 24.0 * k), flat_background=flat[i])
         out[i] = render(scene).image.transpose(2, 0, 1) * 2.0 - 1.0
     return out
