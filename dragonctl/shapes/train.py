@@ -277,6 +277,18 @@ def held_out_loss(unet, null, z0: torch.Tensor, alphas: torch.Tensor) -> float:
     return float(v_loss(unet, null, z0, noise, t, alphas))
 
 
+def run_meta(args: argparse.Namespace, step: int, history: list[dict]) -> dict:
+    """What an export's training.json records of the run (both trainers)."""
+    return {
+        "step": step,
+        "seed": args.seed,
+        "batch": args.batch,
+        "lr": args.lr,
+        "flat_share": args.flat_share,
+        "history": history,
+    }
+
+
 def save_checkpoint(
     args: argparse.Namespace, state_path: Path, step: int, history: list[dict], models: dict, opt
 ) -> None:
@@ -287,14 +299,7 @@ def save_checkpoint(
     state.update(opt=opt.state_dict(), step=step, history=json.dumps(history))
     torch.save(state, tmp)
     os.replace(tmp, state_path)
-    meta = {
-        "step": step,
-        "seed": args.seed,
-        "batch": args.batch,
-        "lr": args.lr,
-        "flat_share": args.flat_share,
-        "history": history,
-    }
+    meta = run_meta(args, step, history)
     if getattr(args, "held_out", None) is not None:
         meta["pool_scenes"] = len(args.pool)
         meta["held_out_loss"] = held_out_loss(

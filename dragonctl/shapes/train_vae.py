@@ -165,16 +165,9 @@ def save(args: argparse.Namespace, vae, opt, step: int, history: list[dict], dev
         config = json.loads((args.export_dir / "config.json").read_text())
         held_out["latent_std"] = 1.0 / config["scaling_factor"]
     vae.train()
-    meta = {
-        "step": step,
-        "seed": args.seed,
-        "batch": args.batch,
-        "lr": args.lr,
-        "flat_share": args.flat_share,
-        "history": history,
-        **held_out,
-    }
-    export(vae, args.export_dir, meta)
+    from dragonctl.shapes.train import run_meta
+
+    export(vae, args.export_dir, {**run_meta(args, step, history), **held_out})
     print(
         f"step {step}: held-out PSNR {held_out['psnr']:.2f} dB (flat backgrounds "
         f"{held_out['flat_psnr']:.2f}, worst {held_out['flat_psnr_worst']:.2f}), latent std "
