@@ -57,6 +57,15 @@ def copy_plan(
     )
 
 
+def over_source(
+    frame: Frame, inp: EditInputs, edited: np.ndarray, region_w: np.ndarray
+) -> np.ndarray:
+    """The edited image (source size) inside the working-size region, the source outside: resizing
+    to working size spreads an edit's edge past the region."""
+    source_w = frame.image_to_work(inp.source)
+    return np.where(region_w[..., None], frame.image_to_work(edited), source_w)
+
+
 def scaled_copy_plan(
     spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
 ) -> EditPlan:
@@ -77,9 +86,7 @@ def scaled_copy_plan(
     vacated = geometry.fill_from_rim(inp.source, geometry.dilate(obj, 1))
     moved = np.where(placed_mask[..., None], placed, vacated)
     region_w = geometry.dilate(frame.mask_to_work(inp.mask | inp.target_mask), grids.blend_margin())
-    source_w = frame.image_to_work(inp.source)
-    copy_w = np.where(region_w[..., None], frame.image_to_work(moved), source_w)
-    return copy_plan(spec, grids, dev, copy_w, region_w)
+    return copy_plan(spec, grids, dev, over_source(frame, inp, moved, region_w), region_w)
 
 
 def paste_plan(
@@ -107,6 +114,4 @@ def recolour_plan(
     ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
     recoloured = geometry.transfer_colors(inp.source, src_obj, inp.reference, ref_obj)
     region_w = geometry.dilate(frame.mask_to_work(src_obj), grids.blend_margin())
-    source_w = frame.image_to_work(inp.source)
-    copy_w = np.where(region_w[..., None], frame.image_to_work(recoloured), source_w)
-    return copy_plan(spec, grids, dev, copy_w, region_w)
+    return copy_plan(spec, grids, dev, over_source(frame, inp, recoloured, region_w), region_w)
