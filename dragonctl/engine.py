@@ -469,7 +469,8 @@ class Editor:
         ip_control = ip_setup[0] if ip_setup else nullcontext()
         # the image prompt's cross-attention processors outside the bank's: each restores its own
         with ip_control as ip_state, self.bank_control as state:
-            bank = MemoryBank(trajectories, state, self.stored_kv)
+            refined = items[0][0].inversion_refine > 0
+            bank = MemoryBank(trajectories, state, self.stored_kv, refined)
             rows = ImagePromptRows(ip_state, ip_setup[1], ip_setup[2]) if ip_setup else None
             z0s, stats = guided_edits(
                 first.calls, bank, prompts, edits, first.steps, step_done, rows, self.two_copies

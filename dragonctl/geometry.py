@@ -159,23 +159,72 @@ def object_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     colour stands out from the background its rim shows.
 
     Statistics pooled over a loose mask mix the margin's background into the object's; this is what
-    they pool instead. A tight mask (its inner rim unlike the pixels just outside it, i.e. the rim
-    is on the object) and a mask in which nothing stands out come back unchanged.
+    they pool instead. The rim's colour model leaves out rim pixels far off a first fit (a
+    neighbouring object reaching into the box), and so do the found pixels: of several separate
+    parts, those touching the rim are a neighbour's when the others are most of them. A tight mask
+    (its inner rim unlike the pixels just outside it, i.e. the rim is on the object) and a mask in
+    which nothing stands out come back unchanged.
     """
     img = image.astype(np.float64) / 255.0
-    rim = mask & ~erode(mask, 1)
+    inner = np.zeros_like(mask)
+    inner[1:-1, 1:-1] = True  # a box cut by the frame goes on outside it: the frame is no rim
+    rim = mask & ~erode(mask, 1) & inner
     outside = dilate(mask, 1) & ~mask
-    if rim.sum() < 8 or rim.sum() == mask.sum():
+    if rim.sum() < 8 or (mask & ~rim).sum() == 0:
         return mask
-    coef, *_ = np.linalg.lstsq(
-        _affine_basis(rim), img[rim], rcond=None
-    )  # the rim's colour model, 3×3
-    tol = max(OBJECT_CONTRAST, 2.0 * float(np.quantile(_colour_residual(img, rim, coef), 0.9)))
+    coef, on_background = _robust_colour_model(img, rim)
+    residual = _colour_residual(img, rim, coef)[on_background]
+    tol = max(OBJECT_CONTRAST, 2.0 * float(np.quantile(residual, 0.9)))
     if outside.any() and float(np.median(_colour_residual(img, outside, coef))) > tol:
         return mask  # the rim lies on the object: the mask is tight
     found = np.zeros_like(mask)
     found[mask] = _colour_residual(img, mask, coef) > tol
+    found = _without_parts_on(found, rim)
     return found if found.sum() >= 4 else mask
+
+
+def _robust_colour_model(img: np.ndarray, where: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The affine colour model (3×3) of `where`'s pixels, fitted to those near their median colour
+    and refitted to those near the fit (a least-squares first fit bends towards a neighbour that
+    covers a sixth of a rim); and which of them it kept."""
+    basis, colours = _affine_basis(where), img[where]
+    residual = np.linalg.norm(colours - np.median(colours, axis=0), axis=1)
+    for _ in range(2):
+        keep = residual <= max(3.0 * float(np.median(residual)), OBJECT_CONTRAST / 2)
+        coef, *_ = np.linalg.lstsq(basis[keep], colours[keep], rcond=None)
+        residual = np.linalg.norm(colours - basis @ coef, axis=1)
+    keep = residual <= max(3.0 * float(np.median(residual)), OBJECT_CONTRAST / 2)
+    return coef, keep
+
+
+def _without_parts_on(found: np.ndarray, rim: np.ndarray) -> np.ndarray:
+    """`found` less its 8-connected parts that touch `rim`, when those that do not are most of it
+    (not a few stray pixels)."""
+    labels = _components(found)
+    on_rim = set(np.unique(labels[rim & found]).tolist())
+    inner = np.isin(labels, [k for k in range(1, int(labels.max()) + 1) if k not in on_rim])
+    return inner if inner.sum() * 2 >= found.sum() else found
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """8-connected component labels (1, 2, …; 0 off the mask)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    h, w = mask.shape
+    n = 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        n += 1
+        labels[y0, x0] = n
+        stack = [(y0, x0)]
+        while stack:
+            y, x = stack.pop()
+            for yy in range(max(0, y - 1), min(h, y + 2)):
+                for xx in range(max(0, x - 1), min(w, x + 2)):
+                    if mask[yy, xx] and not labels[yy, xx]:
+                        labels[yy, xx] = n
+                        stack.append((yy, xx))
+    return labels
 
 
 def fill_from_rim(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
@@ -325,6 +374,22 @@ def patch_indices(x: float, y: float, cell: float, hw: tuple[int, int]) -> np.nd
     cy = min(max(int(y // cell), 1), h - 2)
     cx = min(max(int(x // cell), 1), w - 2)  # clipped by the width (the reference used the height)
     return np.array([(cy + dy) * w + (cx + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+
+
+def extend_colours(image: np.ndarray, mask: np.ndarray, pixels: int) -> np.ndarray:
+    """The image with the mask's colours carried `pixels` past its edge, ring by ring (each new
+    pixel the mean of its 3×3 neighbours already filled): resampling the object then blends its
+    edge with its own colours, not with its surroundings."""
+    out = image.astype(np.float64)
+    known = mask.copy()
+    for _ in range(pixels):
+        weighted = np.where(known[..., None], out, 0.0)
+        sums = window_sums(window_sums(weighted, 1, 0)[0], 1, 1)[0]
+        counts = window_sums(window_sums(known.astype(np.int32), 1, 0)[0], 1, 1)[0]
+        ring = (counts > 0) & ~known
+        out[ring] = sums[ring] / counts[ring][:, None]
+        known = known | ring
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def place_reference(

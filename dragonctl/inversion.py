@@ -23,12 +23,13 @@ def invert(
 ) -> torch.Tensor:
     """Return L with L[0] = z0 and L[k+1] = DDIM-up(L[k]); L[n-i] is at edit step i's noise level.
 
-    Inversion step k uses edit step i = n-1-k's timestep, so the UNet call at (L[k], t_i) is the one
-    the memory bank reproduces at edit step i (the reference's alignment).
+    Inversion step k uses edit step i = n-1-k's timestep; the memory bank reproduces its last UNet
+    call at edit step i (the reference's alignment).
 
-    Plain DDIM inversion evaluates ε at the less noisy latent, while sampling evaluates it at the
-    noisier one; `refine` > 0 re-evaluates ε at the new latent that many times (a fixed-point
-    iteration), so sampling back retraces the trajectory more exactly. 0 is the reference method.
+    Plain DDIM inversion evaluates ε at the less noisy latent, (L[k], t_i), while sampling evaluates
+    it at the noisier one; `refine` > 0 re-evaluates ε at the new latent that many times (a
+    fixed-point iteration), so sampling back retraces the trajectory more exactly, and the last
+    call is at (≈ L[k+1], t_i), the generation's own. 0 is the reference method.
     """
     n = schedule.steps
     latents = [z0]

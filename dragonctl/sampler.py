@@ -209,12 +209,19 @@ class MemoryBank:
     """
 
     def __init__(
-        self, trajectories: list[torch.Tensor], state: BankState, stored_kv: bool = False
+        self,
+        trajectories: list[torch.Tensor],
+        state: BankState,
+        stored_kv: bool = False,
+        refined: bool = False,
     ) -> None:
         self.trajectories, self.state = trajectories, state
         self.size = len(trajectories)
         self.n = trajectories[0].shape[0] - 1
         self.stored: dict | None = {} if stored_kv else None
+        # plain DDIM inversion made step i's UNet call at L[n-1-i]; a refined one (`invert`'s
+        # refine > 0) last called it at the new latent, L[n-i], the generation's own noise level
+        self.injected_offset = 0 if refined else 1
 
     def noise(self, images: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """z_T of an edit's source and of its second image (None for one-image modes)."""
@@ -222,8 +229,9 @@ class MemoryBank:
         return self.trajectories[images[0]][self.n], second
 
     def injected_rows(self, i: int) -> torch.Tensor:
-        """The latents whose forward at step i's timestep reproduces the inversion's (L[n-1-i])."""
-        return torch.cat([b[self.n - 1 - i] for b in self.trajectories])
+        """The latents whose forward at step i's timestep reproduces the inversion's: L[n-1-i],
+        or L[n-i] for refined trajectories."""
+        return torch.cat([b[self.n - self.injected_offset - i] for b in self.trajectories])
 
     def rows_at(self, i: int) -> torch.Tensor:
         """The latents at step i's noise level (L[n-i]): the energies' references."""

@@ -134,6 +134,7 @@ class Guidance(_Model):
     move_method: Literal["correspondence", "copy"]
     appearance_init: Literal["source", "reference_statistics"]
     appearance_method: Literal["features", "recolour"]
+    paste_method: Literal["composite", "copy"]
     image_prompt: ImagePrompt | None = None
 
     @model_validator(mode="after")

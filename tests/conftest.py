@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test that needs the hub is a broken test
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# edits that name no cache folder write to a folder of this test process, not the user's cache
+# (test processes run side by side: pyproject's addopts)
+os.environ["DRAGONCTL_CACHE"] = tempfile.mkdtemp(prefix="dragonctl-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DRAGONCTL_CACHE"], True)
 
 from pathlib import Path  # noqa: E402
 

@@ -414,6 +414,37 @@ def test_fixed_point_refinement_makes_inversion_retrace_the_trajectory():
     assert errors[2] < errors[0] / 5 and errors[6] < errors[2] / 50, errors
 
 
+def test_injecting_a_refined_trajectory_reads_the_generation_s_own_noise_level(
+    tiny_sd_v, spec_for, monkeypatch
+):
+    """A generation retracing a refined inversion, reading its own K/V from the bank, is the
+    plain reconstruction: the bank rows at step i are L[n-i], where the inversion last called the
+    UNet, not plain DDIM's L[n-1-i] (one step less noisy; that dissolved recoloured objects).
+    (The tiny v-prediction model retraces its inversion; the tiny ε one is too rough to.)"""
+    from dragonctl import sampler
+
+    bundle = load_bundle(str(tiny_sd_v))
+
+    def edit(inject_from: float) -> torch.Tensor:
+        g = {"energy_scale": 0.0, "inject_from": inject_from, "inject_until": 1.0}
+        ls = load_spec(
+            spec_for("move", model=str(tiny_sd_v), offset=[0, 0], inversion_refine=10, guidance=g)
+        )
+        return Editor(bundle).edit_latent(ls.spec, load_inputs(ls)).z0
+
+    plain = edit(1.0)
+    gap = float((edit(0.0) - plain).abs().max())
+    init = sampler.MemoryBank.__init__
+
+    def plain_ddim_alignment(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.injected_offset = 1
+
+    monkeypatch.setattr(sampler.MemoryBank, "__init__", plain_ddim_alignment)
+    misaligned = float((edit(0.0) - plain).abs().max())
+    assert gap < 0.2 * misaligned, (gap, misaligned)
+
+
 def test_refinement_is_part_of_the_cache_key(tiny_sd, spec_for, workdir):
     bundle = load_bundle(str(tiny_sd))
     cache = TrajectoryCache(workdir / "cache")
@@ -489,6 +520,12 @@ def test_the_step_loops_make_no_host_round_trips(tiny_sd, spec_for, mode):
     assert rec.seen == []
 
 
+def _work_region(plan, frame) -> np.ndarray:
+    """A plan's edit region (latent cells) at working size."""
+    f = frame.work_h // plan.latent_hw[0]
+    return plan.edit_mask.numpy().repeat(f, 0).repeat(f, 1)
+
+
 def _plan(tiny_sd, spec_path):
     ls = load_spec(spec_path)
     inp = load_inputs(ls)
@@ -516,7 +553,7 @@ def test_scaled_copy_resize_reads_the_source_scaled_about_the_object(tiny_sd, sp
         )
         assert abs(after / before - scale**2) < 0.15 * scale**2
         # the copy covers the object's old and new places and leaves the rest of the source as it is
-        region = plan.attention.ref_keep
+        region = _work_region(plan, frame)
         assert (
             region[frame.mask_to_work(inp.mask)].all()
             and region[frame.mask_to_work(inp.target_mask)].all()
@@ -538,15 +575,39 @@ def test_a_move_by_copy_reads_the_source_shifted_by_the_offset(tiny_sd, spec_for
     work_offset = np.array([16, 4]) * frame.work_w / inp.source.shape[1]
     moved = np.array(geometry.bbox_center(frame.mask_to_work(inp.mask))) + work_offset
     assert np.abs(np.array([xs.mean(), ys.mean()]) - moved).max() < 1.5
-    region = plan.attention.ref_keep
+    region = _work_region(plan, frame)
     assert region[frame.mask_to_work(inp.target_mask)].all()
     assert np.array_equal(plan.second_image[~region], frame.image_to_work(inp.source)[~region])
+    # the copy is the source outside the region: the whole generation starts from and reads it
+    z, z_copy = torch.zeros(1, 4, *plan.latent_hw), torch.ones(1, 4, *plan.latent_hw)
+    assert torch.equal(plan.init_latent(z, z_copy), z_copy) and plan.attention.ref_keep.all()
     left = geometry.erode(frame.mask_to_work(inp.mask) & ~frame.mask_to_work(inp.target_mask), 1)
     # the old place is the background again, its gradient continued (not the source shifted)
     background = frame.image_to_work(scene_image(box=(0, 0, 0, 0))).astype(int)
     assert left.any() and np.abs(plan.second_image[left].astype(int) - background[left]).max() <= 4
     correspondence = _plan(tiny_sd, spec_for("move", model=str(tiny_sd)))[0]
     assert correspondence.attention.mode == "replace" and correspondence.second_image is None
+
+
+def test_a_paste_by_copy_reads_the_reference_object_over_the_source(tiny_sd, spec_for):
+    """`paste_method: copy`: the copy is the source with the reference's object (the green box)
+    placed in it, and the whole generation starts from it and reads it. `composite` (SD's
+    default) starts the object's region alone from the placed reference."""
+    path = spec_for("paste", model=str(tiny_sd), resolution=56, guidance={"paste_method": "copy"})
+    plan, frame, inp = _plan(tiny_sd, path)
+    region = _work_region(plan, frame)
+    green = np.abs(plan.second_image.astype(int) - [30, 200, 60]).sum(-1) < 60
+    assert green.any() and region[green].all()
+    source_w = frame.image_to_work(inp.source)
+    assert np.array_equal(plan.second_image[~region], source_w[~region])
+    # scaled by 0.75, its edge is resampled from its own colours, not the reference's background
+    pasted = (plan.second_image != source_w).any(-1)
+    assert np.array_equal(pasted, green)
+    z, z_copy = torch.zeros(1, 4, *plan.latent_hw), torch.ones(1, 4, *plan.latent_hw)
+    assert torch.equal(plan.init_latent(z, z_copy), z_copy) and plan.attention.ref_keep.all()
+    reference = _plan(tiny_sd, spec_for("paste", model=str(tiny_sd), resolution=56))[0]
+    started = reference.init_latent(z, z_copy)[0, 0] == 1
+    assert torch.equal(started, reference.edit_mask) and not reference.attention.ref_keep.all()
 
 
 @pytest.mark.parametrize(
@@ -574,12 +635,16 @@ def test_a_recoloured_appearance_reads_the_object_in_the_reference_colours(tiny_
     core = geometry.erode(obj, 1)
     want = inp.reference[ref_obj].astype(float).mean(0)
     assert np.abs(plan.second_image[core].astype(float).mean(0) - want).max() <= 3
-    region = plan.attention.ref_keep
-    assert region[obj].all()
+    region = _work_region(plan, frame)
+    assert region[obj].all() and not region.all()
     source_w = frame.image_to_work(inp.source)
     assert np.array_equal(plan.second_image[~region], source_w[~region])
     ring = geometry.dilate(obj, 2) & ~geometry.dilate(obj, 1)  # the background round it: as it was
     assert np.abs(plan.second_image[ring].astype(int) - source_w[ring].astype(int)).max() <= 2
+    # the copy is the source outside the region: the whole generation starts from and reads it
+    z, z_copy = torch.zeros(1, 4, *plan.latent_hw), torch.ones(1, 4, *plan.latent_hw)
+    assert torch.equal(plan.init_latent(z, z_copy), z_copy)
+    assert plan.attention.ref_keep.all() and not plan.attention.base_keep.any()
 
 
 def test_transfer_statistics_moves_the_region_to_the_reference_statistics():

@@ -106,6 +106,21 @@ def test_object_in_a_loose_box_is_the_object(gradient):
     assert np.array_equal(found, disc)
 
 
+def test_object_in_a_loose_box_leaves_out_a_neighbour_crossing_its_rim_and_the_frame():
+    """A neighbour over a sixth of the box's rim (it bent a least-squares rim model until nothing
+    stood out, and the whole box was taken for the object) is left out, and so is the frame of a
+    box cut by the image's edge, where the object touches it."""
+    image = np.full((48, 48, 3), (140, 195, 50), dtype=np.uint8)
+    image[14:26, 0:12] = (175, 70, 190)  # the object, at the frame
+    image[26:38, 15:25] = (13, 212, 183)  # the neighbour, over the box's corner
+    box = geometry.box_mask([0, 8, 20, 34], 48, 48)
+    rim = box & ~geometry.erode(box, 1)
+    assert (rim & (image == (13, 212, 183)).all(-1)).sum() * 6 >= rim[:, 1:].sum()
+    obj = np.zeros((48, 48), dtype=bool)
+    obj[14:26, 0:12] = True
+    assert np.array_equal(geometry.object_in_mask(image, box), obj)
+
+
 def test_tight_masks_and_masks_where_nothing_stands_out_come_back_unchanged():
     img, disc = _disc_scene(gradient=True)
     assert np.array_equal(geometry.object_in_mask(img, disc), disc)
@@ -113,6 +128,18 @@ def test_tight_masks_and_masks_where_nothing_stands_out_come_back_unchanged():
     assert np.array_equal(geometry.object_in_mask(img, empty_box), empty_box)
     tiny = geometry.box_mask([20, 24, 22, 26], 48, 48)  # all rim
     assert np.array_equal(geometry.object_in_mask(img, tiny), tiny)
+
+
+def test_extend_colours_carries_an_object_s_colours_past_its_edge():
+    image = np.zeros((12, 12, 3), dtype=np.uint8)
+    obj = np.zeros((12, 12), dtype=bool)
+    obj[4:8, 4:6], obj[4:8, 6:8] = True, True
+    image[4:8, 4:6], image[4:8, 6:8] = (200, 0, 0), (0, 0, 100)
+    out = geometry.extend_colours(image, obj, 2)
+    assert np.array_equal(out[obj], image[obj])
+    assert tuple(out[4, 3]) == (200, 0, 0) and tuple(out[4, 8]) == (0, 0, 100)
+    assert tuple(out[3, 5]) == (133, 0, 33)  # above the seam: two red neighbours, one blue
+    assert not geometry.dilate(obj, 2)[0].any() and not out[0].any()  # 3 px out: untouched
 
 
 def test_fill_from_rim_continues_a_gradient_under_a_removed_object():

@@ -56,7 +56,7 @@ def guidance_gradient(editor, spec: Spec, inp, step: int) -> torch.Tensor:
     s = editor.prepare(spec, inp)
     n = s.calls.schedule.steps
     with editor.bank_control as state:
-        bank = MemoryBank(s.trajectories, state)
+        bank = MemoryBank(s.trajectories, state, refined=spec.inversion_refine > 0)
         images = tuple(range(bank.size))
         bank.prepare(s.calls, s.prompts, [(s.plan.attention, images)], s.plan.latent_hw, [])
         second = s.trajectories[1][n - step] if len(s.trajectories) > 1 else None

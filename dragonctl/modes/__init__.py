@@ -9,10 +9,10 @@ for modes that read a second image, that image at working size. One module per m
 |---|---|---|
 | move, resize (correspondence) | `move.plan` | replace |
 | drag | `drag.plan` | concat |
-| move (copy), resize (scaled copy) | `copy.scaled_copy_plan` | composite |
-| paste | `copy.paste_plan` | composite |
+| move (copy), resize (scaled copy) | `copy.scaled_copy_plan` | the copy's, everywhere |
+| paste | `copy.paste_plan` | the copy's, everywhere |
 | appearance (features) | `appearance.plan` | composite |
-| appearance (recolour) | `copy.recolour_plan` | composite |
+| appearance (recolour) | `copy.recolour_plan` | the copy's, everywhere |
 """
 
 from __future__ import annotations

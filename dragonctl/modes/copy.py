@@ -1,9 +1,11 @@
 """Generation from a pixel-aligned copy: move's and resize's object moved (and scaled) over the
 source, paste's placed reference, and appearance's object recoloured like the reference.
 
-The copy is a second bank image that holds the wanted content in a region. The region starts from
-the copy's inverted noise, reads its K/V (the source's elsewhere: composite), and its features are
-guided to the copy's, cell by cell.
+The copy is the source with the wanted content in a region: a second bank image. The whole
+generation starts from the copy's inverted noise and reads the copy's K/V; the region's features
+are guided to the copy's, cell by cell, and the rest keeps the copy's (there, the source's).
+Paste's `composite` method (the reference's) instead starts only the region from the placed
+reference's noise, over the source's, and reads the reference's K/V there, the source's elsewhere.
 """
 
 from __future__ import annotations
@@ -20,30 +22,46 @@ from dragonctl.spec import Spec
 
 
 def copy_plan(
-    spec: Spec, grids: Grids, dev: torch.device, copy_work: np.ndarray, region_w: np.ndarray
+    spec: Spec,
+    grids: Grids,
+    dev: torch.device,
+    copy_work: np.ndarray,
+    region_w: np.ndarray,
+    composite: bool = False,
 ) -> EditPlan:
+    """The plan of a copy (working size) that is the source outside `region_w` (with `composite`:
+    right only inside it).
+
+    The copy's noise and K/V, not the source's, outside the region too: inverted noise is not
+    local (the source's around a recoloured object still encodes its old colour), and at coarse
+    layers the cells the region half-covers would carry the source's K/V; both dissolved copied
+    objects into speckle."""
     g = spec.guidance
     region_f = grids.feature(region_w)
     region_idx = cells(region_f, dev)
     keep = cells(~region_f, dev)
+    outside = 0 if composite else 1  # the bank image whose features the rest keeps
 
     def edit_energy(cur, refs):
         return energies.copy_edit_energy(cur, refs[1], region_idx, g.w_edit)
 
     def content_energy(cur, refs):
-        return energies.content_energy(cur, refs[0], keep, g.w_content)
+        return energies.content_energy(cur, refs[outside], keep, g.w_content)
 
     region_lat = latent_mask(grids.latent(region_w))
 
-    def init_latent(z_src: torch.Tensor, z_ref: torch.Tensor | None) -> torch.Tensor:
-        assert z_ref is not None
-        return torch.where(region_lat.to(z_src.device), z_ref, z_src)
+    def init_latent(z_src: torch.Tensor, z_copy: torch.Tensor | None) -> torch.Tensor:
+        assert z_copy is not None
+        if composite:
+            return torch.where(region_lat.to(z_src.device), z_copy, z_src)
+        return z_copy.clone()
 
+    read_copy = region_w if composite else np.ones_like(region_w)
     attention = BankAttention(
         "composite",
-        base_keep=~region_w,
-        ref_keep=region_w,
-        query_region=region_w if g.regional_attention else None,
+        base_keep=~read_copy,
+        ref_keep=read_copy,
+        query_region=region_w if composite and g.regional_attention else None,
     )
     return plan_on(
         grids,
@@ -86,20 +104,27 @@ def scaled_copy_plan(
     vacated = geometry.fill_from_rim(inp.source, geometry.dilate(obj, 1))
     moved = np.where(placed_mask[..., None], placed, vacated)
     region_w = geometry.dilate(frame.mask_to_work(inp.mask | inp.target_mask), grids.blend_margin())
-    return copy_plan(spec, grids, dev, over_source(frame, inp, moved, region_w), region_w)
+    copy_work = over_source(frame, inp, moved, region_w)
+    return copy_plan(spec, grids, dev, copy_work, region_w)
 
 
 def paste_plan(
     spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
 ) -> EditPlan:
     """Paste the object found inside the reference's mask (a loose box would paste its margin's
-    background too), with no blending margin: the reference's surroundings are not the source's."""
+    background too), with no blending margin: the reference's surroundings are not the source's.
+    `paste_method: copy` pastes it into the source; `composite` reads the placed reference."""
     assert inp.reference is not None and inp.reference_mask is not None and spec.at is not None
     ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
+    # its edge resampled with its own colours: the reference's background is not the source's
+    ref = geometry.extend_colours(inp.reference, ref_obj, 3)
     placed, placed_mask = geometry.place_reference(
-        inp.reference, ref_obj, spec.effective_scale, (spec.at[0], spec.at[1]), inp.source.shape[:2]
+        ref, ref_obj, spec.effective_scale, (spec.at[0], spec.at[1]), inp.source.shape[:2]
     )
-    return copy_plan(spec, grids, dev, frame.image_to_work(placed), frame.mask_to_work(placed_mask))
+    region_w = frame.mask_to_work(placed_mask)
+    if spec.guidance.paste_method == "composite":
+        return copy_plan(spec, grids, dev, frame.image_to_work(placed), region_w, composite=True)
+    return copy_plan(spec, grids, dev, over_source(frame, inp, placed, region_w), region_w)
 
 
 def recolour_plan(
@@ -114,4 +139,5 @@ def recolour_plan(
     ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
     recoloured = geometry.transfer_colors(inp.source, src_obj, inp.reference, ref_obj)
     region_w = geometry.dilate(frame.mask_to_work(src_obj), grids.blend_margin())
-    return copy_plan(spec, grids, dev, over_source(frame, inp, recoloured, region_w), region_w)
+    copy_work = over_source(frame, inp, recoloured, region_w)
+    return copy_plan(spec, grids, dev, copy_work, region_w)
