@@ -200,31 +200,38 @@ def _robust_colour_model(img: np.ndarray, where: np.ndarray) -> tuple[np.ndarray
 def _without_parts_on(found: np.ndarray, rim: np.ndarray) -> np.ndarray:
     """`found` less its 8-connected parts that touch `rim`, when those that do not are most of it
     (not a few stray pixels)."""
-    labels = _components(found)
-    on_rim = set(np.unique(labels[rim & found]).tolist())
-    inner = np.isin(labels, [k for k in range(1, int(labels.max()) + 1) if k not in on_rim])
+    if not found.any():
+        return found
+    ys, xs = np.nonzero(found)
+    box = np.s_[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    labels = _components(found[box])
+    on_rim = np.unique(labels[rim[box] & found[box]])
+    inner = np.zeros_like(found)
+    inner[box] = (labels > 0) & ~np.isin(labels, on_rim)
     return inner if inner.sum() * 2 >= found.sum() else found
 
 
 def _components(mask: np.ndarray) -> np.ndarray:
-    """8-connected component labels (1, 2, …; 0 off the mask)."""
-    labels = np.zeros(mask.shape, dtype=np.int32)
+    """8-connected component labels (each part's smallest flat pixel index + 1; 0 off the mask):
+    each round takes the smallest label among a pixel's neighbours, then follows labels to their
+    own labels (pointer jumping), so a part of diameter d settles in about log d rounds of numpy
+    work over the image, never a Python loop over its pixels."""
     h, w = mask.shape
-    n = 0
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        n += 1
-        labels[y0, x0] = n
-        stack = [(y0, x0)]
-        while stack:
-            y, x = stack.pop()
-            for yy in range(max(0, y - 1), min(h, y + 2)):
-                for xx in range(max(0, x - 1), min(w, x + 2)):
-                    if mask[yy, xx] and not labels[yy, xx]:
-                        labels[yy, xx] = n
-                        stack.append((yy, xx))
-    return labels
+    off = h * w
+    labels = np.where(mask, np.arange(off).reshape(h, w), off)
+    while True:
+        padded = np.pad(labels, 1, constant_values=off)
+        smallest = labels
+        for dy in range(3):
+            for dx in range(3):
+                smallest = np.minimum(smallest, padded[dy : dy + h, dx : dx + w])
+        flat = np.where(mask, smallest, off).ravel()
+        on = flat < off
+        for _ in range(2):
+            flat[on] = flat[flat[on]]
+        if np.array_equal(flat, labels.ravel()):
+            return np.where(mask, labels + 1, 0)
+        labels = flat.reshape(h, w)
 
 
 def fill_from_rim(image: np.ndarray, hole: np.ndarray) -> np.ndarray:

@@ -121,6 +121,18 @@ def test_object_in_a_loose_box_leaves_out_a_neighbour_crossing_its_rim_and_the_f
     assert np.array_equal(geometry.object_in_mask(image, box), obj)
 
 
+def test_components_label_8_connected_parts():
+    mask = np.zeros((9, 12), dtype=bool)
+    mask[1:8, 1] = mask[7, 1:6] = mask[1:8, 5] = True  # a U: its arms meet only at the bottom
+    mask[0, 7] = mask[1, 8] = True  # diagonal neighbours: one part
+    mask[4, 10] = True  # alone
+    labels = geometry._components(mask)
+    assert np.array_equal(labels > 0, mask)
+    parts = [set(labels[mask & (labels == k)].tolist()) for k in np.unique(labels[mask])]
+    assert len(parts) == 3
+    assert labels[1, 1] == labels[1, 5] and labels[0, 7] == labels[1, 8] != labels[4, 10]
+
+
 def test_tight_masks_and_masks_where_nothing_stands_out_come_back_unchanged():
     img, disc = _disc_scene(gradient=True)
     assert np.array_equal(geometry.object_in_mask(img, disc), disc)

@@ -116,13 +116,14 @@ def paste_plan(
     `paste_method: copy` pastes it into the source; `composite` reads the placed reference."""
     assert inp.reference is not None and inp.reference_mask is not None and spec.at is not None
     ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
-    # its edge resampled with its own colours: the reference's background is not the source's
-    ref = geometry.extend_colours(inp.reference, ref_obj, 3)
+    composite = spec.guidance.paste_method == "composite"
+    # a copy's object edge is resampled from its own colours, not the reference's background
+    ref = inp.reference if composite else geometry.extend_colours(inp.reference, ref_obj, 3)
     placed, placed_mask = geometry.place_reference(
         ref, ref_obj, spec.effective_scale, (spec.at[0], spec.at[1]), inp.source.shape[:2]
     )
     region_w = frame.mask_to_work(placed_mask)
-    if spec.guidance.paste_method == "composite":
+    if composite:
         return copy_plan(spec, grids, dev, frame.image_to_work(placed), region_w, composite=True)
     return copy_plan(spec, grids, dev, over_source(frame, inp, placed, region_w), region_w)
 
