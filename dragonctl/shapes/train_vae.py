@@ -92,20 +92,26 @@ def evaluate(vae, device: torch.device) -> dict:
     flat_psnr(_worst): the median (lowest) per-scene PSNR on scenes with flat backgrounds (a VAE
     that never saw one shifted them by up to 30 levels)."""
     scenes = world_batch(np.random.default_rng(HELD_OUT_SEED), HELD_OUT_SCENES, SIZE)
-    x = torch.from_numpy(scenes).to(device)
-    z = vae.encode(x).latent_dist.mean
-    rec = vae.decode(z).sample.clamp(-1, 1)
-    mse = float(((rec - x) / 2).pow(2).mean())
+    mse, z = _reconstruction_error(vae, scenes, device)
     flat = world_batch(np.random.default_rng(HELD_OUT_SEED + 1), FLAT_SCENES, SIZE, 1.0)
-    x = torch.from_numpy(flat).to(device)
-    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    flat_psnr = -10 * ((rec - x) / 2).pow(2).mean((1, 2, 3)).clamp_min(1e-12).log10()
+    flat_psnr = -10 * _reconstruction_error(vae, flat, device)[0].clamp_min(1e-12).log10()
     return {
-        "psnr": 10 * math.log10(1 / max(mse, 1e-12)),
+        "psnr": 10 * math.log10(1 / max(float(mse.mean()), 1e-12)),
         "flat_psnr": float(flat_psnr.median()),
         "flat_psnr_worst": float(flat_psnr.min()),
         "latent_std": float(z.std()),
     }
+
+
+def _reconstruction_error(
+    vae, scenes: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scene's mean squared error (in [0, 1] units) decoded from its latent mean, and the
+    latents."""
+    x = torch.from_numpy(scenes).to(device)
+    z = vae.encode(x).latent_dist.mean
+    rec = vae.decode(z).sample.clamp(-1, 1)
+    return ((rec - x) / 2).pow(2).mean((1, 2, 3)), z
 
 
 def export(vae, out: Path, meta: dict) -> None:
