@@ -642,6 +642,35 @@ def bench_quality(
         raise typer.Exit(1)
 
 
+@bench_app.command("sheets")
+def bench_sheets(
+    runs: list[Path] = typer.Argument(..., help="Folders written by `bench quality`."),
+    out: Path = typer.Option(Path("runs/sheets"), "--out", "-o", help="Folder for the sheets."),
+    per_mode: int = typer.Option(6, min=1, help="Cases per mode: the first ones, not picked."),
+    scale: int = typer.Option(3, min=1, help="Enlargement, in whole pixels."),
+) -> None:
+    """Two contact sheets from `bench quality` runs: before.png (each case's source with the
+    edit drawn over it) and after.png (its result, framed green on success, red on failure),
+    a row per mode.
+
+    Example: dragonctl bench sheets runs/move runs/drag --out docs/images
+    """
+    import io
+
+    from PIL import Image
+
+    from dragonctl.bench import contact
+    from dragonctl.files import atomic_write
+
+    with _reported_errors():
+        before, after = contact.sheets(runs, per_mode, scale)
+    for name, sheet in (("before.png", before), ("after.png", after)):
+        buf = io.BytesIO()
+        Image.fromarray(sheet).save(buf, format="PNG", optimize=True)
+        atomic_write(out / name, buf.getvalue())
+    _err(f"wrote {out / 'before.png'} and {out / 'after.png'}")
+
+
 @bench_app.command("speed")
 def bench_speed(
     out: Path = typer.Option(Path("runs/speed.json"), "--out", "-o", help="JSON results file."),

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from dragonctl.bench import quality, speed, success
 from dragonctl.cli import app
+from dragonctl.errors import UsageError
 
 
 @pytest.mark.parametrize("size", [64, 128])
@@ -124,6 +125,24 @@ def test_quality_benchmark_runs_through_the_real_engine(tmp_path):
         assert record["success"] == (not record["failed"])
         assert (tmp_path / f"failures_{mode}.png").exists() == bool(record["failed"])
     assert "| move | " in quality.success_table(summary)
+
+    from dragonctl.bench import contact
+
+    before, after = contact.sheets([tmp_path], per_mode=1, scale=2)
+    assert before.shape[0] == after.shape[0]  # a row per mode in both, of the same heights
+    # each result is framed by its verdict, top-left corner of the first cell after the labels
+    for k, mode in enumerate(("move", "appearance", "drag_part")):
+        record = summary["modes"][mode]["per_case"][0]
+        want = contact.SUCCESS if record["success"] else contact.FAILURE
+        cell_h = (64 * 2 + 2 * contact.FRAME + contact.CAPTION_H) + contact.GAP
+        assert tuple(after[k * cell_h, contact.LABEL_W]) == want
+    with pytest.raises(UsageError, match="also in"):
+        contact.sheets([tmp_path, tmp_path])
+    r = CliRunner().invoke(app, ["bench", "sheets", str(tmp_path), "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s" / "before.png").exists() and (tmp_path / "s" / "after.png").exists()
+    r = CliRunner().invoke(app, ["bench", "sheets", str(tmp_path / "nothing")])
+    assert r.exit_code == 1 and "quality.json: not found" in r.output
 
 
 def test_bench_quality_exits_0_when_every_case_ran_whatever_the_verdicts(tmp_path):
