@@ -632,7 +632,8 @@ def _write_previews(ls: LoadedSpec, inp: EditInputs, result, out: Path) -> None:
 def invert(
     paths: Iterable[str | Path], opts: EditOptions | None = None, progress: Progress | None = None
 ) -> list[SpecReport]:
-    """Fill the cache with each spec's source inversion (and its second image's)."""
+    """Fill the cache with each spec's bank inversions: the source's (a whole copy's in its
+    place), and its second image's."""
     from dragonctl.modes import build_plan
     from dragonctl.schedules import Schedule
 
@@ -647,10 +648,8 @@ def invert(
             before = ed.inversions
             frame = ed.frame_for(inp.source, ls.spec.resolution)
             schedule = Schedule.from_config(ed.bundle.scheduler_config, ls.spec.steps)
-            plan = build_plan(ls.spec, inp, frame, ed.bundle.latent_factor)  # its second image
-            ed.memory_bank(
-                ls.spec, inp, frame.image_to_work(inp.source), plan.second_image, schedule, progress
-            )
+            plan = build_plan(ls.spec, inp, frame, ed.bundle.latent_factor)  # its bank images
+            ed.memory_bank(ls.spec, inp, frame, plan, schedule, progress)
             reports.append(
                 SpecReport(
                     p, True, seconds=time.perf_counter() - t0, inversions=ed.inversions - before

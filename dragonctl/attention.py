@@ -37,9 +37,9 @@ BANK_MODES = ("replace", "concat", "composite")
 class BankAttention:
     """How the generation rows read the memory bank: one choice per edit, made by the mode.
 
-    replace: the source bank row's K/V instead of their own (move, resize by correspondence);
+    replace: the first bank row's K/V instead of their own (move by correspondence; a whole copy);
     concat: their own K/V and the source's (drag); composite: the source's tokens outside the
-    object and the second image's inside it, as one K/V set (appearance, paste, scaled copy).
+    object and the second image's inside it, as one K/V set (appearance, paste by composite).
     """
 
     mode: str

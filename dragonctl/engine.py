@@ -236,22 +236,24 @@ class Editor:
         self,
         spec: Spec,
         inp: EditInputs,
-        source_work: np.ndarray,
-        second_work: np.ndarray | None,
+        frame: Frame,
+        plan: EditPlan,
         schedule: Schedule,
         progress: Progress | None = None,
     ) -> list[torch.Tensor]:
-        """The trajectories the edit reads: the source's, and the second image's when it has one."""
+        """The trajectories the edit reads: the source's (a whole copy's in its place), and the
+        second image's when it has one."""
         refine = spec.inversion_refine
-        bank = [
-            self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, refine)
-        ]
-        if second_work is not None:
-            second_bytes = second_work.tobytes() + str(second_work.shape).encode()
+        if plan.bank_source is None:
+            first_work, first_key = frame.image_to_work(inp.source), inp.source_bytes
+        else:
+            first_work, first_key = plan.bank_source, _image_key(plan.bank_source)
+        bank = [self.trajectory(first_work, first_key, spec.prompt, schedule, progress, refine)]
+        if plan.second_image is not None:
+            prompt = bank_prompts(spec)[1]
+            second = plan.second_image
             bank.append(
-                self.trajectory(
-                    second_work, second_bytes, bank_prompts(spec)[1], schedule, progress, refine
-                )
+                self.trajectory(second, _image_key(second), prompt, schedule, progress, refine)
             )
         return bank
 
@@ -388,10 +390,7 @@ class Editor:
         frame = self.frame_for(inp.source, spec.resolution)
         plan = build_plan(spec, inp, frame, b.latent_factor, b.device)
         schedule = Schedule.from_config(b.scheduler_config, spec.steps)
-        source_work = frame.image_to_work(inp.source)
-        trajectories = self.memory_bank(
-            spec, inp, source_work, plan.second_image, schedule, progress
-        )
+        trajectories = self.memory_bank(spec, inp, frame, plan, schedule, progress)
         settings = loop_settings(spec.guidance, plan.feature_hw, b.latent_factor)
         with torch.no_grad():
             cond = [b.encode_prompt([p]) for p in bank_prompts(spec)[: len(trajectories)]]
@@ -497,10 +496,15 @@ class Editor:
         return out
 
 
+def _image_key(work: np.ndarray) -> bytes:
+    """A working-size image's trajectory-cache key (the source's is its file's bytes)."""
+    return work.tobytes() + str(work.shape).encode()
+
+
 def _shared_bank(
     setups: list[EditSetup],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, ...]]]:
-    """The distinct bank images of a loop's edits (the shared source first) with their prompts,
+    """The distinct bank images of a loop's edits (in the order edits name them) with their prompts,
     and each edit's indices into them. One trajectory is one tensor (`Editor.trajectory` keeps
     them), so identity finds the shared ones."""
     trajectories: list[torch.Tensor] = []
@@ -516,6 +520,7 @@ def _shared_bank(
                 contexts.append(ctx)
             own.append(at)
         images.append(tuple(own))
-    if any(own[0] != 0 for own in images):
+    sources = {own[0] for s, own in zip(setups, images) if s.plan.bank_source is None}
+    if len(sources) > 1:  # a whole copy's first image is its own
         raise ValueError("a batched loop's edits share one source (see Editor.batch_key)")
     return trajectories, contexts, images

@@ -234,11 +234,13 @@ def _components(mask: np.ndarray) -> np.ndarray:
         labels = flat.reshape(h, w)
 
 
-def fill_from_rim(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+def fill_from_rim(
+    image: np.ndarray, hole: np.ndarray, ignore: np.ndarray | None = None
+) -> np.ndarray:
     """The image with `hole` painted by the affine colour model of a ring around it: a flat or
     gradient background continues where an object was. Ring pixels far off the first fit (a
-    neighbouring object's) are left out of the second."""
-    ring = dilate(hole, 2) & ~hole
+    neighbouring object's) are left out of the second, and those in `ignore` from the start."""
+    ring = dilate(hole, 2) & ~hole & (True if ignore is None else ~ignore)
     if ring.sum() < 8 or not hole.any():
         return image.copy()
     img = image.astype(np.float64)
@@ -428,3 +430,91 @@ def interior(mask: np.ndarray, pixels: int) -> np.ndarray:
     """The mask less a border of `pixels` (the whole mask when nothing would be left)."""
     inner = erode(mask, pixels)
     return inner if inner.any() else mask
+
+
+def part_under(image: np.ndarray, region: np.ndarray, point: tuple[float, float]) -> np.ndarray:
+    """The connected part of the object under `point` that lies in `region`: of the pixels that
+    stand out from the region's rim (`object_in_mask`) in about the point's colour, or, when
+    nothing stands out, of those within `OBJECT_CONTRAST` of it, the 8-connected piece nearest
+    the point (≤ 2 px off, as a handle on an object's edge can be). Empty when there is none."""
+    h, w = region.shape
+    px, py = min(max(int(point[0]), 0), w - 1), min(max(int(point[1]), 0), h - 1)
+    near = image[max(py - 1, 0) : py + 2, max(px - 1, 0) : px + 2].reshape(-1, 3)
+    colour = np.median(near.astype(np.float64), axis=0) / 255.0
+    distance = np.linalg.norm(image.astype(np.float64) / 255.0 - colour, axis=-1)
+    found = object_in_mask(image, region)
+    if np.array_equal(found, region):
+        found = region & (distance < OBJECT_CONTRAST)
+    else:  # a neighbour touching the object stands out from the rim too, in its own colour
+        found &= distance < 2 * OBJECT_CONTRAST
+    around = np.zeros_like(found)
+    around[max(py - 2, 0) : py + 3, max(px - 2, 0) : px + 3] = True
+    if not (found & around).any():
+        return np.zeros_like(found)
+    labels = _components(found)
+    ys, xs = np.nonzero(found & around)
+    nearest = np.argmin((xs - px) ** 2 + (ys - py) ** 2)
+    return labels == labels[ys[nearest], xs[nearest]]
+
+
+def drag_copy(
+    image: np.ndarray,
+    region: np.ndarray,
+    handle: tuple[float, float],
+    target: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The image with the part of the object under `handle` (`part_under`, in `region`) dragged
+    by target − handle, and the pixels the drag took part from or put part on.
+
+    Each pixel of the region takes the pixel a share of the drag vector behind it: the whole
+    vector where the way back stays in the region, else as far back as it does. So the part
+    moves rigidly where the region holds it, and where the region's edge cuts through the
+    object, the object's section at the cut stretches into the gap (a square dragged by its far
+    edge, beyond a cut at its centre, becomes a longer rectangle). Only the part's pixels land;
+    the place it leaves is painted from its surroundings (`fill_from_rim`)."""
+    part = part_under(image, region, handle)
+    if not part.any():
+        return image.copy(), np.zeros_like(region)
+    vx, vy = target[0] - handle[0], target[1] - handle[1]
+    h, w = region.shape
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5  # pixel centres
+    n = max(1, math.ceil(2 * math.hypot(vx, vy)))  # half-pixel steps back along the vector
+    share = np.zeros((h, w))
+    inside = region.copy()
+    for k in range(1, n + 1):
+        bx, by = np.floor(xs - k / n * vx).astype(int), np.floor(ys - k / n * vy).astype(int)
+        valid = (bx >= 0) & (bx < w) & (by >= 0) & (by < h)
+        inside &= valid & region[by.clip(0, h - 1), bx.clip(0, w - 1)]
+        share = np.where(inside, k / n, share)
+    sx, sy = xs - share * vx, ys - share * vy
+    landed = (
+        region
+        & part[np.floor(sy).astype(int).clip(0, h - 1), np.floor(sx).astype(int).clip(0, w - 1)]
+    )
+    # the part's edge resamples with its own colours, not the background it leaves
+    moved = _bilinear(extend_colours(image, part, 2), sx, sy)
+    # the object beyond the region's edge (where a cut crosses it) is no background to paint with
+    colour = np.median(image[part].astype(np.float64), axis=0)
+    like_part = np.linalg.norm(image.astype(np.float64) - colour, axis=-1) < 255 * OBJECT_CONTRAST
+    # the part's edge goes with it, a neighbour's pixels next to it stay
+    others = object_in_mask(image, region) & ~like_part
+    hole = dilate(part, 1) & region & ~others
+    out = fill_from_rim(image, hole, ignore=like_part)
+    out[landed] = moved[landed]
+    return out, hole | landed
+
+
+def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The image sampled at continuous pixel coordinates (centres at i + 0.5), edges clamped."""
+    h, w = image.shape[:2]
+    u, v = x - 0.5, y - 0.5
+    x0, y0 = np.floor(u).astype(int), np.floor(v).astype(int)
+    fx, fy = (u - x0)[..., None], (v - y0)[..., None]
+    img = image.astype(np.float64)
+
+    def at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        return img[yy.clip(0, h - 1), xx.clip(0, w - 1)]
+
+    top = at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx
+    bottom = at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx
+    return np.clip(np.round(top * (1 - fy) + bottom * fy), 0, 255).astype(np.uint8)

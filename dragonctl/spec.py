@@ -135,6 +135,7 @@ class Guidance(_Model):
     appearance_init: Literal["source", "reference_statistics"]
     appearance_method: Literal["features", "recolour"]
     paste_method: Literal["composite", "copy"]
+    drag_method: Literal["features", "copy"]
     image_prompt: ImagePrompt | None = None
 
     @model_validator(mode="after")

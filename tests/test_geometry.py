@@ -170,6 +170,48 @@ def test_fill_from_rim_continues_a_gradient_under_a_removed_object():
     assert np.array_equal(out[~hole], image[~hole])
 
 
+def _gradient_scene() -> np.ndarray:
+    ys, xs = np.mgrid[0:48, 0:64].astype(np.float64)
+    return np.stack([40 + 2 * xs, 200 - 2 * ys, 90 + xs], axis=-1).clip(0, 255).astype(np.uint8)
+
+
+def test_drag_copy_moves_the_part_under_the_handle_and_paints_its_old_place():
+    """A square held whole by the region moves by the drag vector; its old place gets the
+    gradient back; a neighbour touching it, and everything outside the region, stay."""
+    image = _gradient_scene()
+    image[10:20, 10:20] = (250, 10, 10)  # the dragged square
+    image[20:26, 20:26] = (10, 10, 250)  # a neighbour touching its corner, in the region too
+    region = geometry.box_mask([4, 4, 40, 30], 48, 64)
+    out, changed = geometry.drag_copy(image, region, (15.0, 15.0), (23.0, 13.0))
+    red = (out == (250, 10, 10)).all(-1)
+    want = np.zeros_like(red)
+    want[8:18, 18:28] = True
+    assert np.array_equal(red, want)
+    assert np.array_equal(out[20:26, 20:26], image[20:26, 20:26])
+    assert (out == (10, 10, 250)).all(-1).sum() == 36  # and it went nowhere else
+    left = np.zeros_like(red)
+    left[18:20, 10:18] = True  # no longer covered: the background's gradient, not red
+    assert np.abs(out[left].astype(int) - _gradient_scene()[left]).max() <= 2
+    assert np.array_equal(out[~region], image[~region]) and not changed[~region].any()
+
+
+def test_drag_copy_stretches_an_object_a_region_edge_cuts():
+    """A region from a square's centre line on, its far edge dragged 6 px out: the half in the
+    region moves and the cut's column fills the gap (a 10 × 16 rectangle), the other half stays;
+    a handle over nothing that stands out, in a flat region, changes nothing visible."""
+    image = _gradient_scene()
+    image[10:20, 10:20] = (250, 10, 10)
+    region = geometry.box_mask([15, 4, 40, 30], 48, 64)  # from the square's centre line on
+    out, _ = geometry.drag_copy(image, region, (19.5, 15.0), (25.5, 15.0))
+    red = (out == (250, 10, 10)).all(-1)
+    want = np.zeros_like(red)
+    want[10:20, 10:26] = True
+    assert np.array_equal(red, want)
+    flat = np.full((20, 20, 3), 90, dtype=np.uint8)
+    moved, _ = geometry.drag_copy(flat, geometry.box_mask([2, 2, 18, 18], 20, 20), (8, 8), (12, 8))
+    assert np.array_equal(moved, flat)
+
+
 def test_transfer_colors_gives_the_region_the_reference_colours_and_keeps_its_shading():
     """A shaded object takes the reference's mean and spread per channel, each pixel keeping its
     rank; a flat object takes the reference's mean; nothing outside the region changes."""

@@ -26,7 +26,7 @@ def test_every_mode_validates_and_merges_defaults(spec_for, mode):
     ls = load_spec(path)
     assert ls.spec.mode == mode
     # configs/shapes.yaml: the family's defaults, then the mode's, then the spec's own values
-    energy = {"move": 0.6, "resize": 0.6, "drag": 0.8, "appearance": 0.2, "paste": 0.4}[mode]
+    energy = {"move": 0.6, "resize": 0.6, "drag": 0.6, "appearance": 0.2, "paste": 0.4}[mode]
     g = ls.spec.guidance
     assert (g.energy_scale, g.w_edit, g.cfg_scale, g.guide_until) == (energy, 7.5, 1.0, 0.6)
     assert ls.spec.steps == 4 and ls.spec.seed == 42 and ls.spec.prompt == ""
@@ -151,8 +151,8 @@ def test_a_fill_region_the_resize_method_cannot_use_is_a_warning(spec_for):
 
 
 def test_unknown_copy_and_appearance_methods_name_their_field(spec_for):
-    keys = ("resize_method", "move_method", "appearance_init", "appearance_method", "paste_method")
-    for key in keys:
+    keys = ("resize_method", "move_method", "appearance_init", "appearance_method")
+    for key in (*keys, "paste_method", "drag_method"):
         with pytest.raises(SpecError, match=f"guidance.{key}"):
             load_spec(spec_for("resize", guidance={key: "magic"}))
 

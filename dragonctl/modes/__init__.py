@@ -3,16 +3,19 @@
 A plan holds everything mode-specific the sampler needs: how the generation branch reads the
 memory bank (`BankAttention`), the initial latent (the mode's copy of inverted noise), the edit and
 SDE masks on the latent grid, the edit and content energies closed over their cell indices, and,
-for modes that read a second image, that image at working size. One module per mode:
+for modes that read a second image or a copy in the source's place, that image at working size.
+One module per mode:
 
 | mode | plan | bank reading |
 |---|---|---|
 | move, resize (correspondence) | `move.plan` | replace |
-| drag | `drag.plan` | concat |
-| move (copy), resize (scaled copy) | `copy.scaled_copy_plan` | the copy's, everywhere |
-| paste | `copy.paste_plan` | the copy's, everywhere |
+| drag (features) | `drag.plan` | concat |
+| drag (copy) | `copy.drag_copy_plan` | replace (the copy's) |
+| move (copy), resize (scaled copy) | `copy.scaled_copy_plan` | replace (the copy's) |
+| paste (copy) | `copy.paste_plan` | replace (the copy's) |
+| paste (composite) | `copy.paste_plan` | composite |
 | appearance (features) | `appearance.plan` | composite |
-| appearance (recolour) | `copy.recolour_plan` | the copy's, everywhere |
+| appearance (recolour) | `copy.recolour_plan` | replace (the copy's) |
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ from dragonctl.spec import Spec
 
 @dataclass(frozen=True)
 class EditPlan(LoopPlan):
-    """A mode's plan: what the loop needs, and the second bank image (None for one-image modes)."""
+    """A mode's plan: what the loop needs, the second bank image (None for one-image modes), and
+    a whole copy's image, which the bank holds in the source's place."""
 
     mode: str = ""
     second_image: np.ndarray | None = None  # working size, pixel-aligned with the source
+    # a whole copy: the image the bank inverts in the source's place (the source is not read)
+    bank_source: np.ndarray | None = None
 
 
 def plan_on(
@@ -46,6 +52,7 @@ def plan_on(
     init_latent,
     sde_mask: torch.Tensor | None = None,
     second_image: np.ndarray | None = None,
+    bank_source: np.ndarray | None = None,
 ) -> EditPlan:
     """An `EditPlan` on `grids`; the SDE region is the edit region unless given."""
     return EditPlan(
@@ -59,6 +66,7 @@ def plan_on(
         feature_hw=grids.feature_hw,
         mode=mode,
         second_image=second_image,
+        bank_source=bank_source,
     )
 
 
@@ -82,6 +90,8 @@ def build_plan(
         return move.plan(spec, inp, frame, grids, dev)
     if spec.mode in ("move", "resize"):
         return copy.scaled_copy_plan(spec, inp, frame, grids, dev)
+    if spec.mode == "drag" and g.drag_method == "copy":
+        return copy.drag_copy_plan(spec, inp, frame, grids, dev)
     if spec.mode == "drag":
         return drag.plan(spec, inp, frame, grids, dev)
     if spec.mode == "paste":

@@ -1,11 +1,13 @@
 """Generation from a pixel-aligned copy: move's and resize's object moved (and scaled) over the
-source, paste's placed reference, and appearance's object recoloured like the reference.
+source, paste's placed reference, appearance's object recoloured like the reference, and drag's
+handle parts dragged.
 
-The copy is the source with the wanted content in a region: a second bank image. The whole
-generation starts from the copy's inverted noise and reads the copy's K/V; the region's features
-are guided to the copy's, cell by cell, and the rest keeps the copy's (there, the source's).
-Paste's `composite` method (the reference's) instead starts only the region from the placed
-reference's noise, over the source's, and reads the reference's K/V there, the source's elsewhere.
+The copy is the source with the wanted content in a region, and the bank holds it in the source's
+place. The whole generation starts from the copy's inverted noise and reads the copy's K/V; the
+region's features are guided to the copy's, cell by cell, and the rest keeps the copy's (there,
+the source's). Paste's `composite` method (the reference's) instead starts only the region from
+the placed reference's noise (a second bank image), over the source's, and reads the reference's
+K/V there, the source's elsewhere.
 """
 
 from __future__ import annotations
@@ -29,39 +31,54 @@ def copy_plan(
     region_w: np.ndarray,
     composite: bool = False,
 ) -> EditPlan:
-    """The plan of a copy (working size) that is the source outside `region_w` (with `composite`:
-    right only inside it).
+    """The plan of a copy (working size) that is the source outside `region_w`: the bank holds
+    the copy in the source's place, and the generation starts from its noise, reads its K/V and
+    is guided to its features in the region and kept at them elsewhere.
 
     The copy's noise and K/V, not the source's, outside the region too: inverted noise is not
     local (the source's around a recoloured object still encodes its old colour), and at coarse
     layers the cells the region half-covers would carry the source's K/V; both dissolved copied
-    objects into speckle."""
+    objects into speckle. So the source is not inverted at all.
+
+    With `composite` (paste's reference method) the copy is right only inside the region: it is
+    a second bank image, the region starts from its noise over the source's and reads its K/V,
+    the rest the source's."""
     g = spec.guidance
     region_f = grids.feature(region_w)
     region_idx = cells(region_f, dev)
     keep = cells(~region_f, dev)
-    outside = 0 if composite else 1  # the bank image whose features the rest keeps
-
-    def edit_energy(cur, refs):
-        return energies.copy_edit_energy(cur, refs[1], region_idx, g.w_edit)
-
-    def content_energy(cur, refs):
-        return energies.content_energy(cur, refs[outside], keep, g.w_content)
-
+    copy = 1 if composite else 0  # the copy's bank image
     region_lat = latent_mask(grids.latent(region_w))
 
-    def init_latent(z_src: torch.Tensor, z_copy: torch.Tensor | None) -> torch.Tensor:
-        assert z_copy is not None
-        if composite:
-            return torch.where(region_lat.to(z_src.device), z_copy, z_src)
-        return z_copy.clone()
+    def edit_energy(cur, refs):
+        return energies.copy_edit_energy(cur, refs[copy], region_idx, g.w_edit)
 
-    read_copy = region_w if composite else np.ones_like(region_w)
+    def content_energy(cur, refs):
+        return energies.content_energy(cur, refs[0], keep, g.w_content)
+
+    def init_latent(z_first: torch.Tensor, z_copy: torch.Tensor | None) -> torch.Tensor:
+        if not composite:
+            return z_first.clone()
+        assert z_copy is not None
+        return torch.where(region_lat.to(z_first.device), z_copy, z_first)
+
+    if not composite:
+        attention = BankAttention("replace")
+        return plan_on(
+            grids,
+            spec.mode,
+            attention,
+            region_lat,
+            edit_energy,
+            content_energy,
+            init_latent,
+            bank_source=copy_work,
+        )
     attention = BankAttention(
         "composite",
-        base_keep=~read_copy,
-        ref_keep=read_copy,
-        query_region=region_w if composite and g.regional_attention else None,
+        base_keep=~region_w,
+        ref_keep=region_w,
+        query_region=region_w if g.regional_attention else None,
     )
     return plan_on(
         grids,
@@ -142,3 +159,21 @@ def recolour_plan(
     region_w = geometry.dilate(frame.mask_to_work(src_obj), grids.blend_margin())
     copy_work = over_source(frame, inp, recoloured, region_w)
     return copy_plan(spec, grids, dev, copy_work, region_w)
+
+
+def drag_copy_plan(
+    spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
+) -> EditPlan:
+    """Drag from an image-space copy: in the editable region, the part of the object under each
+    handle dragged to its target (`geometry.drag_copy`, one point after the other), so the part
+    moves rigidly and a region's edge that cuts the object stretches it. Handle features guided
+    to their targets smeared the object into speckle and stopped it short on the shapes model."""
+    assert inp.mask is not None
+    dragged, changed = inp.source, np.zeros(inp.mask.shape, dtype=bool)
+    for handle, target in inp.points:
+        dragged, moved = geometry.drag_copy(dragged, inp.mask, tuple(handle), tuple(target))
+        changed |= moved
+    if not changed.any():  # no part under any handle: the copy is the source
+        changed = inp.mask
+    region_w = geometry.dilate(frame.mask_to_work(changed), grids.blend_margin())
+    return copy_plan(spec, grids, dev, over_source(frame, inp, dragged, region_w), region_w)
