@@ -87,6 +87,19 @@ def test_quality_metrics_see_an_edit_that_did_nothing():
         assert m["residue"] == 1.0 and m["iou"] < 0.5 and m["centroid_error"] > 4
 
 
+def test_an_outline_a_pixel_off_is_no_copy_left_behind():
+    """A shrunk object rasterised a pixel larger than the truth's (a resampled copy can be) leaves
+    no residue; the same object left whole at its old place does."""
+    case = next(c for c in quality.make_cases("resize", 12) if c.spec["scale"] < 1)
+    colour = (np.asarray(case.color) * 255).round().astype(np.uint8)
+    a_pixel_off = case.truth.copy()
+    a_pixel_off[quality._dilate(case.new_mask, 1)] = colour
+    assert quality.score(case, a_pixel_off)["residue"] == 0.0
+    left_whole = a_pixel_off.copy()
+    left_whole[case.old_mask] = colour
+    assert quality.score(case, left_whole)["residue"] > 0.5
+
+
 def test_resize_that_did_nothing_is_not_scored_as_success():
     for case in quality.make_cases("resize", 4):
         m = quality.score(case, case.source)

@@ -577,6 +577,21 @@ def test_scaled_copy_resize_reads_the_source_scaled_about_the_object(tiny_sd, sp
         assert plan.edit_mask.any() and not plan.edit_mask.all()
     correspondence = _plan(tiny_sd, spec_for("resize", model=str(tiny_sd)))[0]
     assert correspondence.attention.mode == "replace" and correspondence.bank_source is None
+    # a loose box with uneven margins: the object keeps its own box centre, in its own colours
+    loose = spec_for(
+        "resize",
+        name="loose.yaml",
+        model=str(tiny_sd),
+        mask={"box": [2, 10, 24, 34]},
+        scale=0.75,
+        resolution=56,
+        guidance={"resize_method": "scaled_copy"},
+    )
+    plan, frame, inp = _plan(tiny_sd, loose)
+    copy = frame.image_to_source(_whole_copy(plan))
+    red_copy = np.abs(copy.astype(int) - red).sum(-1) < 60
+    assert np.array_equal(geometry.bbox_center(red_copy), (16.0, 18.0))  # the red box's own
+    assert red_copy.sum() == 12 * 12
 
 
 def test_a_move_by_copy_reads_the_source_shifted_by_the_offset(tiny_sd, spec_for):

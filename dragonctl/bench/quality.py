@@ -491,13 +491,16 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
     far = ~_dilate(case.edit_region, case.source.shape[0] // 5)
     objects = _dilate(case.old_mask | case.new_mask, rim)
     vacated = case.old_mask & ~case.new_mask
+    # the old place's object colour is a copy left behind, but not a pixel off the new outline:
+    # that is the outline's own rasterisation (a resampled 10-px triangle differs there)
+    left = vacated & ~_dilate(case.new_mask, max(1, rim // 2))
     out: dict[str, float] = {
         "background_psnr": psnr(result, case.source, background),
         "far_psnr": psnr(result, case.source, far),
         "cleanliness": success.cleanliness(result, case.source, ~objects),
         # object-coloured pixels away from the truth's object and its old place: a second copy
         "stray": float((cm & ~_dilate(case.new_mask, rim) & ~vacated).sum() / case.new_mask.sum()),
-        "residue": float(cm[vacated].mean()) if vacated.any() else 0.0,
+        "residue": float(cm[left].mean()) if left.any() else 0.0,
     }
     if case.mode in ("move", "resize", "drag"):
         present = cm & ~vacated

@@ -105,7 +105,7 @@ def scaled_copy_plan(
     spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device
 ) -> EditPlan:
     """Move or resize from an image-space copy: the object found in the mask, offset (and scaled
-    about the mask's centre), over the source with the object's old place painted from its
+    about its box centre), over the source with the object's old place painted from its
     surroundings (`geometry.fill_from_rim`). A small resize moves the outline by less than a
     latent cell, which correspondence guidance barely moves; the copy resamples the object
     exactly. A move starts the object where it goes, in its own colours, where correspondence
@@ -114,13 +114,16 @@ def scaled_copy_plan(
     dx, dy = spec.offset or (0.0, 0.0)
     s = spec.effective_scale
     obj = geometry.object_in_mask(inp.source, inp.mask)  # a loose mask's margin stays put
-    cx, cy = geometry.bbox_center(inp.mask)
     ox, oy = geometry.bbox_center(obj)
-    at = (cx + s * (ox - cx) + dx, cy + s * (oy - cy) + dy)  # the mask's centre anchors the scale
-    placed, placed_mask = geometry.place_reference(inp.source, obj, s, at, inp.source.shape[:2])
+    # about the object's own box centre: a loose mask's centre is wherever the user's margin puts it
+    at = (ox + dx, oy + dy)
+    # the object's edge is resampled from its own colours, not the background it leaves
+    own = geometry.extend_colours(inp.source, obj, 3)
+    placed, placed_mask = geometry.place_reference(own, obj, s, at, inp.source.shape[:2])
     vacated = geometry.fill_from_rim(inp.source, geometry.dilate(obj, 1))
     moved = np.where(placed_mask[..., None], placed, vacated)
-    region_w = geometry.dilate(frame.mask_to_work(inp.mask | inp.target_mask), grids.blend_margin())
+    changed = inp.mask | inp.target_mask | placed_mask
+    region_w = geometry.dilate(frame.mask_to_work(changed), grids.blend_margin())
     copy_work = over_source(frame, inp, moved, region_w)
     return copy_plan(spec, grids, dev, copy_work, region_w)
 
