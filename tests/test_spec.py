@@ -26,11 +26,20 @@ def test_every_mode_validates_and_merges_defaults(spec_for, mode):
     ls = load_spec(path)
     assert ls.spec.mode == mode
     # configs/shapes.yaml: the family's defaults, then the mode's, then the spec's own values
-    energy = {"move": 0.6, "resize": 0.6, "drag": 0.6, "appearance": 0.2, "paste": 0.4}[mode]
+    method = {
+        "move": "move_method",
+        "resize": "resize_method",
+        "drag": "drag_method",
+        "appearance": "appearance_method",
+        "paste": "paste_method",
+    }[mode]
+    copies = {"move_method": "copy", "resize_method": "scaled_copy"}
     g = ls.spec.guidance
-    assert (g.energy_scale, g.w_edit, g.cfg_scale, g.guide_until) == (energy, 7.5, 1.0, 0.6)
+    assert (g.energy_scale, g.w_edit, g.cfg_scale, g.guide_until) == (0.0, 7.5, 1.0, 0.6)
+    assert getattr(g, method) == copies.get(method, "recolour" if mode == "appearance" else "copy")
+    assert g.drag_method == ("copy" if mode == "drag" else "features")  # the family's elsewhere
     assert ls.spec.steps == 4 and ls.spec.seed == 42 and ls.spec.prompt == ""
-    assert ls.spec.resolution == 32 and ls.spec.inversion_refine == 2  # spec's; family's
+    assert ls.spec.resolution == 32 and ls.spec.inversion_refine == 5  # spec's; family's
     assert api.validate([path])[0].ok
 
 
