@@ -477,22 +477,26 @@ def drag_copy(
         return image.copy(), np.zeros_like(region)
     vx, vy = target[0] - handle[0], target[1] - handle[1]
     h, w = region.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5  # pixel centres
+    # only the region's pixels change: work in its box (a short drag on a large photo)
+    rows, cols = np.nonzero(region.any(axis=1))[0], np.nonzero(region.any(axis=0))[0]
+    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    ys, xs = np.mgrid[box].astype(np.float64) + 0.5  # pixel centres
     n = max(1, math.ceil(2 * math.hypot(vx, vy)))  # half-pixel steps back along the vector
-    share = np.zeros((h, w))
-    inside = region.copy()
+    share = np.zeros(ys.shape)
+    inside = region[box].copy()
     for k in range(1, n + 1):
         bx, by = np.floor(xs - k / n * vx).astype(int), np.floor(ys - k / n * vy).astype(int)
         valid = (bx >= 0) & (bx < w) & (by >= 0) & (by < h)
         inside &= valid & region[by.clip(0, h - 1), bx.clip(0, w - 1)]
         share = np.where(inside, k / n, share)
     sx, sy = xs - share * vx, ys - share * vy
-    landed = (
-        region
+    landed = np.zeros_like(region)
+    landed[box] = (
+        region[box]
         & part[np.floor(sy).astype(int).clip(0, h - 1), np.floor(sx).astype(int).clip(0, w - 1)]
     )
     # the part's edge resamples with its own colours, not the background it leaves
-    moved = _bilinear(extend_colours(image, part, 2), sx, sy)
+    moved = _bilinear(extend_colours(image, part, 2), sx, sy)  # the box's pixels
     # the object beyond the region's edge (where a cut crosses it) is no background to paint with
     colour = np.median(image[part].astype(np.float64), axis=0)
     like_part = np.linalg.norm(image.astype(np.float64) - colour, axis=-1) < 255 * OBJECT_CONTRAST
@@ -500,7 +504,7 @@ def drag_copy(
     others = object_in_mask(image, region) & ~like_part
     hole = dilate(part, 1) & region & ~others
     out = fill_from_rim(image, hole, ignore=like_part)
-    out[landed] = moved[landed]
+    out[landed] = moved[landed[box]]
     return out, hole | landed
 
 

@@ -174,6 +174,8 @@ def drag_copy_plan(
     assert inp.mask is not None
     dragged, changed = inp.source, np.zeros(inp.mask.shape, dtype=bool)
     for handle, target in inp.points:
+        if tuple(handle) == tuple(target):
+            continue  # a zero-length drag moves nothing
         dragged, moved = geometry.drag_copy(dragged, inp.mask, tuple(handle), tuple(target))
         changed |= moved
     if not changed.any():  # no part under any handle: the copy is the source
