@@ -177,8 +177,10 @@ def test_bench_quality_exits_0_when_every_case_ran_whatever_the_verdicts(tmp_pat
             "2",
             "--energy-scale",
             "0",
+            "--guidance",
+            "drag_method=features",
         ],
-    )  # no guidance: the dragged object stays, a failure
+    )  # handle features unguided: the dragged object stays, a failure
     assert r.exit_code == 0, r.output
     assert "| drag | 0/1 (0 %) | " in r.output and (tmp_path / "failures_drag.png").exists()
 
