@@ -62,33 +62,19 @@ def copy_plan(
         assert z_copy is not None
         return torch.where(region_lat.to(z_first.device), z_copy, z_first)
 
-    if not composite:
-        attention = BankAttention("replace")
-        return plan_on(
-            grids,
-            spec.mode,
-            attention,
-            region_lat,
-            edit_energy,
-            content_energy,
-            init_latent,
-            bank_source=copy_work,
+    if composite:
+        attention = BankAttention(
+            "composite",
+            base_keep=~region_w,
+            ref_keep=region_w,
+            query_region=region_w if g.regional_attention else None,
         )
-    attention = BankAttention(
-        "composite",
-        base_keep=~region_w,
-        ref_keep=region_w,
-        query_region=region_w if g.regional_attention else None,
-    )
+        held = {"second_image": copy_work}
+    else:
+        attention = BankAttention("replace")
+        held = {"bank_source": copy_work}
     return plan_on(
-        grids,
-        spec.mode,
-        attention,
-        region_lat,
-        edit_energy,
-        content_energy,
-        init_latent,
-        second_image=copy_work,
+        grids, spec.mode, attention, region_lat, edit_energy, content_energy, init_latent, **held
     )
 
 
