@@ -432,17 +432,23 @@ def interior(mask: np.ndarray, pixels: int) -> np.ndarray:
     return inner if inner.any() else mask
 
 
-def part_under(image: np.ndarray, region: np.ndarray, point: tuple[float, float]) -> np.ndarray:
+def part_under(
+    image: np.ndarray,
+    region: np.ndarray,
+    point: tuple[float, float],
+    standing_out: np.ndarray | None = None,
+) -> np.ndarray:
     """The connected part of the object under `point` that lies in `region`: of the pixels that
     stand out from the region's rim (`object_in_mask`) in about the point's colour, or, when
     nothing stands out, of those within `OBJECT_CONTRAST` of it, the 8-connected piece nearest
-    the point (≤ 2 px off, as a handle on an object's edge can be). Empty when there is none."""
+    the point (≤ 2 px off, as a handle on an object's edge can be). Empty when there is none.
+    `standing_out`: `object_in_mask(image, region)` when the caller has it already."""
     h, w = region.shape
     px, py = min(max(int(point[0]), 0), w - 1), min(max(int(point[1]), 0), h - 1)
     near = image[max(py - 1, 0) : py + 2, max(px - 1, 0) : px + 2].reshape(-1, 3)
     colour = np.median(near.astype(np.float64), axis=0) / 255.0
     distance = np.linalg.norm(image.astype(np.float64) / 255.0 - colour, axis=-1)
-    found = object_in_mask(image, region)
+    found = object_in_mask(image, region) if standing_out is None else standing_out.copy()
     if np.array_equal(found, region):
         found = region & (distance < OBJECT_CONTRAST)
     else:  # a neighbour touching the object stands out from the rim too, in its own colour
@@ -472,7 +478,8 @@ def drag_copy(
     object, the object's section at the cut stretches into the gap (a square dragged by its far
     edge, beyond a cut at its centre, becomes a longer rectangle). Only the part's pixels land;
     the place it leaves is painted from its surroundings (`fill_from_rim`)."""
-    part = part_under(image, region, handle)
+    standing_out = object_in_mask(image, region)
+    part = part_under(image, region, handle, standing_out)
     if not part.any():
         return image.copy(), np.zeros_like(region)
     vx, vy = target[0] - handle[0], target[1] - handle[1]
@@ -501,7 +508,7 @@ def drag_copy(
     colour = np.median(image[part].astype(np.float64), axis=0)
     like_part = np.linalg.norm(image.astype(np.float64) - colour, axis=-1) < 255 * OBJECT_CONTRAST
     # the part's edge goes with it, a neighbour's pixels next to it stay
-    others = object_in_mask(image, region) & ~like_part
+    others = standing_out & ~like_part
     hole = dilate(part, 1) & region & ~others
     out = fill_from_rim(image, hole, ignore=like_part)
     out[landed] = moved[landed[box]]
