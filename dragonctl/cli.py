@@ -596,6 +596,10 @@ def bench_quality(
     size: int | None = typer.Option(
         None, help="The cases' side in px (default: a shapes model's working size, else 64)."
     ),
+    baseline: bool = typer.Option(
+        True,
+        help="Also score plain reconstruction of each source (for a copy, a second inversion).",
+    ),
 ) -> None:
     """Run every mode on held-out shapes scenes and judge each case against the ground truth.
 
@@ -631,6 +635,7 @@ def bench_quality(
             log=lambda m: _err(m),
             spec_overrides={"steps": steps} if steps else None,
             size=size,
+            baseline=baseline,
         )
     typer.echo(quality.success_table(summary) + "\n\n" + quality.table(summary))
     _err(f"wrote {out / 'quality.json'}, sheet_<mode>.png and failures_<mode>.png")

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from dragonctl.bench import quality, speed, success
@@ -183,6 +184,23 @@ def test_bench_quality_exits_0_when_every_case_ran_whatever_the_verdicts(tmp_pat
     )  # handle features unguided: the dragged object stays, a failure
     assert r.exit_code == 0, r.output
     assert "| drag | 0/1 (0 %) | " in r.output and (tmp_path / "failures_drag.png").exists()
+
+
+def test_bench_quality_without_the_baseline_scores_the_edit_alone(tmp_path):
+    args = ["bench", "quality", "--cases", "1", "--mode", "move", "--steps", "2"]
+    r = CliRunner().invoke(app, [*args, str(tmp_path / "off"), "--no-baseline"])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if line.startswith("| move | "))
+    assert row.split(" | ")[2] == "—"  # the baseline's column
+    off = json.loads((tmp_path / "off" / "quality.json").read_text())["modes"]["move"]
+    assert off["baseline_successes"] is None and off["baseline_median"] == {}
+    assert off["per_case"][0]["baseline"] is None and off["median"]["background_psnr"] > 0
+    r = CliRunner().invoke(app, [*args, str(tmp_path / "on")])
+    on = json.loads((tmp_path / "on" / "quality.json").read_text())["modes"]["move"]
+    assert on["median"] == off["median"] and "background_psnr" in on["baseline_median"]
+    # the contact-sheet row loses the baseline's panel (64 px and its gap, at 3×)
+    widths = [Image.open(tmp_path / d / "sheet_move.png").size[0] for d in ("on", "off")]
+    assert widths[0] - widths[1] == (64 + 4) * 3
 
 
 def test_speed_benchmark_runs_at_tiny_size_and_counts_passes(tmp_path):

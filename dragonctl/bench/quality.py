@@ -533,6 +533,7 @@ def reconstruct(
     resolution: int = 64,
     image_bytes: bytes | None = None,
     prompt: str = "",
+    max_resolution: int | None = None,
 ) -> np.ndarray:
     """The no-guidance baseline: DDIM inversion of the source and plain DDIM back from its noise,
     through the sampler's own loop (no bank, no guidance).
@@ -548,7 +549,7 @@ def reconstruct(
     from dragonctl.schedules import Schedule
 
     b = editor.bundle
-    frame = editor.frame_for(image, resolution)
+    frame = editor.frame_for(image, resolution, max_resolution)
     schedule = Schedule.from_config(b.scheduler_config, steps)
     work = frame.image_to_work(image)
     traj = editor.trajectory(work, image_bytes or work.tobytes(), prompt, schedule, refine=refine)
@@ -576,12 +577,15 @@ def run(
     log=print,
     spec_overrides: dict | None = None,
     size: int | None = None,
+    baseline: bool = True,
 ) -> dict:
     """Run the benchmark; writes specs, results, contact sheets and `quality.json` under out_dir.
 
     Args:
         overrides: guidance settings for every case; spec_overrides: top-level spec fields.
         size: the cases' side in px; default: a shapes model's own working size, else 64.
+        baseline: also score plain reconstruction of each source (for a copy, the source's
+            own inversion: about as much work again as the edit).
     """
     from dragonctl import api
     from dragonctl.files import atomic_write
@@ -603,7 +607,7 @@ def run(
         for case in make_cases(mode, cases, seed, size):
             path = write_case(case, out_dir / mode, model)
             _override(path, overrides, spec_overrides)
-            record, row = run_case(session, opts, case, path, log)
+            record, row = run_case(session, opts, case, path, log, baseline)
             per_case.append(record)
             if row is not None:
                 rows.append(row)
@@ -646,8 +650,10 @@ def _override(path: Path, guidance: dict | None, fields: dict | None) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def run_case(session, opts, case: Case, path: Path, log) -> tuple[dict, np.ndarray | None]:
-    """Edit one case through the public API and score it and its baseline; returns its record
+def run_case(
+    session, opts, case: Case, path: Path, log, baseline: bool = True
+) -> tuple[dict, np.ndarray | None]:
+    """Edit one case through the public API and score it (and its baseline); returns its record
     and its contact-sheet row (None when the edit failed)."""
     from dragonctl import api
     from dragonctl.preview import side_by_side
@@ -661,16 +667,20 @@ def run_case(session, opts, case: Case, path: Path, log) -> tuple[dict, np.ndarr
         return {"case": case.name, "ok": False, "errors": rep.errors}, None
     result = np.asarray(Image.open(rep.output).convert("RGB"))
     s = ls.spec
-    base = reconstruct(
-        session.editor(s.model),
-        case.source,
-        s.steps,
-        s.inversion_refine,
-        s.resolution,
-        inp.source_bytes,
-        s.prompt,
-    )
-    m, b = score(case, result), score(case, base)
+    base = None
+    if baseline:
+        base = reconstruct(
+            session.editor(s.model),
+            case.source,
+            s.steps,
+            s.inversion_refine,
+            s.resolution,
+            inp.source_bytes,
+            s.prompt,
+            s.max_resolution,
+        )
+    m = score(case, result)
+    b = score(case, base) if base is not None else None
     width = case.source.shape[1]
     failed = success.verdict(case.mode, m, width)
     outcome = "ok" if not failed else "FAILED " + ",".join(failed)
@@ -682,27 +692,31 @@ def run_case(session, opts, case: Case, path: Path, log) -> tuple[dict, np.ndarr
         "seconds": round(seconds, 3),
         "success": not failed,
         "failed": failed,
-        "baseline_success": not success.verdict(case.mode, b, width),
+        "baseline_success": None if b is None else not success.verdict(case.mode, b, width),
         "metrics": m,
         "baseline": b,
     }
-    return record, side_by_side(case.source, overlay, result, case.truth, base)
+    tiles = [case.source, overlay, result, case.truth] + ([base] if base is not None else [])
+    return record, side_by_side(*tiles)
 
 
 def _mode_summary(per_case: list[dict]) -> dict:
     done = [c for c in per_case if c["ok"]]
     keys = sorted({k for c in done for k in c["metrics"]})
+    based = [c for c in done if c["baseline"] is not None]
     return {
         "cases": len(per_case),
         "completed": len(done),
         "successes": sum(c["success"] for c in done),
-        "baseline_successes": sum(c["baseline_success"] for c in done),
+        "baseline_successes": sum(c["baseline_success"] for c in based) if based else None,
         # how many cases missed each criterion (a case can miss several)
         "failed_by_criterion": {
             k: n for k in success.CRITERIA if (n := sum(k in c["failed"] for c in done))
         },
         "median": {k: _median([c["metrics"][k] for c in done]) for k in keys},
-        "baseline_median": {k: _median([c["baseline"][k] for c in done]) for k in keys},
+        "baseline_median": {k: _median([c["baseline"][k] for c in based]) for k in keys}
+        if based
+        else {},
         "seconds_per_edit": _median([c["seconds"] for c in done]),
         "per_case": per_case,
     }
@@ -723,9 +737,8 @@ def success_table(summary: dict) -> str:
             rate += f", {m['cases'] - n} did not run"
         why = ", ".join(f"{k} {v}" for k, v in m["failed_by_criterion"].items()) or "none"
         clean, bg = (m["median"].get(k, float("nan")) for k in ("cleanliness", "background_psnr"))
-        lines.append(
-            f"| {mode} | {rate} | {m['baseline_successes']}/{n} | {why} | {clean:.2f} | {bg:.1f} |"
-        )
+        base = "—" if m["baseline_successes"] is None else f"{m['baseline_successes']}/{n}"
+        lines.append(f"| {mode} | {rate} | {base} | {why} | {clean:.2f} | {bg:.1f} |")
     return "\n".join(lines)
 
 
@@ -738,6 +751,7 @@ def table(summary: dict) -> str:
         done = f"{m['completed']}/{m['cases']}"
         for j, (k, v) in enumerate(m["median"].items()):
             lead = f"| {mode} | {done} |" if j == 0 else "| | |"
-            lines.append(f"{lead} {k} | {v:.3f} | {m['baseline_median'][k]:.3f} |")
+            base = m["baseline_median"].get(k)
+            lines.append(f"{lead} {k} | {v:.3f} | {'—' if base is None else f'{base:.3f}'} |")
         lines.append(f"| | | seconds per edit | {m['seconds_per_edit']:.2f} | |")
     return "\n".join(lines)
