@@ -508,6 +508,7 @@ def _sidecar_stats(result) -> dict:
         "unet_backward": st.unet_backward,
         "inversions": result.inversions,
         "edited_fraction": round(result.edited_fraction, 6),
+        "working_size": [result.frame.work_w, result.frame.work_h],  # the model's grid, in px
         # with other edits in the loop: its own rows and its part of the shared bank rows
         "unet_row_passes": round(st.unet_row_passes, 2),
     }
@@ -646,7 +647,7 @@ def invert(
             ls, inp = load(p, model=opts.model)
             ed = session.editor(ls.spec.model)
             before = ed.inversions
-            frame = ed.frame_for(inp.source, ls.spec.resolution)
+            frame = ed.frame_for(inp.source, ls.spec.resolution, ls.spec.max_resolution)
             schedule = Schedule.from_config(ed.bundle.scheduler_config, ls.spec.steps)
             plan = build_plan(ls.spec, inp, frame, ed.bundle.latent_factor)  # its bank images
             ed.memory_bank(ls.spec, inp, frame, plan, schedule, progress)

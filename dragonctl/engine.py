@@ -178,9 +178,12 @@ class Editor:
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memo_size = memo_size
 
-    def frame_for(self, source: np.ndarray, resolution: int) -> Frame:
+    def frame_for(
+        self, source: np.ndarray, resolution: int, max_resolution: int | None = None
+    ) -> Frame:
         h, w = source.shape[:2]
-        return Frame(h, w, *working_size(h, w, resolution, self.bundle.size_multiple))
+        size = working_size(h, w, resolution, self.bundle.size_multiple, max_resolution)
+        return Frame(h, w, *size)
 
     @torch.no_grad()
     def trajectory(
@@ -282,7 +285,7 @@ class Editor:
         steps = StepPlan.build(step_windows(spec.guidance), spec.steps)
         if steps.image_prompt and inp.image_prompt is not None:
             return None
-        frame = self.frame_for(inp.source, spec.resolution)
+        frame = self.frame_for(inp.source, spec.resolution, spec.max_resolution)
         return (
             hashlib.sha256(inp.source_bytes).hexdigest(),
             spec.prompt,
@@ -387,7 +390,7 @@ class Editor:
         cached), prompts, settings, steps, and fresh counted UNet calls."""
         b = self.bundle
         inv_before, calls_before = self.inversions, self.inversion_unet_calls
-        frame = self.frame_for(inp.source, spec.resolution)
+        frame = self.frame_for(inp.source, spec.resolution, spec.max_resolution)
         plan = build_plan(spec, inp, frame, b.latent_factor, b.device)
         schedule = Schedule.from_config(b.scheduler_config, spec.steps)
         trajectories = self.memory_bank(spec, inp, frame, plan, schedule, progress)

@@ -17,9 +17,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
-    """Area-preserving resize to ≈ resolution², both sides multiples of `multiple` (≥ one)."""
-    k = resolution / math.sqrt(height * width)
+def working_size(
+    height: int, width: int, resolution: int, multiple: int, max_resolution: int | None = None
+) -> tuple[int, int]:
+    """Area-preserving resize to ≈ resolution², both sides multiples of `multiple` (≥ one).
+
+    Args:
+        max_resolution: a source larger than resolution² is edited at its own area up to
+            max_resolution² (None, or not above resolution: always resolution²).
+    """
+    own = math.sqrt(height * width)
+    side = max(resolution, min(own, max_resolution or resolution))
+    k = side / own
     h = max(multiple, round(height * k / multiple) * multiple)
     w = max(multiple, round(width * k / multiple) * multiple)
     return h, w

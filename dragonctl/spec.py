@@ -183,6 +183,8 @@ class Spec(_Model):
     steps: Annotated[int, Field(ge=2, le=1000)]
     inversion_refine: Annotated[int, Field(ge=0, le=10)]
     resolution: Annotated[int, Field(ge=16, le=4096)]
+    # a larger source is edited at its own size up to this (None: always at resolution)
+    max_resolution: Annotated[int, Field(ge=16, le=4096)] | None = None
     guidance: Guidance
     composite: bool
     composite_margin: Annotated[float, Field(allow_inf_nan=False, ge=0, le=64)]

@@ -26,6 +26,26 @@ def test_working_size_keeps_area_and_multiples(h, w, res, mult, expected):
     assert (H, W) == expected and H % mult == 0 and W % mult == 0
 
 
+@pytest.mark.parametrize(
+    "h, w, expected",
+    [
+        (64, 64, (64, 64)),  # at resolution: unchanged
+        (32, 32, (64, 64)),  # smaller: upscaled to resolution, as without a maximum
+        (96, 96, (96, 96)),  # between: its own size
+        (128, 128, (128, 128)),
+        (256, 256, (128, 128)),  # larger than the maximum: down to it
+        (64, 256, (64, 256)),  # the area decides, not the long side
+    ],
+)
+def test_working_size_keeps_a_larger_source_up_to_max_resolution(h, w, expected):
+    assert geometry.working_size(h, w, 64, 16, max_resolution=128) == expected
+
+
+def test_max_resolution_not_above_resolution_changes_nothing():
+    for h, w in [(32, 32), (200, 120), (512, 512)]:
+        assert geometry.working_size(h, w, 64, 16, 48) == geometry.working_size(h, w, 64, 16)
+
+
 def test_points_round_trip_within_half_a_pixel():
     f = Frame(333, 517, 320, 512)
     rng = np.random.default_rng(0)

@@ -59,6 +59,9 @@ def test_the_sample_move_really_moves_the_circle(tmp_path):
     result = np.asarray(Image.open(reports[0].output).convert("RGB"))
     source = np.asarray(Image.open(SAMPLES / "images" / "scene.png").convert("RGB"))
     assert result.shape == source.shape
+    # the 128-px sample is edited at its own size (max_resolution), not at the model's 64
+    sidecar = json.loads(reports[0].output.with_suffix(".json").read_text())
+    assert sidecar["stats"]["working_size"] == [source.shape[1], source.shape[0]] == [128, 128]
     sx, sy, sn = _color_centroid(source, (0.85, 0.15, 0.2))
     rx, ry, rn = _color_centroid(result, (0.85, 0.15, 0.2))
     assert abs(rx - (sx + 44)) < 6 and abs(ry - sy) < 4, (rx, ry)
