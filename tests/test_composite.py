@@ -110,7 +110,7 @@ def test_region_pixels_cover_the_latent_cells():
 
 
 def test_an_edit_keeps_the_source_away_from_the_edit_unless_told_not_to(tmp_path):
-    """The shapes model at 64² on a 480×360 photo: far from the moved object the output is the
+    """The shapes model at 128² on a 480×360 photo: far from the moved object the output is the
     source's own pixels; `--no-composite` (or the spec field) gives the resized generation, and
     the sidecar records which."""
     h, w = 360, 480
