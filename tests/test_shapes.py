@@ -66,6 +66,12 @@ def test_the_sample_move_really_moves_the_circle(tmp_path):
     rx, ry, rn = _color_centroid(result, (0.85, 0.15, 0.2))
     assert abs(rx - (sx + 44)) < 6 and abs(ry - sy) < 4, (rx, ry)
     assert rn > 0.5 * sn
+    # sharp: the circle's own colour lands on its pixels shifted by 44 (edited at 64 px and
+    # scaled back, its soft edge gave 0.89)
+    red = np.asarray([0.85, 0.15, 0.2])
+    exact = [np.linalg.norm(img / 255 - red, axis=-1) < 0.1 for img in (source, result)]
+    want = np.roll(exact[0], 44, axis=1)
+    assert (exact[1] & want).sum() / (exact[1] | want).sum() > 0.97
 
 
 def test_training_resumes_from_the_package_weights_then_from_its_checkpoint(tmp_path):
