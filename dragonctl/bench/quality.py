@@ -673,11 +673,11 @@ def run_case(
             session.editor(s.model),
             case.source,
             s.steps,
-            s.inversion_refine,
-            s.resolution,
-            inp.source_bytes,
-            s.prompt,
-            s.max_resolution,
+            refine=s.inversion_refine,
+            resolution=s.resolution,
+            image_bytes=inp.source_bytes,
+            prompt=s.prompt,
+            max_resolution=s.max_resolution,
         )
     m = score(case, result)
     b = score(case, base) if base is not None else None
