@@ -593,12 +593,25 @@ def bench_quality(
     guidance: list[str] = typer.Option(
         None, help="Any guidance setting for every case, KEY=VALUE (repeatable)."
     ),
+    field: list[str] = typer.Option(
+        None,
+        "--field",
+        help="Any top-level spec field for every case, KEY=VALUE (repeatable), e.g. "
+        "inversion_refine=0.",
+    ),
     size: int | None = typer.Option(
         None, help="The cases' side in px (default: a shapes model's working size, else 64)."
     ),
-    baseline: bool = typer.Option(
+    baseline: bool = typer.Option(True, help="Also score plain reconstruction of each source."),
+    control: bool = typer.Option(
         True,
-        help="Also score plain reconstruction of each source (for a copy, a second inversion).",
+        help="Also run each case with the denoiser replaced by a zero predictor (features, bank "
+        "and energies kept): what the edit does without the model.",
+    ),
+    world: str = typer.Option(
+        "flat",
+        help="flat: flat shapes on smooth gradients; textured: patterned backgrounds, shaded and "
+        "patterned shapes that may overlap, soft shadows.",
     ),
 ) -> None:
     """Run every mode on held-out shapes scenes and judge each case against the ground truth.
@@ -615,11 +628,15 @@ def bench_quality(
     overrides = {
         k: v for k, v in (("method", method), ("energy_scale", energy_scale)) if v is not None
     }
-    for item in guidance or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            _usage(f"--guidance takes KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+    fields: dict = {"steps": steps} if steps else {}
+    for option, items, into in (("--guidance", guidance, overrides), ("--field", field, fields)):
+        for item in items or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                _usage(f"{option} takes KEY=VALUE, got {item!r}")
+            into[key.strip()] = yaml.safe_load(value)
+    if world not in quality.WORLDS:
+        _usage(f"--world: unknown world {world!r}; choose from {', '.join(quality.WORLDS)}")
     modes = tuple(mode) if mode else quality.CASE_SETS
     bad = [m for m in modes if m not in quality.CASE_SETS]
     if bad:
@@ -633,9 +650,11 @@ def bench_quality(
             seed,
             overrides,
             log=lambda m: _err(m),
-            spec_overrides={"steps": steps} if steps else None,
+            spec_overrides=fields or None,
             size=size,
             baseline=baseline,
+            control=control,
+            world=world,
         )
     typer.echo(quality.success_table(summary) + "\n\n" + quality.table(summary))
     _err(f"wrote {out / 'quality.json'}, sheet_<mode>.png and failures_<mode>.png")

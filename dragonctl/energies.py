@@ -213,9 +213,9 @@ def appearance_edit_energy(
     )
 
 
-def copy_edit_energy(
-    cur: Features, copy: Features, region_idx: torch.Tensor, w_edit: float
+def paste_edit_energy(
+    cur: Features, placed: Features, region_idx: torch.Tensor, w_edit: float
 ) -> torch.Tensor:
-    """The region's features should be those of a pixel-aligned copy (paste's placed reference,
-    resize's scaled source), so cells pair with themselves."""
-    return local_match(cur, copy, region_idx, region_idx, w_edit)
+    """The pasted region's features should be those of the reference placed there (pixel-aligned,
+    so cells pair with themselves; the reference's local term)."""
+    return local_match(cur, placed, region_idx, region_idx, w_edit)

@@ -244,14 +244,13 @@ class Editor:
         schedule: Schedule,
         progress: Progress | None = None,
     ) -> list[torch.Tensor]:
-        """The trajectories the edit reads: the source's (a whole copy's in its place), and the
-        second image's when it has one."""
+        """The trajectories the edit reads: the source's, and the second image's when it has
+        one."""
         refine = spec.inversion_refine
-        if plan.bank_source is None:
-            first_work, first_key = frame.image_to_work(inp.source), inp.source_bytes
-        else:
-            first_work, first_key = plan.bank_source, _image_key(plan.bank_source)
-        bank = [self.trajectory(first_work, first_key, spec.prompt, schedule, progress, refine)]
+        source_work = frame.image_to_work(inp.source)
+        bank = [
+            self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, refine)
+        ]
         if plan.second_image is not None:
             prompt = bank_prompts(spec)[1]
             second = plan.second_image
@@ -500,7 +499,7 @@ class Editor:
 
 
 def _image_key(work: np.ndarray) -> bytes:
-    """A working-size image's trajectory-cache key (the source's is its file's bytes)."""
+    """A working-size second image's trajectory-cache key (the source's is its file's bytes)."""
     return work.tobytes() + str(work.shape).encode()
 
 
@@ -523,7 +522,6 @@ def _shared_bank(
                 contexts.append(ctx)
             own.append(at)
         images.append(tuple(own))
-    sources = {own[0] for s, own in zip(setups, images) if s.plan.bank_source is None}
-    if len(sources) > 1:  # a whole copy's first image is its own
+    if len({own[0] for own in images}) > 1:
         raise ValueError("a batched loop's edits share one source (see Editor.batch_key)")
     return trajectories, contexts, images

@@ -195,12 +195,6 @@ def load_inputs(ls: LoadedSpec, read: Reader = read_file) -> EditInputs:
         if target.sum() < 0.5 * inp.mask.sum() * s.effective_scale**2:
             inp.warnings.append("more than half of the moved object falls outside the frame")
         inp.target_mask = target
-        method = "resize_method" if s.mode == "resize" else "move_method"
-        if s.fill_region is not None and getattr(s.guidance, method) != "correspondence":
-            inp.warnings.append(
-                f"fill_region is not used by guidance.{method} {getattr(s.guidance, method)} (the "
-                "copy's own surroundings fill the vacated place); use correspondence for it"
-            )
 
     if s.mode == "drag":
         if inp.mask is None:

@@ -130,12 +130,7 @@ class Guidance(_Model):
     time_travel_until: Fraction
     time_travel_repeats: Annotated[int, Field(ge=0, le=10)]
     regional_attention: bool
-    resize_method: Literal["correspondence", "scaled_copy"]
-    move_method: Literal["correspondence", "copy"]
     appearance_init: Literal["source", "reference_statistics"]
-    appearance_method: Literal["features", "recolour"]
-    paste_method: Literal["composite", "copy"]
-    drag_method: Literal["features", "copy"]
     image_prompt: ImagePrompt | None = None
 
     @model_validator(mode="after")

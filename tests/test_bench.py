@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -16,11 +17,13 @@ from dragonctl.cli import app
 from dragonctl.errors import UsageError
 
 
-@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize(
+    "size,world", [(64, "flat"), (128, "flat"), (64, "textured"), (128, "textured")]
+)
 @pytest.mark.parametrize("mode", quality.CASE_SETS)
-def test_quality_metrics_are_perfect_on_the_ground_truth(mode, size):
+def test_quality_metrics_are_perfect_on_the_ground_truth(mode, size, world):
     # 12 cases: the benchmark's own count, with backgrounds that pass through the object's colour
-    for case in quality.make_cases(mode, 12, size=size):
+    for case in quality.make_cases(mode, 12, size=size, world=world):
         m = quality.score(case, case.truth)
         assert m["background_psnr"] == 99.0 and m["far_psnr"] == 99.0
         assert m.get("centroid_error", 0.0) < 0.01
@@ -178,10 +181,8 @@ def test_bench_quality_exits_0_when_every_case_ran_whatever_the_verdicts(tmp_pat
             "2",
             "--energy-scale",
             "0",
-            "--guidance",
-            "drag_method=features",
         ],
-    )  # handle features unguided: the dragged object stays, a failure
+    )  # unguided: the dragged object stays, a failure
     assert r.exit_code == 0, r.output
     assert "| drag | 0/1 (0 %) | " in r.output and (tmp_path / "failures_drag.png").exists()
 
@@ -191,7 +192,8 @@ def test_bench_quality_without_the_baseline_scores_the_edit_alone(tmp_path):
     r = CliRunner().invoke(app, [*args, str(tmp_path / "off"), "--no-baseline"])
     assert r.exit_code == 0, r.output
     row = next(line for line in r.output.splitlines() if line.startswith("| move | "))
-    assert row.split(" | ")[2] == "—"  # the baseline's column
+    assert row.split(" | ")[3] == "—"  # the baseline's column
+    assert row.split(" | ")[2] in ("0/1", "1/1")  # the zero predictor's
     off = json.loads((tmp_path / "off" / "quality.json").read_text())["modes"]["move"]
     assert off["baseline_successes"] is None and off["baseline_median"] == {}
     assert off["per_case"][0]["baseline"] is None and off["median"]["background_psnr"] > 0
@@ -255,12 +257,64 @@ def test_speed_benchmark_batches_edits_of_one_source(tmp_path):
     assert "| 32 | move | 3 |" in result.output
 
 
+@pytest.mark.parametrize("world", quality.WORLDS)
 @pytest.mark.parametrize("mode", quality.CASE_SETS)
-def test_doing_nothing_fails_every_case(mode):
+def test_doing_nothing_fails_every_case(mode, world):
     """No case of the 50-case set can be passed by returning the source (a pasted object the
     colour of what it covers once could)."""
-    for case in quality.make_cases(mode, 50):
+    for case in quality.make_cases(mode, 50, world=world):
         assert success.verdict(case.mode, quality.score(case, case.source), 64), case.name
+
+
+def test_textured_cases_are_held_out_and_need_generation():
+    """The textured world's cases are not the flat world's; the place a moved object leaves shows
+    the background's pattern (a flat fill of its rim's colour scores low there)."""
+    flat, textured = quality.make_cases("move", 6), quality.make_cases("move", 6, world="textured")
+    assert all(not np.array_equal(a.source, b.source) for a, b in zip(flat, textured))
+    spreads = []
+    for case in textured:
+        vacated = case.old_mask & ~case.new_mask
+        plug = case.truth.copy()
+        plug[vacated] = np.median(case.truth[vacated], axis=0).astype(np.uint8)
+        m = quality.score(case, plug)
+        spreads.append(m["vacated_psnr"])
+    assert np.median(spreads) < 30  # a plug is far from the texture continued
+    assert quality.score(textured[0], textured[0].truth)["vacated_psnr"] == 99.0
+
+
+def test_the_zero_predictor_control_fails_every_mode_but_the_latent_placements(tmp_path):
+    """The control run (the denoiser's output replaced by zeros; features, bank and energies
+    kept) does not make the edits: if it did, the benchmark would measure the latent operations,
+    not the model. A zero predictor hands back whatever the initial latent holds, so the
+    reference's own latent placements are the known exceptions (docs/benchmarks.md): paste (the
+    placed reference's inverted latent) and a growing resize (the object's inverted latent
+    scaled over its old place). A shrinking resize must still fail: the old outline stays."""
+    summary = quality.run(
+        tmp_path,
+        quality.CASE_SETS,
+        cases=3,
+        spec_overrides={"steps": 10},
+        log=lambda m: None,
+        baseline=False,
+    )
+    for mode, s in summary["modes"].items():
+        assert s["completed"] == 3 and s["control_successes"] is not None, mode
+        if mode in ("move", "drag", "drag_part", "appearance"):
+            assert s["control_successes"] == 0, (mode, s["per_case"])
+    cases = quality.make_cases("resize", 3)
+    for case, record in zip(cases, summary["modes"]["resize"]["per_case"]):
+        if case.spec["scale"] < 1:
+            assert not record["control_success"], record
+    # the control never shares an inversion with the model: its identity says what it is
+    from dragonctl import api
+
+    session = api.Session(api.EditOptions(no_cache=True))
+    quality.zero_predictor(session.editor("shapes"))
+    real = api.Session(api.EditOptions(no_cache=True)).editor("shapes")
+    control = session.editor("shapes")
+    assert control.bundle.identity["weights_hash"] != real.bundle.identity["weights_hash"]
+    z = control.forward(torch.ones(1, 48, 16, 16), torch.tensor(1), torch.zeros(1, 4, 64))
+    assert not z.any()
 
 
 def test_stretching_keeps_what_lies_before_the_cut_and_moves_the_rest_on():

@@ -80,8 +80,8 @@ CASES = {
     "structure": lambda ref: (
         lambda cur: E.structure(cur, ref, mask(cells=[(1, 1), (1, 2), (2, 1), (2, 2)]), 1.0)
     ),
-    "copy_edit": lambda ref: (
-        lambda cur: E.copy_edit_energy(cur, ref, mask(cells=[(2, 2), (2, 3), (3, 2)]), 4.0)
+    "paste_edit": lambda ref: (
+        lambda cur: E.paste_edit_energy(cur, ref, mask(cells=[(2, 2), (2, 3), (3, 2)]), 4.0)
     ),
 }
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import save_png, scene_image, write_spec
+from conftest import save_png, write_spec
 
 from dragonctl import api, geometry
 from dragonctl.attention import BankAttention, BankState, MemoryBankAttnProcessor
@@ -269,14 +269,13 @@ def test_count_of_unet_calls_follows_the_diffeditor_schedule(tiny_sd, spec_for):
 
 @pytest.mark.parametrize(
     "mode,guidance,bank_images",
-    [("move", {}, 1), ("paste", {}, 2), ("resize", {"resize_method": "scaled_copy"}, 1)],
+    [("move", {}, 1), ("paste", {}, 2), ("resize", {}, 1)],
 )
 def test_the_loop_records_the_batch_rows_of_every_unet_call(
     tiny_sd, spec_for, mode, guidance, bank_images
 ):
     """What the speed bench's plain loop replays: bank rows on injected steps (two for modes
-    that read a second image; one for a copy, held in the source's place), CFG pairs, feature
-    forwards."""
+    that read a second image), CFG pairs, feature forwards."""
     bundle = load_bundle(str(tiny_sd))
     ls = load_spec(spec_for(mode, model=str(tiny_sd), steps=6, guidance=guidance))
     result = Editor(bundle).edit(ls.spec, load_inputs(ls))
@@ -295,12 +294,10 @@ def test_the_loop_records_the_batch_rows_of_every_unet_call(
 def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):
     for mode, guidance in [
         ("move", {}),
-        ("move", {"move_method": "copy"}),
         ("drag", {}),
         ("paste", {}),
-        ("resize", {"resize_method": "scaled_copy"}),
+        ("resize", {}),
         ("appearance", {"appearance_init": "reference_statistics"}),
-        ("appearance", {"appearance_method": "recolour"}),
     ]:
         ls = load_spec(spec_for(mode, model=str(tiny_sd), guidance=guidance))
         inp = load_inputs(ls)
@@ -312,10 +309,7 @@ def test_initial_latent_copies_do_not_touch_the_bank(tiny_sd, spec_for):
         before = z.clone()
         out = plan.init_latent(z, z_ref)
         assert torch.equal(z, before), mode
-        if plan.bank_source is None:
-            assert not torch.equal(out, z), mode
-        else:  # a whole copy starts from its own noise: a fresh tensor, never the bank's own
-            assert torch.equal(out, z) and out.data_ptr() != z.data_ptr(), mode
+        assert not torch.equal(out, z), mode
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -526,22 +520,6 @@ def test_the_step_loops_make_no_host_round_trips(tiny_sd, spec_for, mode):
     assert rec.seen == []
 
 
-def _work_region(plan, frame) -> np.ndarray:
-    """A plan's edit region (latent cells) at working size."""
-    f = frame.work_h // plan.latent_hw[0]
-    return plan.edit_mask.numpy().repeat(f, 0).repeat(f, 1)
-
-
-def _whole_copy(plan) -> np.ndarray:
-    """A whole copy's plan: the bank holds the copy in the source's place, and the generation
-    starts from its noise and reads only its K/V. Returns the copy."""
-    assert plan.attention.mode == "replace" and plan.second_image is None
-    assert plan.bank_source is not None
-    z = torch.randn(1, 4, *plan.latent_hw)
-    assert torch.equal(plan.init_latent(z, None), z)
-    return plan.bank_source
-
-
 def _plan(tiny_sd, spec_path):
     ls = load_spec(spec_path)
     inp = load_inputs(ls)
@@ -550,146 +528,25 @@ def _plan(tiny_sd, spec_path):
     return build_plan(ls.spec, inp, frame, bundle.latent_factor), frame, inp
 
 
-def test_scaled_copy_resize_reads_the_source_scaled_about_the_object(tiny_sd, spec_for):
-    red = np.array([220, 40, 40])
-    for scale in (0.75, 1.5):
-        path = spec_for(
-            "resize",
-            model=str(tiny_sd),
-            scale=scale,
-            resolution=64,
-            guidance={"resize_method": "scaled_copy"},
-        )
-        plan, frame, inp = _plan(tiny_sd, path)
-        copy = _whole_copy(plan)
-        is_red = lambda img: np.abs(img.astype(int) - red).sum(-1) < 120  # noqa: E731  (half-way to the background)
-        before, after = (
-            is_red(frame.image_to_work(inp.source)).sum(),
-            is_red(copy).sum(),
-        )
-        assert abs(after / before - scale**2) < 0.15 * scale**2
-        # the copy covers the object's old and new places and leaves the rest of the source as it is
-        region = _work_region(plan, frame)
-        assert (
-            region[frame.mask_to_work(inp.mask)].all()
-            and region[frame.mask_to_work(inp.target_mask)].all()
-        )
-        assert np.array_equal(copy[~region], frame.image_to_work(inp.source)[~region])
-        assert plan.edit_mask.any() and not plan.edit_mask.all()
-    correspondence = _plan(tiny_sd, spec_for("resize", model=str(tiny_sd)))[0]
-    assert correspondence.attention.mode == "replace" and correspondence.bank_source is None
-    # a loose box with uneven margins: the object keeps its own box centre, in its own colours
-    loose = spec_for(
-        "resize",
-        name="loose.yaml",
-        model=str(tiny_sd),
-        mask={"box": [2, 10, 24, 34]},
-        scale=0.75,
-        resolution=56,
-        guidance={"resize_method": "scaled_copy"},
+def test_plans_use_the_masks_as_drawn(tiny_sd, spec_for):
+    """Nothing segments the user's mask: a loose box moves, pastes and recolours the whole box
+    (the reference's way), and the paste's region starts from the placed reference's noise."""
+    loose = {"box": [2, 10, 24, 34]}
+    move, frame, inp = _plan(
+        tiny_sd, spec_for("move", name="m.yaml", model=str(tiny_sd), mask=loose, resolution=56)
     )
-    plan, frame, inp = _plan(tiny_sd, loose)
-    copy = frame.image_to_source(_whole_copy(plan))
-    red_copy = np.abs(copy.astype(int) - red).sum(-1) < 60
-    assert np.array_equal(geometry.bbox_center(red_copy), (16.0, 18.0))  # the red box's own
-    assert red_copy.sum() == 12 * 12
-
-
-def test_a_move_by_copy_reads_the_source_shifted_by_the_offset(tiny_sd, spec_for):
-    """The copy holds the object at its new place (the red box moved by the offset), covers the
-    old and new places and is the source elsewhere; correspondence stays the default."""
-    path = spec_for("move", model=str(tiny_sd), resolution=56, guidance={"move_method": "copy"})
-    plan, frame, inp = _plan(tiny_sd, path)
-    copy = _whole_copy(plan)
-    red = np.abs(copy.astype(int) - [220, 40, 40]).sum(-1) < 120
-    ys, xs = np.nonzero(red)
-    work_offset = np.array([16, 4]) * frame.work_w / inp.source.shape[1]
-    moved = np.array(geometry.bbox_center(frame.mask_to_work(inp.mask))) + work_offset
-    assert np.abs(np.array([xs.mean(), ys.mean()]) - moved).max() < 1.5
-    region = _work_region(plan, frame)
-    assert region[frame.mask_to_work(inp.target_mask)].all()
-    assert np.array_equal(copy[~region], frame.image_to_work(inp.source)[~region])
-    left = geometry.erode(frame.mask_to_work(inp.mask) & ~frame.mask_to_work(inp.target_mask), 1)
-    # the old place is the background again, its gradient continued (not the source shifted)
-    background = frame.image_to_work(scene_image(box=(0, 0, 0, 0))).astype(int)
-    assert left.any() and np.abs(copy[left].astype(int) - background[left]).max() <= 4
-    correspondence = _plan(tiny_sd, spec_for("move", model=str(tiny_sd)))[0]
-    assert correspondence.attention.mode == "replace" and correspondence.bank_source is None
-
-
-def test_a_paste_by_copy_reads_the_reference_object_over_the_source(tiny_sd, spec_for):
-    """`paste_method: copy`: the copy is the source with the reference's object (the green box)
-    placed in it, and the whole generation starts from it and reads it. `composite` (SD's
-    default) starts the object's region alone from the placed reference."""
-    path = spec_for("paste", model=str(tiny_sd), resolution=56, guidance={"paste_method": "copy"})
-    plan, frame, inp = _plan(tiny_sd, path)
-    copy = _whole_copy(plan)
-    region = _work_region(plan, frame)
-    green = np.abs(copy.astype(int) - [30, 200, 60]).sum(-1) < 60
-    assert green.any() and region[green].all()
-    source_w = frame.image_to_work(inp.source)
-    assert np.array_equal(copy[~region], source_w[~region])
-    # scaled by 0.75, its edge is resampled from its own colours, not the reference's background
-    pasted = (copy != source_w).any(-1)
-    assert np.array_equal(pasted, green)
-    z, z_copy = torch.zeros(1, 4, *plan.latent_hw), torch.ones(1, 4, *plan.latent_hw)
-    reference = _plan(tiny_sd, spec_for("paste", model=str(tiny_sd), resolution=56))[0]
-    started = reference.init_latent(z, z_copy)[0, 0] == 1
-    assert torch.equal(started, reference.edit_mask) and not reference.attention.ref_keep.all()
-
-
-def test_a_drag_by_copy_reads_the_handle_s_object_at_the_target(tiny_sd, spec_for):
-    """`drag_method: copy`: the copy has the object under the handle (the red box) moved by the
-    drag vector (the zero-length second point moves nothing), and the whole generation starts
-    from it and reads it alone; the handle-feature method (SD's default) has no copy."""
-    path = spec_for("drag", model=str(tiny_sd), resolution=56, guidance={"drag_method": "copy"})
-    plan, frame, inp = _plan(tiny_sd, path)
-    copy = _whole_copy(plan)
-    red = np.abs(copy.astype(int) - [220, 40, 40]).sum(-1) < 120
-    ys, xs = np.nonzero(red)
-    moved = np.array([16 + 10, 18]) * frame.work_w / inp.source.shape[1]
-    assert np.abs(np.array([xs.mean() + 0.5, ys.mean() + 0.5]) - moved).max() < 1.0
-    region = _work_region(plan, frame)
-    assert region[red].all() and not region.all()
-    source_w = frame.image_to_work(inp.source)
-    assert np.array_equal(copy[~region], source_w[~region])
-    features = _plan(tiny_sd, spec_for("drag", model=str(tiny_sd), resolution=56))[0]
-    assert features.attention.mode == "concat" and features.second_image is None
-
-
-@pytest.mark.parametrize(
-    "mode,guidance",
-    [("move", {"move_method": "copy"}), ("resize", {"resize_method": "scaled_copy"})],
-)
-def test_a_copy_edits_with_the_copy_alone_in_the_bank(tiny_sd, spec_for, workdir, mode, guidance):
-    spec = spec_for(mode, model=str(tiny_sd), guidance=guidance)
-    session = api.Session(api.EditOptions(cache_dir=workdir / "cache"))
-    ls, inp = api.load(spec)
-    result = session.editor(ls.spec.model).edit(ls.spec, inp)
-    # the copy in the source's place: one inversion, one bank image
-    assert (result.inversions, result.bank_images) == (1, 1)
-    assert result.image.shape == inp.source.shape
-
-
-def test_a_recoloured_appearance_reads_the_object_in_the_reference_colours(tiny_sd, spec_for):
-    """`appearance_method: recolour`: the copy is the source with the object (the red box) in the
-    reference object's colours (the green box), its own outline kept; the rest is the source."""
-    path = spec_for(
-        "appearance", model=str(tiny_sd), resolution=56, guidance={"appearance_method": "recolour"}
-    )
-    plan, frame, inp = _plan(tiny_sd, path)
-    copy = _whole_copy(plan)
-    obj = frame.mask_to_work(geometry.object_in_mask(inp.source, inp.mask))
-    ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
-    core = geometry.erode(obj, 1)
-    want = inp.reference[ref_obj].astype(float).mean(0)
-    assert np.abs(copy[core].astype(float).mean(0) - want).max() <= 3
-    region = _work_region(plan, frame)
-    assert region[obj].all() and not region.all()
-    source_w = frame.image_to_work(inp.source)
-    assert np.array_equal(copy[~region], source_w[~region])
-    ring = geometry.dilate(obj, 2) & ~geometry.dilate(obj, 1)  # the background round it: as it was
-    assert np.abs(copy[ring].astype(int) - source_w[ring].astype(int)).max() <= 2
+    f = frame.work_h // move.latent_hw[0]
+    target_w = frame.mask_to_work(inp.target_mask)  # the whole box, offset
+    edit = move.edit_mask.numpy().repeat(f, 0).repeat(f, 1)
+    assert edit[target_w].mean() > 0.9 and move.attention.mode == "replace"
+    assert inp.target_mask.sum() == 22 * 24  # the box as drawn, not the red square inside it
+    paste, _, _ = _plan(tiny_sd, spec_for("paste", model=str(tiny_sd), resolution=56))
+    z, z_ref = torch.zeros(1, 4, *paste.latent_hw), torch.ones(1, 4, *paste.latent_hw)
+    started = paste.init_latent(z, z_ref)[0, 0] == 1
+    assert torch.equal(started, paste.edit_mask) and not paste.attention.ref_keep.all()
+    assert paste.second_image is not None
+    appearance, _, _ = _plan(tiny_sd, spec_for("appearance", model=str(tiny_sd), resolution=56))
+    assert appearance.attention.mode == "composite" and appearance.second_image is not None
 
 
 def test_transfer_statistics_moves_the_region_to_the_reference_statistics():

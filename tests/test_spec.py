@@ -26,18 +26,10 @@ def test_every_mode_validates_and_merges_defaults(spec_for, mode):
     ls = load_spec(path)
     assert ls.spec.mode == mode
     # configs/shapes.yaml: the family's defaults, then the mode's, then the spec's own values
-    method = {
-        "move": "move_method",
-        "resize": "resize_method",
-        "drag": "drag_method",
-        "appearance": "appearance_method",
-        "paste": "paste_method",
-    }[mode]
-    copies = {"move_method": "copy", "resize_method": "scaled_copy"}
     g = ls.spec.guidance
-    assert (g.energy_scale, g.w_edit, g.cfg_scale, g.guide_until) == (0.0, 7.5, 1.0, 0.6)
-    assert getattr(g, method) == copies.get(method, "recolour" if mode == "appearance" else "copy")
-    assert g.drag_method == ("copy" if mode == "drag" else "features")  # the family's elsewhere
+    family = load_spec(spec_for(mode, name="plain.yaml", model="shapes")).spec.guidance
+    assert g.energy_scale == family.energy_scale > 0  # every mode is guided
+    assert (g.w_edit, g.cfg_scale, g.guide_until) == (7.5, 1.0, 0.6)
     assert ls.spec.steps == 4 and ls.spec.seed == 42 and ls.spec.prompt == ""
     assert ls.spec.resolution == 32 and ls.spec.inversion_refine == 5  # spec's; family's
     assert api.validate([path])[0].ok
@@ -143,27 +135,20 @@ def test_zero_length_pair_is_a_warning(spec_for):
     assert rep.ok and any("zero length" in w for w in rep.warnings)
 
 
-def test_a_fill_region_the_resize_method_cannot_use_is_a_warning(spec_for):
+def test_a_fill_region_is_no_warning(spec_for):
     fill = {"box": [30, 2, 50, 12]}
-    rep = api.validate(
-        [spec_for("resize", fill_region=fill, guidance={"resize_method": "scaled_copy"})]
-    )[0]
-    assert rep.ok and any("fill_region is not used" in w for w in rep.warnings)
     rep = api.validate([spec_for("resize", name="r2.yaml", fill_region=fill)])[0]
     assert rep.ok and not rep.warnings
-    rep = api.validate(
-        [spec_for("move", name="m.yaml", fill_region=fill, guidance={"move_method": "copy"})]
-    )[0]
-    assert rep.ok and any("guidance.move_method copy" in w for w in rep.warnings)
     rep = api.validate([spec_for("move", name="m2.yaml", fill_region=fill)])[0]
     assert rep.ok and not rep.warnings
 
 
-def test_unknown_copy_and_appearance_methods_name_their_field(spec_for):
-    keys = ("resize_method", "move_method", "appearance_init", "appearance_method")
-    for key in (*keys, "paste_method", "drag_method"):
-        with pytest.raises(SpecError, match=f"guidance.{key}"):
-            load_spec(spec_for("resize", guidance={key: "magic"}))
+def test_an_unknown_appearance_init_names_its_field(spec_for):
+    with pytest.raises(SpecError, match="guidance.appearance_init"):
+        load_spec(spec_for("resize", guidance={"appearance_init": "magic"}))
+    # the image-space copies are gone: their switches are unknown fields
+    with pytest.raises(SpecError, match="guidance.move_method"):
+        load_spec(spec_for("move", name="m.yaml", guidance={"move_method": "copy"}))
 
 
 def test_paste_target_and_any_reference_size(spec_for):

@@ -12,7 +12,12 @@ run through the real engine via the public API, and scored against the ground-tr
 - appearance: colour distance to the reference colour, shape IoU with the original, background PSNR
 - paste: IoU and colour distance at the destination, background PSNR
 
-A no-guidance baseline (plain inversion and reconstruction of the source) gets the same figures.
+Two controls get the same figures: plain reconstruction (DDIM inversion of the source and plain
+DDIM back, no guidance), and the zero predictor: the same edit with the denoiser's prediction
+replaced by zeros (features, memory bank and energies untouched), so whatever the latent
+operations and the energies' gradients do without the model. A mode whose zero-predictor run
+succeeds says nothing about the model; paste is the known exception (its initial latent holds the
+placed reference's inverted latent, which a zero predictor hands back as it is).
 
 Cases vary the way users' specs do: one to three objects per scene, flat and gradient
 backgrounds, masks as exact PNGs, tight and loose boxes and polygons, edits that end next to
@@ -25,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,18 +73,23 @@ def _dilate(m: np.ndarray, n: int) -> np.ndarray:
 
 
 def _scene(
-    rng: np.random.Generator, flat: bool, n_other: int, size: int = 64
+    rng: np.random.Generator, flat: bool, n_other: int, size: int = 64, world: str = "flat"
 ) -> tuple[Scene, Shape]:
-    """A scene with one main object (kept clear of the frame edges) and n_other others."""
+    """A scene with one main object (kept clear of the frame edges) and n_other others; in the
+    textured world over a patterned background, with shadows, the others shaded or patterned and
+    free to cover part of the main object."""
     from dragonctl.shapes.world import random_scene
 
+    textured = world == "textured"
     while True:
         sc = random_scene(
             rng,
             size,
             n_shapes=(1 + n_other, 1 + n_other),
             shape_size=(12.0, 18.0),
-            flat_background=flat,
+            flat_background=flat and not textured,
+            textured=textured,
+            overlap=textured,
         )
         if len(sc.shapes) == 1 + n_other:
             return sc, sc.shapes[0]
@@ -109,19 +119,23 @@ def _box(mask: np.ndarray, margin: int, size: int) -> list[int]:
 
 
 MASK_STYLES = ("png", "box", "loose_box", "polygon")  # how case k's masks are drawn: k mod 4
+WORLDS = ("flat", "textured")  # the flat world (the first model's) and the textured one
 
 
-def make_cases(mode: str, n: int, seed: int = 1000, size: int = WORLD) -> list[Case]:
-    """n cases of a mode (or of drag_part, see `CASE_SETS`). Scenes and edits are drawn in the
-    world's 64-px units and rendered at `size`, with every coordinate scaled: the cases at 128 px
-    are the cases at 64, drawn finer."""
+def make_cases(
+    mode: str, n: int, seed: int = 1000, size: int = WORLD, world: str = "flat"
+) -> list[Case]:
+    """n cases of a mode (or of drag_part, see `CASE_SETS`) in one of the `WORLDS`. Scenes and
+    edits are drawn in the world's 64-px units and rendered at `size`, with every coordinate
+    scaled: the cases at 128 px are the cases at 64, drawn finer."""
     cases = []
     k = 0
+    key = [] if world == "flat" else [WORLDS.index(world)]  # the flat world's keys as they were
     while len(cases) < n:
-        rng = np.random.default_rng([seed, CASE_SETS.index(mode), k])
+        rng = np.random.default_rng([seed, CASE_SETS.index(mode), k, *key])
         k += 1
         style = MASK_STYLES[len(cases) % 4]
-        case = _make_case(mode, rng, style, index=len(cases), scale=size / WORLD)
+        case = _make_case(mode, rng, style, len(cases), size / WORLD, world)
         if case is not None:
             cases.append(case)
     return cases
@@ -134,20 +148,25 @@ class Draw:
         self.k = k
 
     def __call__(self, sc: Scene):
-        shapes = tuple(
-            Shape(o.kind, o.cx * self.k, o.cy * self.k, o.size * self.k, o.color) for o in sc.shapes
-        )
-        return render(Scene(round(sc.size * self.k), sc.corners, sc.texture, shapes))
+        k = self.k
+        shapes = tuple(replace(o, cx=o.cx * k, cy=o.cy * k, size=o.size * k) for o in sc.shapes)
+        return render(replace(sc, size=round(sc.size * k), shapes=shapes))
 
     def px(self, n: float) -> int:
         return round(n * self.k)
 
 
 def _make_case(
-    mode: str, rng: np.random.Generator, style: str, index: int, scale: float = 1.0
+    mode: str,
+    rng: np.random.Generator,
+    style: str,
+    index: int,
+    scale: float = 1.0,
+    world: str = "flat",
 ) -> Case | None:
     """One case; None when the drawn scene leaves no room for the edit (the caller draws again)."""
-    sc, obj = _scene(rng, bool(rng.integers(0, 2)), n_other=int(rng.integers(0, 3)))
+    flat, others = bool(rng.integers(0, 2)), int(rng.integers(0, 3))
+    sc, obj = _scene(rng, flat, n_other=others, world=world)
     draw = Draw(scale)
     src = draw(sc)
     name = f"{mode}-{index:02d}"
@@ -160,7 +179,7 @@ def _make_case(
         return _drag_case(name, rng, sc, obj, src, style, near, draw)
     if mode == "drag_part":
         return _partial_drag_case(name, rng, sc, obj, src, style, near, draw)
-    return _two_image_case(mode, name, rng, sc, obj, src, mask_spec, style, near, draw)
+    return _two_image_case(mode, name, rng, sc, obj, src, mask_spec, style, near, draw, world)
 
 
 def _mask_spec(mask: np.ndarray, style: str, rng: np.random.Generator, draw: Draw) -> object:
@@ -354,10 +373,20 @@ def _partial_drag_case(
 
 
 def _two_image_case(
-    mode, name, rng, sc: Scene, obj: Shape, src, mask_spec, style: str, near: float, draw: Draw
+    mode,
+    name,
+    rng,
+    sc: Scene,
+    obj: Shape,
+    src,
+    mask_spec,
+    style: str,
+    near: float,
+    draw: Draw,
+    world: str = "flat",
 ) -> Case | None:
     """Appearance and paste: the reference holds one object of another colour."""
-    ref_sc, ref_obj = _scene(rng, flat=bool(rng.integers(0, 2)), n_other=0)
+    ref_sc, ref_obj = _scene(rng, flat=bool(rng.integers(0, 2)), n_other=0, world=world)
     if np.linalg.norm(np.subtract(ref_obj.color, obj.color)) < 0.5:
         return None
     ref = draw(ref_sc)
@@ -385,7 +414,7 @@ def _two_image_case(
         s = float(rng.choice([0.8, 1.0, 1.2]))
         cx, cy = (float(v) for v in rng.uniform(12, sc.size - 12, 2))
         placed = Shape(ref_obj.kind, cx, cy, ref_obj.size * s, ref_obj.color)
-        with_placed = Scene(sc.size, sc.corners, sc.texture, sc.shapes + (placed,))
+        with_placed = replace(sc, shapes=sc.shapes + (placed,))
         if not _free(with_placed, placed, len(sc.shapes), near):
             continue
         truth = draw(with_placed)
@@ -486,10 +515,13 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
     # passing through it) are not the object: a perfect edit must score perfectly.
     cm = color_mask(result, case.color) & ~(color_mask(case.truth, case.color) & ~case.new_mask)
     rim = round(2 * case.source.shape[0] / WORLD)  # 2 px of the world's 64
-    background = ~_dilate(case.edit_region, rim)
+    # what the truth changes besides the object: its soft shadow (the textured world's)
+    shadow = (case.truth != case.source).any(-1) & ~(case.old_mask | case.new_mask)
+    region = case.edit_region | shadow
+    background = ~_dilate(region, rim)
     # far from the edit (a fifth of the image away): where a composited result is the source's own
-    far = ~_dilate(case.edit_region, case.source.shape[0] // 5)
-    objects = _dilate(case.old_mask | case.new_mask, rim)
+    far = ~_dilate(region, case.source.shape[0] // 5)
+    objects = _dilate(case.old_mask | case.new_mask | shadow, rim)
     vacated = case.old_mask & ~case.new_mask
     # the old place's object colour is a copy left behind, but not a pixel off the new outline:
     # that is the outline's own rasterisation (a resampled 10-px triangle differs there)
@@ -501,6 +533,9 @@ def score(case: Case, result: np.ndarray) -> dict[str, float]:
         # object-coloured pixels away from the truth's object and its old place: a second copy
         "stray": float((cm & ~_dilate(case.new_mask, rim) & ~vacated).sum() / case.new_mask.sum()),
         "residue": float(cm[left].mean()) if left.any() else 0.0,
+        # the place the object left, against the truth (the background continued there): a
+        # figure, not a criterion
+        "vacated_psnr": psnr(result, case.truth, vacated) if vacated.any() else float("nan"),
     }
     if case.mode in ("move", "resize", "drag"):
         present = cm & ~vacated
@@ -562,6 +597,23 @@ def reconstruct(
         return frame.image_to_source(to_uint8(b.decode_latent(z)))
 
 
+def zero_predictor(editor) -> None:
+    """Turn an editor into the control: its denoiser predicts zeros everywhere (inversion and
+    sampling), while the guidance features, the bank and the energies stay the model's. Its
+    identity changes with it, so it never shares an inversion with the real model."""
+    import dataclasses
+
+    import torch
+
+    def zeros(z, _t, _context):
+        return torch.zeros_like(z)
+
+    editor.forward = zeros
+    b = editor.bundle
+    editor.bundle = dataclasses.replace(b, weights_hash=b.weights_hash + "+zero-predictor")
+    editor.forget_trajectories()
+
+
 def _median(values: list[float]) -> float:
     v = [x for x in values if not math.isnan(x)]
     return float(np.median(v)) if v else float("nan")
@@ -578,14 +630,18 @@ def run(
     spec_overrides: dict | None = None,
     size: int | None = None,
     baseline: bool = True,
+    control: bool = True,
+    world: str = "flat",
 ) -> dict:
     """Run the benchmark; writes specs, results, contact sheets and `quality.json` under out_dir.
 
     Args:
         overrides: guidance settings for every case; spec_overrides: top-level spec fields.
         size: the cases' side in px; default: a shapes model's own working size, else 64.
-        baseline: also score plain reconstruction of each source (for a copy, the source's
-            own inversion: about as much work again as the edit).
+        world: which of the `WORLDS` the cases are drawn from.
+        baseline: also score plain reconstruction of each source.
+        control: also run each case with the zero predictor (`zero_predictor`): about as much
+            work again as the edit.
     """
     from dragonctl import api
     from dragonctl.files import atomic_write
@@ -594,20 +650,25 @@ def run(
     opts = api.EditOptions(no_cache=True, metadata=False)
     session = api.Session(opts)
     session.editor(model)  # a model that does not load fails the run here, not once per case
+    controls = None
+    if control:
+        controls = api.Session(opts)
+        zero_predictor(controls.editor(model))
     size = size or case_size(model)
     summary: dict = {
         "model": model,
         "cases_per_mode": cases,
         "seed": seed,
         "size": size,
+        "world": world,
         "modes": {},
     }
     for mode in modes:
         rows, failed, per_case = [], [], []
-        for case in make_cases(mode, cases, seed, size):
+        for case in make_cases(mode, cases, seed, size, world):
             path = write_case(case, out_dir / mode, model)
             _override(path, overrides, spec_overrides)
-            record, row = run_case(session, opts, case, path, log, baseline)
+            record, row = run_case(session, opts, case, path, log, baseline, controls)
             per_case.append(record)
             if row is not None:
                 rows.append(row)
@@ -651,10 +712,11 @@ def _override(path: Path, guidance: dict | None, fields: dict | None) -> None:
 
 
 def run_case(
-    session, opts, case: Case, path: Path, log, baseline: bool = True
+    session, opts, case: Case, path: Path, log, baseline: bool = True, controls=None
 ) -> tuple[dict, np.ndarray | None]:
-    """Edit one case through the public API and score it (and its baseline); returns its record
-    and its contact-sheet row (None when the edit failed)."""
+    """Edit one case through the public API and score it, its baseline, and its zero-predictor
+    control (`controls`: a session whose editor is `zero_predictor`'s); returns its record and its
+    contact-sheet row (None when the edit failed)."""
     from dragonctl import api
     from dragonctl.preview import side_by_side
 
@@ -679,12 +741,26 @@ def run_case(
             prompt=s.prompt,
             max_resolution=s.max_resolution,
         )
-    m = score(case, result)
-    b = score(case, base) if base is not None else None
+    zero = None
+    if controls is not None:
+        out = path.parent / "zero-predictor" / f"{case.name}.png"
+        ctl = api.edit_one(controls, ls, inp, out, opts, None)
+        if ctl.ok:
+            zero = np.asarray(Image.open(out).convert("RGB"))
     width = case.source.shape[1]
+    m = score(case, result)
     failed = success.verdict(case.mode, m, width)
+    b = score(case, base) if base is not None else None
+    z = score(case, zero) if zero is not None else None
     outcome = "ok" if not failed else "FAILED " + ",".join(failed)
-    log(f"{case.name}: {outcome}; " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+    control_note = ""
+    if z is not None:
+        control_note = (
+            " (zero predictor: "
+            + ("succeeds" if not success.verdict(case.mode, z, width) else "fails")
+            + ")"
+        )
+    log(f"{case.name}: {outcome}{control_note}; " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
     overlay = api.preview_image(ls, inp)[:, : case.source.shape[1]]
     record = {
         "case": case.name,
@@ -693,10 +769,13 @@ def run_case(
         "success": not failed,
         "failed": failed,
         "baseline_success": None if b is None else not success.verdict(case.mode, b, width),
+        "control_success": None if z is None else not success.verdict(case.mode, z, width),
         "metrics": m,
         "baseline": b,
+        "control": z,
     }
-    tiles = [case.source, overlay, result, case.truth] + ([base] if base is not None else [])
+    tiles = [case.source, overlay, result, case.truth]
+    tiles += [t for t in (zero, base) if t is not None]
     return record, side_by_side(*tiles)
 
 
@@ -704,11 +783,13 @@ def _mode_summary(per_case: list[dict]) -> dict:
     done = [c for c in per_case if c["ok"]]
     keys = sorted({k for c in done for k in c["metrics"]})
     based = [c for c in done if c["baseline"] is not None]
+    controlled = [c for c in done if c.get("control") is not None]
     return {
         "cases": len(per_case),
         "completed": len(done),
         "successes": sum(c["success"] for c in done),
         "baseline_successes": sum(c["baseline_success"] for c in based) if based else None,
+        "control_successes": sum(c["control_success"] for c in controlled) if controlled else None,
         # how many cases missed each criterion (a case can miss several)
         "failed_by_criterion": {
             k: n for k in success.CRITERIA if (n := sum(k in c["failed"] for c in done))
@@ -726,9 +807,9 @@ def success_table(summary: dict) -> str:
     """Per mode: successes of the cases run, the criteria failures missed, and the median
     cleanliness and background."""
     lines = [
-        "| mode | success | no-guidance baseline | failures by criterion | cleanliness "
-        "| background dB |",
-        "|---|---|---|---|---|---|",
+        "| mode | success | zero predictor | plain reconstruction | failures by criterion "
+        "| cleanliness | background dB | vacated dB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, m in summary["modes"].items():
         n = m["completed"]
@@ -736,9 +817,16 @@ def success_table(summary: dict) -> str:
         if n < m["cases"]:
             rate += f", {m['cases'] - n} did not run"
         why = ", ".join(f"{k} {v}" for k, v in m["failed_by_criterion"].items()) or "none"
-        clean, bg = (m["median"].get(k, float("nan")) for k in ("cleanliness", "background_psnr"))
+        clean, bg, vac = (
+            m["median"].get(k, float("nan"))
+            for k in ("cleanliness", "background_psnr", "vacated_psnr")
+        )
         base = "—" if m["baseline_successes"] is None else f"{m['baseline_successes']}/{n}"
-        lines.append(f"| {mode} | {rate} | {base} | {why} | {clean:.2f} | {bg:.1f} |")
+        zero = m.get("control_successes")
+        zero = "—" if zero is None else f"{zero}/{n}"
+        lines.append(
+            f"| {mode} | {rate} | {zero} | {base} | {why} | {clean:.2f} | {bg:.1f} | {vac:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -3,19 +3,15 @@
 A plan holds everything mode-specific the sampler needs: how the generation branch reads the
 memory bank (`BankAttention`), the initial latent (the mode's copy of inverted noise), the edit and
 SDE masks on the latent grid, the edit and content energies closed over their cell indices, and,
-for modes that read a second image or a copy in the source's place, that image at working size.
-One module per mode:
+for modes that read a second image, that image at working size. Masks are used as drawn: nothing
+here looks at the pixels inside them. One module per mode:
 
 | mode | plan | bank reading |
 |---|---|---|
-| move, resize (correspondence) | `move.plan` | replace |
-| drag (features) | `drag.plan` | concat |
-| drag (copy) | `copy.drag_copy_plan` | replace (the copy's) |
-| move (copy), resize (scaled copy) | `copy.scaled_copy_plan` | replace (the copy's) |
-| paste (copy) | `copy.paste_plan` | replace (the copy's) |
-| paste (composite) | `copy.paste_plan` | composite |
-| appearance (features) | `appearance.plan` | composite |
-| appearance (recolour) | `copy.recolour_plan` | replace (the copy's) |
+| move, resize | `move.plan` | replace |
+| drag | `drag.plan` | concat |
+| appearance | `appearance.plan` | composite |
+| paste | `paste.plan` | composite |
 """
 
 from __future__ import annotations
@@ -33,13 +29,10 @@ from dragonctl.spec import Spec
 
 @dataclass(frozen=True)
 class EditPlan(LoopPlan):
-    """A mode's plan: what the loop needs, the second bank image (None for one-image modes), and
-    a whole copy's image, which the bank holds in the source's place."""
+    """A mode's plan: what the loop needs, and the second bank image (None for one-image modes)."""
 
     mode: str = ""
     second_image: np.ndarray | None = None  # working size, pixel-aligned with the source
-    # a whole copy: the image the bank inverts in the source's place (the source is not read)
-    bank_source: np.ndarray | None = None
 
 
 def plan_on(
@@ -52,7 +45,6 @@ def plan_on(
     init_latent,
     sde_mask: torch.Tensor | None = None,
     second_image: np.ndarray | None = None,
-    bank_source: np.ndarray | None = None,
 ) -> EditPlan:
     """An `EditPlan` on `grids`; the SDE region is the edit region unless given."""
     return EditPlan(
@@ -66,7 +58,6 @@ def plan_on(
         feature_hw=grids.feature_hw,
         mode=mode,
         second_image=second_image,
-        bank_source=bank_source,
     )
 
 
@@ -78,27 +69,18 @@ def build_plan(
     device: torch.device | str = "cpu",
 ) -> EditPlan:
     """The mode's plan; the energies' cell indices go to `device` (the features' device) here."""
-    from dragonctl.modes import appearance, copy, drag, move
+    from dragonctl.modes import appearance, drag, move, paste
 
     grids = Grids((frame.work_h, frame.work_w), latent_factor)
     dev = torch.device(device)
-    g = spec.guidance
-    by_correspondence = (spec.mode == "move" and g.move_method == "correspondence") or (
-        spec.mode == "resize" and g.resize_method == "correspondence"
-    )
-    if by_correspondence:
-        return move.plan(spec, inp, frame, grids, dev)
-    if spec.mode in ("move", "resize"):
-        return copy.scaled_copy_plan(spec, inp, frame, grids, dev)
-    if spec.mode == "drag" and g.drag_method == "copy":
-        return copy.drag_copy_plan(spec, inp, frame, grids, dev)
-    if spec.mode == "drag":
-        return drag.plan(spec, inp, frame, grids, dev)
-    if spec.mode == "paste":
-        return copy.paste_plan(spec, inp, frame, grids, dev)
-    if g.appearance_method == "recolour":
-        return copy.recolour_plan(spec, inp, frame, grids, dev)
-    return appearance.plan(spec, inp, frame, grids, dev)
+    by_mode = {
+        "move": move.plan,
+        "resize": move.plan,
+        "drag": drag.plan,
+        "appearance": appearance.plan,
+        "paste": paste.plan,
+    }
+    return by_mode[spec.mode](spec, inp, frame, grids, dev)
 
 
 def cells(mask: np.ndarray, device: torch.device) -> torch.Tensor:

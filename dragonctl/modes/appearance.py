@@ -18,10 +18,8 @@ from dragonctl.spec import Spec
 def plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.device) -> EditPlan:
     assert inp.reference is not None and inp.reference_mask is not None and inp.mask is not None
     g = spec.guidance
-    # Pooled over a loosely drawn mask, the statistics would mix its margin's background into the
-    # object's: both sides pool over the object found inside their masks.
-    ref_obj = geometry.object_in_mask(inp.reference, inp.reference_mask)
-    src_obj = geometry.object_in_mask(inp.source, inp.mask)
+    # the masks as drawn; the reference is placed over the object at the object's size
+    ref_obj, src_obj = inp.reference_mask, inp.mask
     scale = math.sqrt(src_obj.sum() / ref_obj.sum())
     placed, placed_mask = geometry.place_reference(
         inp.reference, ref_obj, scale, geometry.bbox_center(src_obj), inp.source.shape[:2]

@@ -39,9 +39,10 @@ from dragonctl.shapes import model as shapes_model  # noqa: E402
 from dragonctl.shapes.world import batch as world_batch  # noqa: E402
 
 
-def make_batch(args: tuple[int, int, int, float]) -> np.ndarray:
-    seed, step, n, flat_share = args
-    return world_batch(np.random.default_rng([seed, step]), n, flat_share=flat_share)
+def make_batch(args: tuple[int, int, int, float, float]) -> np.ndarray:
+    seed, step, n, flat_share, textured_share = args
+    rng = np.random.default_rng([seed, step])
+    return world_batch(rng, n, flat_share=flat_share, textured_share=textured_share)
 
 
 def build(device: torch.device, version: str = "v1"):
@@ -138,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.25,
         help="share of training scenes on a flat background (users' and the benchmark's have them)",
+    )
+    ap.add_argument(
+        "--textured-share",
+        type=float,
+        default=0.0,
+        help="share of the non-flat scenes drawn from the textured world (patterned backgrounds, "
+        "shaded and patterned shapes that may overlap, soft shadows)",
     )
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
@@ -285,6 +293,7 @@ def run_meta(args: argparse.Namespace, step: int, history: list[dict]) -> dict:
         "batch": args.batch,
         "lr": args.lr,
         "flat_share": args.flat_share,
+        "textured_share": getattr(args, "textured_share", 0.0),
         "history": history,
     }
 
@@ -322,7 +331,10 @@ def batch_stream(args: argparse.Namespace, step: int):
             latents.pool_batch(args.pool, args.seed, s, args.batch) for s in range(step, args.steps)
         )
     pool = get_context("spawn").Pool(args.workers) if args.workers else None
-    jobs = ((args.seed, s, args.batch, args.flat_share) for s in range(step, args.steps))
+    jobs = (
+        (args.seed, s, args.batch, args.flat_share, args.textured_share)
+        for s in range(step, args.steps)
+    )
     return pool, (pool.imap(make_batch, jobs, chunksize=4) if pool else map(make_batch, jobs))
 
 
