@@ -194,8 +194,10 @@ class Editor:
         schedule: Schedule,
         progress: Progress | None = None,
         refine: int = 0,
+        should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """The inverted latents of an image at working size: cached, or by DDIM inversion."""
+        """The inverted latents of an image at working size: cached, or by DDIM inversion
+        (`should_stop` is polled after every inversion step; nothing is cached when it stops)."""
         b = self.bundle
         key = TrajectoryKey.of(
             image_bytes,
@@ -229,6 +231,8 @@ class Editor:
             done += 1
             if progress:
                 progress("inversion", done, schedule.steps)
+            if should_stop and should_stop():
+                raise EditInterrupted(f"interrupted at inversion step {done} of {schedule.steps}")
 
         latents = invert(eps_fn, z0, schedule, tick, refine)
         self.inversions += 1
@@ -243,19 +247,24 @@ class Editor:
         plan: EditPlan,
         schedule: Schedule,
         progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[torch.Tensor]:
         """The trajectories the edit reads: the source's, and the second image's when it has
         one."""
         refine = spec.inversion_refine
         source_work = frame.image_to_work(inp.source)
         bank = [
-            self.trajectory(source_work, inp.source_bytes, spec.prompt, schedule, progress, refine)
+            self.trajectory(
+                source_work, inp.source_bytes, spec.prompt, schedule, progress, refine, should_stop
+            )
         ]
         if plan.second_image is not None:
             prompt = bank_prompts(spec)[1]
             second = plan.second_image
             bank.append(
-                self.trajectory(second, _image_key(second), prompt, schedule, progress, refine)
+                self.trajectory(
+                    second, _image_key(second), prompt, schedule, progress, refine, should_stop
+                )
             )
         return bank
 
@@ -384,7 +393,13 @@ class Editor:
         )
         return put.image, put.edited_fraction
 
-    def prepare(self, spec: Spec, inp: EditInputs, progress: Progress | None = None) -> EditSetup:
+    def prepare(
+        self,
+        spec: Spec,
+        inp: EditInputs,
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> EditSetup:
         """Everything the loop takes for this spec: plan, schedule, trajectories (inverted or
         cached), prompts, settings, steps, and fresh counted UNet calls."""
         b = self.bundle
@@ -392,7 +407,7 @@ class Editor:
         frame = self.frame_for(inp.source, spec.resolution, spec.max_resolution)
         plan = build_plan(spec, inp, frame, b.latent_factor, b.device)
         schedule = Schedule.from_config(b.scheduler_config, spec.steps)
-        trajectories = self.memory_bank(spec, inp, frame, plan, schedule, progress)
+        trajectories = self.memory_bank(spec, inp, frame, plan, schedule, progress, should_stop)
         settings = loop_settings(spec.guidance, plan.feature_hw, b.latent_factor)
         with torch.no_grad():
             cond = [b.encode_prompt([p]) for p in bank_prompts(spec)[: len(trajectories)]]
@@ -445,7 +460,7 @@ class Editor:
         """Edits of one source up to their latents, in one guided loop: each plan, the shared
         inversion (cached), the bank rows shared (each distinct bank image once)."""
         t0 = time.perf_counter()
-        setups = [self.prepare(spec, inp, progress) for spec, inp in items]
+        setups = [self.prepare(spec, inp, progress, should_stop) for spec, inp in items]
         t1 = time.perf_counter()
         first = setups[0]
         n = first.calls.schedule.steps

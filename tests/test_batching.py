@@ -142,6 +142,21 @@ def test_an_interrupted_batch_writes_nothing(tiny_sd, spec_for, tmp_path):
     assert all("nothing written" in r.errors[0] for r in reports)
 
 
+def test_a_stop_during_inversion_acts_after_one_inversion_step(tiny_sd, spec_for, workdir):
+    """The stop flag is polled after every inversion step, not only after the sampler's: the
+    edit stops one step into the inversion, and no partial trajectory reaches the cache."""
+    from dragonctl.cache import TrajectoryCache
+    from dragonctl.errors import EditInterrupted
+
+    ls = load_spec(spec_for("move", model=str(tiny_sd), steps=6))
+    cache = TrajectoryCache(workdir / "stop-cache")
+    editor = Editor(load_bundle(str(tiny_sd)), cache)
+    with pytest.raises(EditInterrupted, match="inversion step 1 of 6"):
+        editor.edit(ls.spec, load_inputs(ls), should_stop=lambda: True)
+    assert editor.inversion_unet_calls == 1 + ls.spec.inversion_refine
+    assert not any((workdir / "stop-cache").rglob("*.safetensors"))
+
+
 def test_one_diverged_edit_leaves_the_others(tiny_sd, tiny_editor, spec_for, monkeypatch):
     """A non-finite latent fails its own edit only."""
     from dragonctl import engine

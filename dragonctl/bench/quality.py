@@ -15,9 +15,16 @@ run through the real engine via the public API, and scored against the ground-tr
 Two controls get the same figures: plain reconstruction (DDIM inversion of the source and plain
 DDIM back, no guidance), and the zero predictor: the same edit with the denoiser's prediction
 replaced by zeros (features, memory bank and energies untouched), so whatever the latent
-operations and the energies' gradients do without the model. A mode whose zero-predictor run
-succeeds says nothing about the model; paste is the known exception (its initial latent holds the
-placed reference's inverted latent, which a zero predictor hands back as it is).
+operations and the energies' gradients do without the model. A case the zero predictor passes
+says nothing about the model. A zero predictor hands back the initial latent, so the reference's
+own latent placements are the known exceptions: paste (the placed reference's inverted latent),
+growing resizes (the object's scaled over its old place) and short partial drags (the handle's
+latent patch copied onto the target).
+
+Two worlds (`WORLDS`): flat (flat-coloured shapes on flat or smooth gradient backgrounds) and
+textured (patterned backgrounds, shaded and patterned neighbours that may cover part of the
+edited object, soft shadows), where the place an object leaves must be generated: `vacated_psnr`
+compares it with the background continued.
 
 Cases vary the way users' specs do: one to three objects per scene, flat and gradient
 backgrounds, masks as exact PNGs, tight and loose boxes and polygons, edits that end next to
