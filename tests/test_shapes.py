@@ -86,7 +86,8 @@ def test_the_sample_move_is_made_by_the_model(tmp_path):
     control = api.edit_one(session, ls, inp, tmp_path / "zero.png", opts, None)
     assert control.ok, control.errors
     zero = np.asarray(Image.open(tmp_path / "zero.png").convert("RGB"))
-    assert red_share(zero, left) > 0.9  # without the model, the old circle stays
+    # without the model, most of the old circle stays (the energies alone erode its edge)
+    assert red_share(zero, left) > 0.7 and red_share(zero, left) > 2 * red_share(result, left)
 
 
 def test_training_resumes_from_the_package_weights_then_from_its_checkpoint(tmp_path):
