@@ -568,6 +568,32 @@ def cache_clear(
     typer.echo(f"removed {n} entries")
 
 
+def _key_values(option: str, items: list[str] | None) -> dict:
+    """KEY=VALUE options (each value read as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _usage(f"{option} takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _bench_modes(modes: list[str] | None, world: str) -> tuple[str, ...]:
+    """The quality bench's case sets, checked (and its world)."""
+    from dragonctl.bench import quality
+
+    if world not in quality.WORLDS:
+        _usage(f"--world: unknown world {world!r}; choose from {', '.join(quality.WORLDS)}")
+    chosen = tuple(modes) if modes else quality.CASE_SETS
+    bad = [m for m in chosen if m not in quality.CASE_SETS]
+    if bad:
+        _usage(f"unknown mode(s): {', '.join(bad)}; choose from {', '.join(quality.CASE_SETS)}")
+    return chosen
+
+
 @bench_app.command("quality")
 def bench_quality(
     out: Path = typer.Argument(
@@ -616,31 +642,18 @@ def bench_quality(
 ) -> None:
     """Run every mode on held-out shapes scenes and judge each case against the ground truth.
 
-    Prints the success rate per mode (and which criteria the failures missed), then the metrics'
-    medians; writes quality.json, a contact sheet per mode and one of its failures. Exits 0 when
-    every case ran, whatever the verdicts (failures are results), and 1 when a case could not
-    run.
-    """
-    import yaml
-
+    Prints the success rate per mode beside its controls, then the metrics' medians; writes
+    quality.json and contact sheets. Exits 0 when every case ran, whatever the verdicts, and 1
+    when a case could not run."""
     from dragonctl.bench import quality
 
     overrides = {
         k: v for k, v in (("method", method), ("energy_scale", energy_scale)) if v is not None
     }
-    fields: dict = {"steps": steps} if steps else {}
-    for option, items, into in (("--guidance", guidance, overrides), ("--field", field, fields)):
-        for item in items or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                _usage(f"{option} takes KEY=VALUE, got {item!r}")
-            into[key.strip()] = yaml.safe_load(value)
-    if world not in quality.WORLDS:
-        _usage(f"--world: unknown world {world!r}; choose from {', '.join(quality.WORLDS)}")
-    modes = tuple(mode) if mode else quality.CASE_SETS
-    bad = [m for m in modes if m not in quality.CASE_SETS]
-    if bad:
-        _usage(f"unknown mode(s): {', '.join(bad)}; choose from {', '.join(quality.CASE_SETS)}")
+    overrides.update(_key_values("--guidance", guidance))
+    fields = {"steps": steps} if steps else {}
+    fields.update(_key_values("--field", field))
+    modes = _bench_modes(mode, world)
     with _reported_errors():
         summary = quality.run(
             out,
@@ -658,8 +671,6 @@ def bench_quality(
         )
     typer.echo(quality.success_table(summary) + "\n\n" + quality.table(summary))
     _err(f"wrote {out / 'quality.json'}, sheet_<mode>.png and failures_<mode>.png")
-    if any(m["completed"] < m["cases"] for m in summary["modes"].values()):
-        raise typer.Exit(1)
     failed = sum(m["cases"] - m["completed"] for m in summary["modes"].values())
     if failed:  # "every edit completes" is part of the bar
         _err(f"{failed} case(s) failed")
