@@ -1,5 +1,5 @@
 """The package's shape: a non-editable install ships what it reads at run time (configs, the
-embedded model); the layers and the module table the README draws are the tree's."""
+embedded model); the layers and the module table docs/development.md draws are the tree's."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def test_the_core_imports_nothing_from_the_spec():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_the_readme_module_table_matches_the_tree():
-    text = (ROOT / "README.md").read_text()
+def test_the_code_map_matches_the_tree():
+    text = (ROOT / "docs" / "development.md").read_text()
     table = text[text.index("| stage | module | owns |") :]
     table = table[: table.index("\n\n")]
     module_column = " ".join(row.split("|")[2] for row in table.splitlines()[2:])
@@ -38,6 +38,7 @@ def test_the_readme_module_table_matches_the_tree():
     listed_modes = set(re.findall(r"`([a-z_]+)`", module_column.split("`modes/`")[1]))
     assert listed_modes == {p.stem for p in (PKG / "modes").glob("*.py")} - {"__init__"}
     assert len((ROOT / "README.md").read_bytes()) <= 25_000  # the user's guide, not a lab notebook
+    assert "docs/development.md" in (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
