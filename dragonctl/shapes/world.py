@@ -336,7 +336,9 @@ def batch(
     out = np.empty((n, 3, size, size), dtype=np.float32)
     k = size / 64  # shapes keep their share of the frame at any size
     flat = rng.random(n) < flat_share if flat_share else np.zeros(n, dtype=bool)
-    textured = (rng.random(n) < textured_share) & ~flat if textured_share else flat & False
+    textured = np.zeros(n, dtype=bool)
+    if textured_share:  # no draw otherwise: the flat stream stays the committed weights' own
+        textured = (rng.random(n) < textured_share) & ~flat
     for i in range(n):
         scene = random_scene(
             rng,
