@@ -114,20 +114,13 @@ def validate(
 ) -> list[SpecReport]:
     """Every check `edit` makes before it runs, outputs included, without loading a model.
     Raises UsageError when two specs would write one file or read each other's outputs."""
-    jobs = check_jobs(expand_specs(paths), out_dir, None, model, None, metadata)
-    reports = []
-    for j in jobs:
-        errors = list(j.errors)
-        if not overwrite:
-            errors += [
-                f"{j.path}: output: {p} exists and was not written by dragonctl "
-                "(edit --overwrite replaces it)"
-                for p in j.clobbers
-            ]
-        reports.append(
-            SpecReport(j.path, not errors, errors=errors, warnings=j.warnings, output=j.output)
-        )
-    return reports
+    jobs = check_jobs(
+        expand_specs(paths), out_dir, None, model, None, metadata, overwrite=overwrite
+    )
+    return [
+        SpecReport(j.path, not j.errors, errors=j.errors, warnings=j.warnings, output=j.output)
+        for j in jobs
+    ]
 
 
 class Session:
@@ -477,7 +470,7 @@ def compute_edits(
             record = outputs.metadata_record(
                 ls.spec,
                 ls.path,
-                b.identity,
+                {**b.identity, "a1111_model_hash": b.model_hash},  # the PNG's `Model hash`
                 result.timings,
                 {"inputs": inputs, "stats": _sidecar_stats(result)},
             )

@@ -76,8 +76,10 @@ def check_jobs(
     metadata: bool = True,
     composite: bool | None = None,
     preset: str | None = None,
+    overwrite: bool = True,
 ) -> list[Job]:
     """Load and check every spec and its output, and find which specs read others' outputs.
+    Without `overwrite`, an output over a file dragonctl did not write is an error of its spec.
 
     Inputs are decoded, then dropped (a batch of thousands stays small); an input that an earlier
     spec of the batch produces is checked when that spec has run. Raises UsageError when two
@@ -86,8 +88,16 @@ def check_jobs(
     root = (out_root or common_folder(paths)) if out_dir is not None else None
     overrides = (model, seed, composite, preset)
     jobs = [_load_job(p, overrides, out_dir, root, metadata) for p in paths]
+    for j in [] if overwrite else jobs:
+        j.errors += [
+            f"{j.path}: output: {c} exists and was not written by dragonctl "
+            "(edit --overwrite replaces it)"
+            for c in j.clobbers
+        ]
     _refuse_shared_outputs(jobs)
-    producers = {resolved(j.output): k for k, j in enumerate(jobs) if j.output is not None}
+    # a spec refused here produces nothing: who reads its output is checked against the file now
+    producers = {resolved(j.output): k for k, j in enumerate(jobs) if j.output and not j.errors}
+    refused = {resolved(j.output): j.path for j in jobs if j.output and j.errors}
     for k, job in enumerate(jobs):
         if job.spec is None:
             continue
@@ -100,6 +110,10 @@ def check_jobs(
                 job.warnings += load_inputs(job.spec).warnings
             except SpecError as e:
                 job.errors = [str(x) for x in e.problems]
+                job.errors += [
+                    f"{job.path}: reads {p.name}, the output of {refused[p]}, which is invalid"
+                    for p in sorted(inputs & refused.keys())
+                ]
     run_order(jobs)  # refuses cycles now, before anything runs
     return jobs
 

@@ -156,20 +156,33 @@ def _progress(enabled: bool):
 
 
 class _StopOnInterrupt:
-    """First Ctrl-C: finish the current sampler step, then stop; a second Ctrl-C aborts at once."""
+    """First Ctrl-C: the edit in progress stops at its next step (every step polls), or, where
+    nothing polls within `grace` seconds (a model loading, a decode), at once; a second Ctrl-C
+    aborts at once. Either way an image and its sidecar are written whole or not at all."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 0.5) -> None:
         self.requested = False
+        self.grace = grace
         self._old = None
+        self._timer = None
 
     def __call__(self) -> bool:
         return self.requested
 
     def _handle(self, signum, frame) -> None:
+        from dragonctl.files import interrupt_now
+
         if self.requested:
-            raise KeyboardInterrupt
+            interrupt_now()
+            return
         self.requested = True
         _err("stopping after the current step (Ctrl-C again to abort)")
+        import _thread
+        import threading
+
+        self._timer = threading.Timer(self.grace, _thread.interrupt_main)
+        self._timer.daemon = True
+        self._timer.start()
 
     def __enter__(self) -> _StopOnInterrupt:
         import signal
@@ -182,6 +195,8 @@ class _StopOnInterrupt:
     def __exit__(self, *exc) -> None:
         import signal
 
+        if self._timer is not None:
+            self._timer.cancel()
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
 
@@ -327,6 +342,9 @@ def _spec_paths(specs: list[str] | None) -> list[Path]:
 
     if not specs:
         _usage("give at least one spec file, folder or glob")
+    missing = [s for s in specs if not any(ch in s for ch in "*?[") and not os.path.exists(s)]
+    if missing:  # a mistyped name is bad usage, as `cp` takes it, not an edit that failed
+        _usage(f"{missing[0]}: no such spec file or folder")
     paths = api.expand_specs(specs)
     if not paths:
         _usage(f"no spec files found in: {' '.join(specs)}")
@@ -353,15 +371,18 @@ def _check_device_and_dtype(device: str, dtype: str) -> None:
 
 
 def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
+    """`api.edit` with a progress bar and Ctrl-C handling; report; exit with the batch's code."""
     if opts.ray:
         _check_ray()
-    """`api.edit` with a progress bar and Ctrl-C handling; report; exit with the batch's code."""
     from dragonctl import api
     from dragonctl.errors import DragonError, UsageError
 
     bar, update, started, status = _progress(not as_json)
 
+    reported: list = []  # what the summary counts if the batch is aborted
+
     def on_report(rep) -> None:
+        reported.append(rep)
         if as_json:
             typer.echo(json.dumps(rep.as_json()))
         elif rep.ok:
@@ -372,6 +393,7 @@ def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
             _err(f"warning: {rep.path}: {w}")
 
     stop = _StopOnInterrupt()
+    reports = reported
     try:
         with stop:
             if bar:
@@ -385,8 +407,8 @@ def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
         _err(f"error: {e}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        _err("aborted")
-        raise typer.Exit(130) from None
+        _err("aborted")  # the edit in progress and the rest were not run
+        stop.requested = True
     _finish(reports, as_json, stop.requested)
 
 
@@ -421,6 +443,9 @@ def validate(
 
     if not specs:
         _usage("give at least one spec file, folder or glob")
+    missing = [s for s in specs if not any(ch in s for ch in "*?[") and not os.path.exists(s)]
+    if missing:  # a mistyped name is bad usage, as `cp` takes it, not an edit that failed
+        _usage(f"{missing[0]}: no such spec file or folder")
     paths = api.expand_specs(specs)
     if not paths:
         _usage(f"no spec files found in: {' '.join(specs)}")
@@ -474,6 +499,9 @@ def init(
         None, "-o", "--output", help="Write here instead of stdout."
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    reference: Path | None = typer.Option(
+        None, "--reference", help="appearance, paste: the reference image (default: IMAGE)."
+    ),
 ) -> None:
     """Write a commented starter spec for MODE on IMAGE."""
     from dragonctl import api
@@ -483,9 +511,15 @@ def init(
     try:
         arr, _ = read_image(image, Path("<init>"), "image")
         rel = image if output is None else Path(_relpath(image, output.parent))
-        text = api.init_spec(mode, rel.as_posix(), arr.shape[1], arr.shape[0])
+        ref = None
+        if reference is not None:
+            read_image(reference, Path("<init>"), "reference")
+            ref = reference if output is None else Path(_relpath(reference, output.parent))
+        text = api.init_spec(
+            mode, rel.as_posix(), arr.shape[1], arr.shape[0], ref.as_posix() if ref else None
+        )
     except SpecError as e:
-        _usage(str(e.problems[0]).replace("<init>: image: ", ""))
+        _usage(str(e.problems[0]).replace("<init>: image: ", "").replace("<init>: ", ""))
     except DragonError as e:
         _usage(str(e))
     if output is None:
@@ -938,4 +972,28 @@ def bench_dragbench(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if "torch" not in sys.modules:
+            raise
+        _exit_without_teardown(code)
+
+
+def _exit_without_teardown(code: int) -> None:
+    """Exit as Python would, less its teardown of modules: with torch and diffusers loaded that
+    teardown alone takes about a second, after every edit and after every Ctrl-C. Exit handlers
+    still run (Ray's, logging's, multiprocessing's) and the streams are flushed; every file
+    dragonctl writes is closed (and synced) before this point."""
+    import atexit
+    import threading
+
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)  # a thread Python would wait for may still have work to finish
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

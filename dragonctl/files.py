@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _TMP = re.compile(r"^\..+\.(\d+)\.tmp$")
@@ -42,6 +44,31 @@ def remove_stale_temporaries(folder: Path) -> int:
             except OSError:
                 pass
     return n
+
+
+_together = {"depth": 0, "pending": False}
+
+
+def interrupt_now() -> None:
+    """Raise KeyboardInterrupt here, or where the files being written together are all written."""
+    if _together["depth"]:
+        _together["pending"] = True
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def written_together() -> Iterator[None]:
+    """An `interrupt_now` inside the block takes effect at its end: an image and its sidecar are
+    both new or both old."""
+    _together["depth"] += 1
+    try:
+        yield
+    finally:
+        _together["depth"] -= 1
+        if not _together["depth"] and _together["pending"]:
+            _together["pending"] = False
+            raise KeyboardInterrupt
 
 
 def atomic_write(path: Path, data: bytes) -> None:

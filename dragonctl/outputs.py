@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dragonctl.files import atomic_write
+from dragonctl.files import atomic_write, written_together
 from dragonctl.spec import Spec
 
 
@@ -88,9 +88,11 @@ def write_result(
         return [path]
     size = (image.shape[1], image.shape[0])
     text = parameters_text(spec, model_name, size, model_hash)
-    atomic_write(path, png_bytes(image, text, record))
+    png = png_bytes(image, text, record)
     sidecar = path.with_suffix(".json")
-    atomic_write(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    with written_together():
+        atomic_write(path, png)
+        atomic_write(sidecar, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return [path, sidecar]
 
 

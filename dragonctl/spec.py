@@ -9,6 +9,7 @@ spec file. This module only checks the structure; `inputs.py` decodes the files 
 from __future__ import annotations
 
 import copy
+import difflib
 import reprlib
 from functools import cache
 from pathlib import Path
@@ -313,12 +314,38 @@ _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 
 
-def _reason(err: dict) -> str:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (inside Optional, unions, lists, Annotated), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names a spec allows at `loc` (the mapping an unknown field was found in)."""
+    model: type[BaseModel] | None = Spec
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        f = model.model_fields.get(part) if model is not None else None
+        model = _model_in(f.annotation) if f is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields) if model is not None else []
+
+
+def _reason(err: dict, loc: tuple) -> str:
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if err["type"] == "extra_forbidden":
-        return "unknown field"
+        name = loc[-1] if loc and isinstance(loc[-1], str) else ""
+        close = difflib.get_close_matches(name, _fields_at(loc[:-1]), n=1, cutoff=0.7)
+        return f"unknown field (did you mean `{close[0]}`?)" if close else "unknown field"
     if err["type"] == "missing":
         return "required field is missing"
     if err["type"] == "literal_error" and "input" in err:
@@ -332,7 +359,7 @@ def _problems(file: Path, exc: ValidationError) -> list[Problem]:
         loc = tuple(err["loc"])
         # Unions of "path string | inline shape" report both branches; keep the more useful one.
         loc = tuple(p for p in loc if p not in ("str", "MaskSpec"))
-        p = Problem(str(file), _field_path(loc), _reason(err))
+        p = Problem(str(file), _field_path(loc), _reason(err, loc))
         if p not in seen:
             seen.append(p)
     if len(seen) > MAX_PROBLEMS:  # a report stays readable (and small) whatever the file
@@ -393,7 +420,37 @@ def _unknown_preset(preset: Any, family: str) -> str:
     return f"no preset {_SHORT.repr(preset)} for {family} models (known: {known})"
 
 
+MAX_DEPTH = 32  # a spec's deepest honest value is a list of point pairs (4 levels)
+
+
+def _too_deep(text: str) -> str | None:
+    """The top-level field whose value nests deeper than MAX_DEPTH ("" when no field is known), or
+    None. YAML's tokens are read without recursion, so any depth is measured safely."""
+    depth, key, expect_key = 0, "", False
+    opening = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken)
+    opening += (yaml.FlowMappingStartToken, yaml.FlowSequenceStartToken)
+    closing = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if isinstance(token, opening):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    return key
+            elif isinstance(token, closing):
+                depth -= 1
+            elif isinstance(token, yaml.KeyToken):
+                expect_key = depth == 1
+            elif expect_key and isinstance(token, yaml.ScalarToken):
+                key, expect_key = token.value, False
+    except yaml.YAMLError:
+        return None  # the parser says what is wrong, and where
+    return None
+
+
 def _parse(path: Path, text: str, overrides: dict[str, Any]) -> LoadedSpec:
+    deep = _too_deep(text)
+    if deep is not None:
+        raise SpecError.one(path, deep, f"nested more than {MAX_DEPTH} levels deep")
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:

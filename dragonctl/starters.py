@@ -5,7 +5,7 @@ from __future__ import annotations
 from textwrap import dedent
 
 from dragonctl.errors import UsageError
-from dragonctl.spec import MODES
+from dragonctl.spec import MODES, mode_defaults
 
 STARTERS = {
     "move": """\
@@ -25,13 +25,13 @@ STARTERS = {
     "appearance": """\
         mask: {box: [X0, Y0, X1, Y1]}   # the object to restyle
         reference:
-          image: reference.png
+          image: REFERENCE              # another image, or this one
           mask: {box: [X0, Y0, X1, Y1]}   # the object to take the look from
           prompt: ""
         """,
     "paste": """\
         reference:
-          image: reference.png
+          image: REFERENCE              # another image, or this one
           mask: {box: [X0, Y0, X1, Y1]}   # the object to paste
           prompt: ""
         at: [X, Y]                      # where its centre lands in the source
@@ -51,15 +51,23 @@ TAIL = """\
     # seed: 42
     # steps: 50
     # output: result.png
-    # guidance: {method: dragondiffusion, energy_scale: 1.0, cfg_scale: 4.0}
+    # guidance: GUIDANCE
     """
 
 
-def init_spec(mode: str, image: str, width: int | None = None, height: int | None = None) -> str:
-    """A commented starter spec for MODE on IMAGE (placeholders sized to the image when known)."""
+def init_spec(
+    mode: str,
+    image: str,
+    width: int | None = None,
+    height: int | None = None,
+    reference: str | None = None,
+) -> str:
+    """A commented starter spec for MODE on IMAGE (placeholders sized to the image when known);
+    appearance and paste take their reference object from `reference` (default: IMAGE itself,
+    so the starter validates as written)."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
-    body = dedent(STARTERS[mode])
+    body = dedent(STARTERS[mode]).replace("REFERENCE", reference or image)
     if width and height:
         body = (
             body.replace("X0", str(width // 4))
@@ -73,4 +81,12 @@ def init_spec(mode: str, image: str, width: int | None = None, height: int | Non
             .replace("[X, Y]", f"[{width // 2}, {height // 2}]")
         )
     head = dedent(HEAD).replace("MODE", mode).replace("IMAGE", image)
-    return head + body + dedent(TAIL)
+    return head + body + dedent(TAIL).replace("GUIDANCE", _guidance_comment(mode))
+
+
+def _guidance_comment(mode: str) -> str:
+    """The shapes model's main guidance settings for MODE, as its config sets them."""
+    g = mode_defaults("shapes", mode)["guidance"]
+    keys = ("method", "energy_scale", "cfg_scale")
+    shown = ", ".join(f"{k}: {g[k]}" for k in keys if k in g)
+    return "{" + shown + "}   # the shapes model's; SD's are in configs/sd15.yaml"

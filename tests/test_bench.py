@@ -221,6 +221,7 @@ def test_speed_benchmark_runs_at_tiny_size_and_counts_passes(tmp_path):
     assert "| 32 | move | dragondiffusion | recompute |" in speed.table(results)
 
 
+@pytest.mark.slow  # torch.compile on the CPU: CI's second stage
 def test_speed_benchmark_reports_compiled_rows_with_their_warm_up(tmp_path):
     results = speed.run(
         "tiny",

@@ -164,12 +164,77 @@ def test_preview_and_init(spec_for, workdir):
 
 
 @pytest.mark.parametrize("mode", ["move", "resize", "drag", "appearance", "paste"])
-def test_init_starters_validate_for_every_mode(workdir, mode):
-    (workdir / "reference.png").write_bytes((workdir / "ref.png").read_bytes())
-    r = run("init", mode, str(workdir / "src.png"), "-o", str(workdir / f"{mode}_starter.yaml"))
+def test_init_starters_validate_as_written_for_every_mode(workdir, mode):
+    from dragonctl.spec import mode_defaults
+
+    starter = workdir / f"{mode}_starter.yaml"
+    r = run("init", mode, str(workdir / "src.png"), "-o", str(starter))
     assert r.exit_code == 0
-    v = run("validate", str(workdir / f"{mode}_starter.yaml"))
+    v = run("validate", str(starter))
     assert v.exit_code == 0, v.output
+    # the commented guidance is the shapes model's own for this mode, not SD's
+    g = mode_defaults("shapes", mode)["guidance"]
+    assert f"energy_scale: {g['energy_scale']}, cfg_scale: {g['cfg_scale']}" in starter.read_text()
+
+
+def test_init_takes_a_reference_image_for_appearance_and_paste(workdir):
+    starter = workdir / "paste_starter.yaml"
+    r = run(
+        "init",
+        "paste",
+        str(workdir / "src.png"),
+        "--reference",
+        str(workdir / "ref.png"),
+        "-o",
+        str(starter),
+    )
+    assert r.exit_code == 0 and "image: ref.png" in starter.read_text()
+    assert run("validate", str(starter)).exit_code == 0
+    r = run("init", "paste", str(workdir / "src.png"), "--reference", str(workdir / "no.png"))
+    assert r.exit_code == 2 and "no.png" in r.output
+
+
+def test_an_unknown_field_suggests_the_one_meant(spec_for, workdir):
+    spec = spec_for(
+        "move",
+        ofset=[3, 0],
+        guidance={"energy_scal": 1.0},
+        mask={"box": [8, 10, 24, 26], "dilat": 1},
+    )
+    r = run("validate", str(spec))
+    assert r.exit_code == 2
+    assert f"{spec}: ofset: unknown field (did you mean `offset`?)" in r.output
+    assert f"{spec}: guidance.energy_scal: unknown field (did you mean `energy_scale`?)" in r.output
+    assert f"{spec}: mask.dilat: unknown field (did you mean `dilate`?)" in r.output
+    spec = spec_for("move", name="far.yaml", zzz=1)
+    assert f"{spec}: zzz: unknown field\n" in run("validate", str(spec)).output
+
+
+def test_a_value_nested_too_deeply_names_its_field(spec_for, workdir):
+    spec = spec_for("move")
+    spec.write_text(spec.read_text() + "prompt: " + "[" * 1500 + "]" * 1500 + "\n")
+    r = run("validate", str(spec))
+    assert r.exit_code == 2 and f"{spec}: prompt: nested more than 32 levels deep" in r.output
+
+
+def test_editing_a_spec_that_does_not_exist_is_bad_usage(workdir):
+    r = run("edit", str(workdir / "nospec.yaml"))
+    assert r.exit_code == 2 and "nospec.yaml: no such spec file or folder" in r.output
+
+
+def test_a_reader_of_a_refused_output_is_checked_against_the_file_now(spec_for, workdir):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20)).save(workdir / "b_out.png")  # not dragonctl's: b may not replace it
+    b = spec_for("move", name="b.yaml", output="b_out.png")
+    a = spec_for("move", name="a.yaml", image="b_out.png", mask={"box": [8, 8, 30, 30]})
+    r = run("validate", str(a), str(b))
+    assert r.exit_code == 2
+    assert f"{a}: mask.box: box [8.0, 8.0, 30.0, 30.0] is outside the 20×20 frame" in r.output
+    assert f"{a}: reads b_out.png, the output of {b}, which is invalid" in r.output
+    assert f"ok  {a}" not in r.output
+    r = run("validate", str(a), str(b), "--overwrite")  # b may replace it: a is checked after b
+    assert r.exit_code == 0 and "checked when it has run" in r.output
 
 
 def test_invert_then_cache_info_and_clear(tiny_sd, spec_for, workdir):

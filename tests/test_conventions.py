@@ -3,6 +3,7 @@ EXIF orientation, drag points inside their region, starters that run offline."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +145,10 @@ def test_the_parameters_chunk_has_size_and_a1111s_model_hash(tiny_sd, workdir, s
     with Image.open(rep.output) as img:
         text = img.text["parameters"]
     assert "Size: 56x40" in text and f"Model hash: {expected}" in text, text
+    # the sidecar names both hashes: A1111's (whole file) and dragonctl's quick identity
+    model = json.loads(rep.output.with_suffix(".json").read_text())["model"]
+    assert model["a1111_model_hash"] == expected
+    assert len(model["weights_hash"]) == 16 and model["weights_hash"][:10] != expected
 
 
 def test_a_batch_says_which_spec_runs_i_of_n(tiny_sd, workdir, spec_for):

@@ -205,6 +205,7 @@ def test_regional_composite_confines_object_queries_to_the_reference_object(tiny
     assert not torch.allclose(out[inside], out_shared[inside], atol=1e-3)
 
 
+@pytest.mark.slow  # torch.compile on the CPU: CI's second stage
 @pytest.mark.parametrize(
     "mode,guidance", [("move", {}), ("appearance", {"regional_attention": True})]
 )
@@ -238,6 +239,7 @@ def test_compiled_forward_edits_the_same_and_compiles_per_shape_not_per_step(
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # torch.compile on the CPU: CI's second stage
 def test_cuda_graph_compile_mode_edits_the_same(tiny_sd, spec_for):
     """`cudagraphs` (dynamo + AOT autograd, CUDA graphs of eager kernels) captures the full and the
     guided forwards with their backward; on a CPU the graphs run without CUDA graphs, same

@@ -141,7 +141,7 @@ outputs.write_result = write_result
 """
 
 
-def _cli(*args: str, prelude: str = "") -> subprocess.Popen:
+def _cli(*args: str, prelude: str = "", cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     main = (
         "import sys\nfrom dragonctl.cli import main\n"
@@ -153,6 +153,7 @@ def _cli(*args: str, prelude: str = "") -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=cwd,
     )
 
 
@@ -203,6 +204,58 @@ def test_ctrl_c_stops_after_the_current_step_with_a_summary(tiny_sd, workdir):
     assert err.count("not run (interrupted)") == 2 and "1 done, 3 failed" in err
     assert sorted(p.name for p in workdir.glob("*.edited.png")) == ["c0.edited.png"]
     assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]
+
+
+INTERRUPT_MID_INVERSION = """
+import atexit, os, signal, sys
+import dragonctl.inversion as inversion
+_step, _calls = inversion.inversion_step, [0, None]
+def inversion_step(*args):
+    _calls[0] += 1
+    if _calls[0] == 2:  # Ctrl-C in the middle of the first inversion
+        _calls[1] = _calls[0]
+        os.kill(os.getpid(), signal.SIGINT)
+    return _step(*args)
+inversion.inversion_step = inversion_step
+atexit.register(lambda: print(f"inversion steps after the signal: {_calls[0] - _calls[1]}",
+                              file=sys.stderr))
+"""
+
+
+def test_ctrl_c_mid_inversion_stops_at_the_next_step_and_keeps_the_old_output(tiny_sd, workdir):
+    spec = tiny_move(workdir, "m.yaml", tiny_sd, steps=12, output="out/m.png")
+    old = png_bytes(np.zeros((4, 4, 3), np.uint8), record={"spec_file": "m.yaml"})
+    (workdir / "out").mkdir(exist_ok=True)
+    (workdir / "out" / "m.png").write_bytes(old)  # an earlier result dragonctl may replace
+    proc = _cli("edit", str(spec), "--no-cache", prelude=INTERRUPT_MID_INVERSION)
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert "interrupted at inversion step 2 of 12" in err
+    assert "inversion steps after the signal: 0" in err  # the step in progress was the last
+    assert (workdir / "out" / "m.png").read_bytes() == old
+    assert [p.name for p in (workdir / "out").iterdir()] == ["m.png"]
+
+
+INTERRUPT_WHILE_LOADING = """
+import os, signal, time
+import dragonctl.models as models
+def load_bundle(*args, **kwargs):  # a load that would take two minutes
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(120)
+    open("loaded", "w").close()
+models.load_bundle = load_bundle
+"""
+
+
+def test_ctrl_c_while_a_model_loads_stops_at_once(tiny_sd, workdir):
+    spec = tiny_move(workdir, "m.yaml", tiny_sd)
+    proc = _cli("edit", str(spec), "--no-cache", prelude=INTERRUPT_WHILE_LOADING, cwd=workdir)
+    _out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "aborted" in err and "0 done" in err
+    assert not (workdir / "loaded").exists()  # the load was cut short, not waited for
+    assert not list(workdir.glob("*.edited.png"))
 
 
 def test_damaged_cache_entry_is_detected_reported_and_recomputed(tiny_sd, workdir):

@@ -79,6 +79,7 @@ def test_unets_with_extra_embeddings_are_refused(tiny_sd):
         )
 
 
+@pytest.mark.slow  # torch.compile on the CPU: CI's second stage
 def test_compiled_features_are_one_graph_per_shape_with_the_same_gradients(tiny_sd):
     """Under `--compile` the guided steps' forward and backward are captured whole: one graph per
     batch shape, none per timestep, and AOT autograd's backward gives eager's gradients."""

@@ -11,6 +11,8 @@ from dragonctl.bench import precision
 from dragonctl.bench.speed import write_specs
 from dragonctl.engine import Editor, loop_settings
 
+pytestmark = pytest.mark.slow  # fp16 on a CPU at SD's sizes: CI's second stage
+
 
 @pytest.fixture(scope="module")
 def editors() -> dict[str, Editor]:
