@@ -177,10 +177,9 @@ class _StopOnInterrupt:
             return
         self.requested = True
         _err("stopping after the current step (Ctrl-C again to abort)")
-        import _thread
         import threading
 
-        self._timer = threading.Timer(self.grace, _thread.interrupt_main)
+        self._timer = threading.Timer(self.grace, _signal_main_thread)
         self._timer.daemon = True
         self._timer.start()
 
@@ -199,6 +198,20 @@ class _StopOnInterrupt:
             self._timer.cancel()
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+
+
+def _signal_main_thread() -> None:
+    """SIGINT to the main thread itself: a real signal also cuts short a blocking call there (a
+    sleep, a read), where `_thread.interrupt_main` would wait for it to return."""
+    import signal
+    import threading
+
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    else:  # Windows
+        import _thread
+
+        _thread.interrupt_main()
 
 
 # some of `edit`'s options (here, so its signature stays readable)
