@@ -1,0 +1,82 @@
+"""What `reference_run.py` runs of the authors' code, stage by stage (imported after its stand-ins
+are installed, with the reference's folder on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _pipe(model: str, steps: int):
+    """The reference's pipeline as `DragonPipeline.__init__` assembles it, on the CPU in fp32,
+    without its hub-only image encoder and adapter (the image prompt is a stage of its own)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from safetensors.torch import load_file
+    from src.models.dragondiff import DragonPipeline
+    from src.models.Sampler import Sampler
+    from src.unet.unet_2d_condition import DragonUNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    # its own from_pretrained needs diffusers 0.18's internals: the same config and weights, loaded
+    # the plain way
+    config = DragonUNet2DConditionModel.load_config(model, subfolder="unet")
+    unet = DragonUNet2DConditionModel.from_config(config)
+    weights = Path(model) / "unet" / "diffusion_pytorch_model.safetensors"
+    missing, unexpected = unet.load_state_dict(load_file(weights), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"the reference's UNet does not take these weights: {missing[:3]} {unexpected[:3]}"
+        )
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    pipe = Sampler(
+        vae=AutoencoderKL.from_pretrained(model, subfolder="vae"),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_pretrained(model, subfolder="scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    editor = DragonPipeline.__new__(DragonPipeline)
+    editor.pipe, editor.NUM_DDIM_STEPS, editor.precision = pipe, steps, torch.float32
+    return editor
+
+
+def _image(path: str) -> torch.Tensor:
+    """As `run_move` reads its image: PILToTensor / 255, centred, in [-1, 1]."""
+    arr = np.asarray(Image.open(path).convert("RGB"))
+    return (torch.from_numpy(arr.transpose(2, 0, 1).copy()) / 255.0 - 0.5)[None] * 2
+
+
+@torch.no_grad()
+def invert(job: dict) -> dict[str, torch.Tensor]:
+    """The text embedding, the image's latent, one UNet call and DDIM inversion's trajectory."""
+    editor = _pipe(job["model"], job["steps"])
+    pipe = editor.pipe
+    ids = pipe.tokenizer(
+        [job["prompt"]],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    context = pipe.text_encoder(ids)[0]
+    latent = editor.image2latent(_image(job["image"]))
+    pipe.scheduler.set_timesteps(job["steps"])
+    t = pipe.scheduler.timesteps[-1]
+    unet_out = pipe.unet(latent.unsqueeze(2), t, encoder_hidden_states=context, iter_cur=0)
+    trajectory = editor.ddim_inv(latent=latent, prompt=job["prompt"])
+    return {
+        "context": context,
+        "latent": latent,
+        "unet_first_inversion_call": unet_out["sample"].squeeze(2),
+        "trajectory": torch.cat([z.squeeze(2) for z in trajectory]),
+    }
+
+
+STAGES = {"invert": invert}
