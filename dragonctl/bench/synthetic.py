@@ -66,6 +66,18 @@ SIZES = {
         vae=dict(block_out_channels=(16, 16, 16, 16), norm_num_groups=16, layers_per_block=1),
         text=_TINY_TEXT,
     ),
+    # SD 1.5's layout at tiny widths: four levels, decoder blocks 1-3 with cross-attention (the
+    # reference's feature blocks 1 and 2 are SD's), VAE factor 8; the oracle tests run the
+    # authors' code on it
+    "tiny_sd15": dict(
+        unet=dict(
+            **{**_TINY_UNET, "block_out_channels": (32, 32, 64, 64)},
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        ),
+        vae=dict(block_out_channels=(16, 16, 16, 16), norm_num_groups=16, layers_per_block=1),
+        text=_TINY_TEXT,
+    ),
     # SD 2.x's layout: linear projections in the transformers, an OpenCLIP-style text encoder
     # (plain GELU), per-level head dims
     "tiny_sd2": dict(

@@ -80,3 +80,64 @@ def invert(job: dict) -> dict[str, torch.Tensor]:
 
 
 STAGES = {"invert": invert}
+
+
+def _reference_model(job: dict):
+    """`DragonModels` as the demo builds it, less its fp16, dlib and hub parts: its pipeline on the
+    CPU in fp32, the estimator (the UNet that returns decoder features), and its attention
+    processors (the memory bank; the image prompt at scale 0 with random adapter weights)."""
+    from types import SimpleNamespace
+
+    from src.demo.model import DragonModels
+    from src.unet.estimator import MyUNet2DConditionModel
+
+    editor = _pipe(job["model"], job["steps"])
+    editor.pipe.estimator = MyUNet2DConditionModel.from_pretrained(job["model"], subfolder="unet")
+    editor.num_tokens = 4
+    editor.image_encoder = SimpleNamespace(config=SimpleNamespace(hidden_size=32))
+    editor.image_proj_model = editor.init_proj(torch.float32)
+    unet = editor.pipe.unet
+
+    def random_adapter(*_args, **_kwargs):  # what `load_adapter` reads: its own modules' state
+        procs = torch.nn.ModuleList(unet.attn_processors.values())
+        return {"image_proj": editor.image_proj_model.state_dict(), "ip_adapter": procs.state_dict()}
+
+    load, torch.load = torch.load, random_adapter
+    try:
+        editor.load_adapter("random", 0.0)
+    finally:
+        torch.load = load
+    tokens = unet.config.cross_attention_dim
+    editor.get_image_embeds = lambda _img: (torch.zeros(1, 4, tokens), torch.zeros(1, 4, tokens))
+    model = DragonModels.__new__(DragonModels)
+    model.editor, model.ip_scale, model.precision = editor, 0.0, torch.float32
+    model.up_ft_index, model.up_scale, model.device = [1, 2], 2, "cuda"
+    return model
+
+
+def move(job: dict) -> dict[str, torch.Tensor]:
+    """`run_move` as the demo calls it; returns the inverted trajectory and the edited latent."""
+    model = _reference_model(job)
+    pipe, seen = model.editor.pipe, {}
+    edit = pipe.edit
+
+    def keep_edit(*args, **kwargs):
+        kwargs["alg"] = job.get("alg", "D+")  # run_move leaves it at DiffEditor's ("D+")
+        seen["latent_in"] = kwargs["latent"].clone()
+        seen["edited"] = edit(*args, **kwargs)
+        return seen["edited"]
+
+    pipe.edit = keep_edit
+    image = np.asarray(Image.open(job["image"]).convert("RGB"))
+    mask = np.asarray(Image.open(job["mask"]).convert("RGB"))
+    (hx, hy), (tx, ty) = job["points"]
+    model.run_move(
+        image, mask, None, job["prompt"], job.get("resize_scale", 1.0),
+        job["w_edit"], job["w_content"], job["w_contrast"], job["w_inpaint"], job["seed"],
+        [[hx, hy], [tx, ty]], job["guidance_scale"], job["energy_scale"], job["max_resolution"],
+        job["sde_strength"], 0.0,
+    )
+    return {"latent_in": seen["latent_in"], "edited": seen["edited"]}
+
+
+STAGES["move"] = move

@@ -5,7 +5,7 @@ CPU with small local weights, and save what it computed, for `tests/test_oracle.
 
 Its files are used as they are: this script adapts them from outside, at import time. Stand-ins:
 `basicsr` (img2tensor, tensor2img), `xformers.ops` (scaled_dot_product_attention),
-`pytorch_lightning.seed_everything`, `dlib` (face drags stay out of scope) and torchvision's
+`pytorch_lightning.seed_everything`, `dlib` and `scipy` (face drags stay out of scope) and torchvision's
 `PILToTensor`; aliases for the diffusers modules that moved since 0.18 (`cross_attention`,
 `unet_2d_condition`, `modeling_utils._get_model_file`); 'cuda' read as the CPU. It runs in a
 process of its own because the stand-ins patch torch for the whole process.
@@ -106,6 +106,11 @@ def install_stand_ins() -> None:
     _module("xformers", ops=ops)
     _module("pytorch_lightning", seed_everything=_seed_everything)
     _module("dlib", shape_predictor=lambda *a, **k: None, get_frontal_face_detector=lambda: None)
+    if "scipy" not in sys.modules:  # the face alignment's only: face drags stay out of scope
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            _module("scipy", ndimage=_module("scipy.ndimage"))
     transforms = _module("torchvision.transforms", PILToTensor=_PILToTensor)
     _module("torchvision", transforms=transforms)
     sys.modules["diffusers.models.cross_attention"] = _module(
