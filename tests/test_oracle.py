@@ -106,33 +106,56 @@ def test_ddim_inversion_agrees_with_the_reference(inversion):
     assert relative(refined[-1, 0], ref["trajectory"][-1]) > 1e-2
 
 
-# The reference's settings as its demo passes them to `run_move` (energy_scale ×1e3 inside).
-MOVE = dict(
-    w_edit=4, w_content=6, w_contrast=0.2, w_inpaint=0.8, guidance_scale=4, sde_strength=0.4
-)
+# The reference's settings as its demo passes them to `run_*` (energy_scale ×1e3 inside).
+WEIGHTS = {
+    "move": dict(w_edit=4, w_content=6, w_contrast=0.2, w_inpaint=0.8),
+    "drag": dict(w_edit=4, w_content=6, w_inpaint=0.2),
+}
+SHARED = dict(guidance_scale=4, sde_strength=0.4, energy_scale=0.5, seed=42, steps=50)
 
 
 @pytest.fixture(scope="module")
-def move_case(tmp_path_factory):
-    """A 128² scene on SD 1.5-layout weights (VAE factor 8, four levels): a square moved 32 px."""
+def scene_128(tmp_path_factory):
+    """A 128² scene on SD 1.5-layout weights (VAE factor 8, four levels): a square, its mask, and
+    a drag's editable region around it."""
     from dragonctl.bench.synthetic import save_sd_folder
 
-    folder = tmp_path_factory.mktemp("oracle_move")
+    folder = tmp_path_factory.mktemp("oracle_edits")
     model = save_sd_folder(folder / "sd15", "tiny_sd15", "epsilon")
     save_png(folder / "scene.png", scene_image(128, 128, (32, 40, 64, 72)))
-    mask = np.zeros((128, 128, 3), np.uint8)
-    mask[40:72, 32:64] = 255
-    save_png(folder / "mask.png", mask)
+    for name, (y0, y1, x0, x1) in {"mask": (40, 72, 32, 64), "region": (24, 96, 24, 112)}.items():
+        mask = np.zeros((128, 128, 3), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        save_png(folder / f"{name}.png", mask)
     return folder, model
 
 
-def reference_settings(size: int) -> dict:
-    """dragonctl's guidance as the reference runs it (the README's divergences turned off where
-    they touch this case): the gain the reference's at this working size, not per cell."""
+def reference_behaviour(monkeypatch, size: int) -> dict:
+    """dragonctl as the reference runs, where this file's cases meet a documented divergence:
+    the guidance's gain is the reference's at this working size (not per cell), and drag's
+    initial-latent copy is also written into the bank's own z_T (the reference's in-place write,
+    which its first guided step then compares against). Returns the guidance settings."""
+    import dataclasses
+
+    import dragonctl.modes.drag as drag_mode
+
+    plan = drag_mode.plan
+
+    def plan_writing_into_the_bank(*args, **kwargs):
+        p = plan(*args, **kwargs)
+
+        def init_latent(z_src, z_ref):
+            out = p.init_latent(z_src, z_ref)
+            z_src.copy_(out)
+            return out
+
+        return dataclasses.replace(p, init_latent=init_latent)
+
+    monkeypatch.setattr(drag_mode, "plan", plan_writing_into_the_bank)
     return {"energy_resolution": size}
 
 
-def our_move(folder: Path, model: Path, method: str, energy: float) -> torch.Tensor:
+def our_edit(folder: Path, model: Path, mode: str, method: str, guidance: dict, **fields):
     from conftest import write_spec
 
     from dragonctl import api
@@ -141,19 +164,17 @@ def our_move(folder: Path, model: Path, method: str, energy: float) -> torch.Ten
 
     guidance = {
         "method": method,
-        "energy_scale": energy,
-        "cfg_scale": MOVE["guidance_scale"],
-        "sde_strength": MOVE["sde_strength"],
-        **{k: MOVE[k] for k in ("w_edit", "w_content", "w_contrast", "w_inpaint")},
-        **reference_settings(128),
+        "energy_scale": SHARED["energy_scale"],
+        "cfg_scale": SHARED["guidance_scale"],
+        "sde_strength": SHARED["sde_strength"],
+        **WEIGHTS[mode],
+        **guidance,
     }
     spec = write_spec(
         folder,
-        f"{method}.yaml",
+        f"{mode}-{method}.yaml",
         image="scene.png",
-        mode="move",
-        mask="mask.png",
-        offset=[32, 0],
+        mode=mode,
         prompt="a red square",
         model=str(model),
         steps=50,
@@ -162,33 +183,48 @@ def our_move(folder: Path, model: Path, method: str, energy: float) -> torch.Ten
         max_resolution=128,
         composite=False,
         guidance=guidance,
+        **fields,
     )
     ls, inp = api.load(spec)
     return Editor(load_bundle(str(model), "cpu", "fp32")).edit_latent(ls.spec, inp).z0
 
 
-@pytest.mark.slow  # two minutes of CPU: CI's second stage
+CASES = {
+    # the reference's move reads its offset from the first point pair
+    "move": (
+        dict(mask="mask.png", offset=[32, 0]),
+        dict(mask="mask.png", points=[[48, 56], [80, 56]]),
+    ),
+    "drag": (
+        dict(mask="region.png", points=[[[48, 56], [72, 60]]]),
+        dict(mask="region.png", points=[[[48, 56], [72, 60]]]),
+    ),
+}
+
+
+@pytest.mark.slow  # a minute of CPU each: CI's second stage
+@pytest.mark.parametrize("mode", ["move", "drag"])
 @pytest.mark.parametrize("method,alg", [("dragondiffusion", "D"), ("diffeditor", "D+")])
-def test_a_move_agrees_with_the_reference(move_case, method, alg):
-    folder, model = move_case
+def test_an_edit_agrees_with_the_reference(scene_128, monkeypatch, mode, method, alg):
+    folder, model = scene_128
+    ours_fields, ref_fields = CASES[mode]
     job = {
         "model": str(model),
-        "stage": "move",
+        "stage": mode,
         "alg": alg,
-        "steps": 50,
-        "seed": 42,
         "image": str(folder / "scene.png"),
-        "mask": str(folder / "mask.png"),
         "prompt": "a red square",
-        "points": [[48, 56], [80, 56]],
-        "energy_scale": 0.5,
         "max_resolution": 128,
-        **MOVE,
+        **SHARED,
+        **WEIGHTS[mode],
+        **{k: str(folder / v) if k == "mask" else v for k, v in ref_fields.items()},
     }
     ref = run_reference(job, folder)["edited"]
-    ours = our_move(folder, model, method, 0.5).reshape(ref.shape)
-    # measured 5e-4 (D) and 4e-4 (D+); the guidance amplifies float noise step by step
+    settings = reference_behaviour(monkeypatch, 128)
+    ours = our_edit(folder, model, mode, method, settings, **ours_fields).reshape(ref.shape)
+    # measured 4e-4 to 6e-4; the guidance amplifies float noise step by step
     assert relative(ours, ref) <= 5e-3
-    # the tolerance is tight enough to see a 1 % change of the guidance's strength (1.0e-2)
-    nudged = our_move(folder, model, method, 0.505).reshape(ref.shape)
-    assert relative(nudged, ref) > 5e-3
+    # the tolerance is tight enough to see a 1 % change of the guidance's strength (about 1e-2)
+    nudged = {**settings, "energy_scale": SHARED["energy_scale"] * 1.01}
+    nudged_z = our_edit(folder, model, mode, method, nudged, **ours_fields).reshape(ref.shape)
+    assert relative(nudged_z, ref) > 5e-3

@@ -100,7 +100,8 @@ def _reference_model(job: dict):
 
     def random_adapter(*_args, **_kwargs):  # what `load_adapter` reads: its own modules' state
         procs = torch.nn.ModuleList(unet.attn_processors.values())
-        return {"image_proj": editor.image_proj_model.state_dict(), "ip_adapter": procs.state_dict()}
+        proj = editor.image_proj_model.state_dict()
+        return {"image_proj": proj, "ip_adapter": procs.state_dict()}
 
     load, torch.load = torch.load, random_adapter
     try:
@@ -115,29 +116,82 @@ def _reference_model(job: dict):
     return model
 
 
-def move(job: dict) -> dict[str, torch.Tensor]:
-    """`run_move` as the demo calls it; returns the inverted trajectory and the edited latent."""
+def _edited(job: dict, run) -> dict[str, torch.Tensor]:
+    """Runs `run(model, image, mask)` (a `run_*` of the demo's model) and returns the latent its
+    sampler started from and the edited latent (before decoding)."""
     model = _reference_model(job)
     pipe, seen = model.editor.pipe, {}
     edit = pipe.edit
 
     def keep_edit(*args, **kwargs):
-        kwargs["alg"] = job.get("alg", "D+")  # run_move leaves it at DiffEditor's ("D+")
+        kwargs["alg"] = job.get("alg", "D+")  # the demo leaves it at DiffEditor's ("D+")
         seen["latent_in"] = kwargs["latent"].clone()
         seen["edited"] = edit(*args, **kwargs)
         return seen["edited"]
 
     pipe.edit = keep_edit
+    for name in ("guidance_move", "guidance_drag", "guidance_appearance", "guidance_paste"):
+        energy = getattr(pipe, name)
+
+        def keep_first(*args, _energy=energy, **kwargs):  # the first guided step's gradient
+            out = _energy(*args, **kwargs)
+            seen.setdefault("first_guidance", out.detach().clone())
+            return out
+
+        setattr(pipe, name, keep_first)
     image = np.asarray(Image.open(job["image"]).convert("RGB"))
     mask = np.asarray(Image.open(job["mask"]).convert("RGB"))
+    run(model, image, mask)
+    return seen
+
+
+def move(job: dict) -> dict[str, torch.Tensor]:
+    """`run_move` as the demo calls it (the first point pair gives the offset)."""
     (hx, hy), (tx, ty) = job["points"]
-    model.run_move(
-        image, mask, None, job["prompt"], job.get("resize_scale", 1.0),
-        job["w_edit"], job["w_content"], job["w_contrast"], job["w_inpaint"], job["seed"],
-        [[hx, hy], [tx, ty]], job["guidance_scale"], job["energy_scale"], job["max_resolution"],
-        job["sde_strength"], 0.0,
+    return _edited(
+        job,
+        lambda model, image, mask: model.run_move(
+            image,
+            mask,
+            None,
+            job["prompt"],
+            job.get("resize_scale", 1.0),
+            job["w_edit"],
+            job["w_content"],
+            job["w_contrast"],
+            job["w_inpaint"],
+            job["seed"],
+            [[hx, hy], [tx, ty]],
+            job["guidance_scale"],
+            job["energy_scale"],
+            job["max_resolution"],
+            job["sde_strength"],
+            0.0,
+        ),
     )
-    return {"latent_in": seen["latent_in"], "edited": seen["edited"]}
 
 
-STAGES["move"] = move
+def drag(job: dict) -> dict[str, torch.Tensor]:
+    """`run_drag` as the demo calls it (mask: the editable region)."""
+    points = [list(p) for pair in job["points"] for p in pair]
+    return _edited(
+        job,
+        lambda model, image, mask: model.run_drag(
+            image,
+            mask,
+            job["prompt"],
+            job["w_edit"],
+            job["w_content"],
+            job["w_inpaint"],
+            job["seed"],
+            points,
+            job["guidance_scale"],
+            job["energy_scale"],
+            job["max_resolution"],
+            job["sde_strength"],
+            0.0,
+        ),
+    )
+
+
+STAGES.update(move=move, drag=drag)

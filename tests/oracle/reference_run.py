@@ -5,10 +5,10 @@ CPU with small local weights, and save what it computed, for `tests/test_oracle.
 
 Its files are used as they are: this script adapts them from outside, at import time. Stand-ins:
 `basicsr` (img2tensor, tensor2img), `xformers.ops` (scaled_dot_product_attention),
-`pytorch_lightning.seed_everything`, `dlib` and `scipy` (face drags stay out of scope) and torchvision's
-`PILToTensor`; aliases for the diffusers modules that moved since 0.18 (`cross_attention`,
-`unet_2d_condition`, `modeling_utils._get_model_file`); 'cuda' read as the CPU. It runs in a
-process of its own because the stand-ins patch torch for the whole process.
+`pytorch_lightning.seed_everything`, `dlib` and `scipy` (face drags stay out of scope) and
+torchvision's `PILToTensor`; aliases for the diffusers modules that moved since 0.18
+(`cross_attention`, `unet_2d_condition`, `modeling_utils._get_model_file`); 'cuda' read as the
+CPU. It runs in a process of its own because the stand-ins patch torch for the whole process.
 
 JOB.json: {"model": SD folder, "stage": "invert", "image": PNG, "prompt": str, "steps": int}
 """
