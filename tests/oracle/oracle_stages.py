@@ -93,7 +93,10 @@ def _reference_model(job: dict):
 
     editor = _pipe(job["model"], job["steps"])
     editor.pipe.estimator = MyUNet2DConditionModel.from_pretrained(job["model"], subfolder="unet")
-    editor.num_tokens = 4
+    # Two-image modes concatenate both images' tokens but split off only `num_tokens` of them as
+    # image tokens, so the source's would reach the text K/V (a bug of the reference's, fixed in
+    # dragonctl): counting both images' tokens keeps every image token out of the text K/V.
+    editor.num_tokens = 4 * job.get("images", 1)
     editor.image_encoder = SimpleNamespace(config=SimpleNamespace(hidden_size=32))
     editor.image_proj_model = editor.init_proj(torch.float32)
     unet = editor.pipe.unet
@@ -194,4 +197,16 @@ def drag(job: dict) -> dict[str, torch.Tensor]:
     )
 
 
-STAGES.update(move=move, drag=drag)
+def appearance(job: dict) -> dict[str, torch.Tensor]:
+    """`run_appearance` as the demo calls it (mask: the object to restyle; the reference image
+    and its object's mask)."""
+    ref_image = np.asarray(Image.open(job["reference"]).convert("RGB"))
+    ref_mask = np.asarray(Image.open(job["reference_mask"]).convert("RGB"))
+    return _edited({**job, "images": 2}, lambda model, image, mask: model.run_appearance(
+        image, mask, ref_image, ref_mask, job["prompt"], job["prompt"], job["w_edit"],
+        job["w_content"], job["seed"], job["guidance_scale"], job["energy_scale"],
+        job["max_resolution"], job["sde_strength"], 0.0,
+    ))
+
+
+STAGES.update(move=move, drag=drag, appearance=appearance)
