@@ -454,14 +454,7 @@ def validate(
     from dragonctl import api
     from dragonctl.errors import UsageError
 
-    if not specs:
-        _usage("give at least one spec file, folder or glob")
-    missing = [s for s in specs if not any(ch in s for ch in "*?[") and not os.path.exists(s)]
-    if missing:  # a mistyped name is bad usage, as `cp` takes it, not an edit that failed
-        _usage(f"{missing[0]}: no such spec file or folder")
-    paths = api.expand_specs(specs)
-    if not paths:
-        _usage(f"no spec files found in: {' '.join(specs)}")
+    paths = _spec_paths(specs)
     try:
         reports = api.validate(paths, model=model, out_dir=out, overwrite=overwrite)
     except UsageError as e:
@@ -569,8 +562,7 @@ def invert(
     """Fill the inversion cache ahead of time, so later edits of the same sources skip inversion."""
     from dragonctl import api
 
-    if not specs:
-        _usage("give at least one spec file, folder or glob")
+    paths = _spec_paths(specs)
     _check_device_and_dtype(device, dtype)
     opts = api.EditOptions(
         model=model,
@@ -580,7 +572,7 @@ def invert(
         local_files_only=local_files_only,
         allow_pickle=allow_pickle,
     )
-    reports = api.invert(api.expand_specs(specs), opts)
+    reports = api.invert(paths, opts)
     for r in reports:
         if r.ok:
             typer.echo(
