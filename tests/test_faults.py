@@ -347,3 +347,18 @@ def test_non_image_and_directory_inputs(workdir):
         )
         r = runner.invoke(app, ["validate", str(spec)])
         assert r.exit_code == 2 and f"{spec}: image:" in r.output and reason in r.output, r.output
+
+
+def test_an_interrupt_while_an_image_and_its_sidecar_are_written_waits_for_both(tmp_path):
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with files.written_together():
+            files.atomic_write(tmp_path / "a.png", b"png")
+            files.interrupt_now()  # Ctrl-C between the two files
+            written.append("sidecar")
+            files.atomic_write(tmp_path / "a.json", b"{}")
+    assert written == ["sidecar"] and (tmp_path / "a.json").read_bytes() == b"{}"
+    with pytest.raises(KeyboardInterrupt):
+        files.interrupt_now()  # outside a pair: at once
+    with files.written_together():  # nothing pending is left behind
+        pass
