@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dragonctl.batch import Job, assign_to_devices, check_jobs, expand_specs, run_order
+from dragonctl.batch import (
+    Job,
+    assign_to_devices,
+    check_jobs,
+    clobber_problems,
+    expand_specs,
+    run_order,
+)
 from dragonctl.errors import DragonError, EditInterrupted, SpecError, UsageError
 from dragonctl.inputs import EditInputs, load_inputs
 from dragonctl.paths import common_folder, output_path, output_problems, protected_paths
@@ -335,12 +342,7 @@ def _run_group(
 
 def refuse_clobbering(jobs: list[Job], overwrite: bool) -> None:
     """Outputs may replace nothing, or files dragonctl wrote; anything else needs --overwrite."""
-    lines = [
-        f"{j.path}: output: {p} exists and was not written by dragonctl (pass --overwrite "
-        "to replace it)"
-        for j in jobs
-        for p in j.clobbers
-    ]
+    lines = [line for j in jobs for line in clobber_problems(j, "pass --overwrite to replace it")]
     if lines and not overwrite:
         raise UsageError("\n".join(lines))
 

@@ -89,11 +89,7 @@ def check_jobs(
     overrides = (model, seed, composite, preset)
     jobs = [_load_job(p, overrides, out_dir, root, metadata) for p in paths]
     for j in [] if overwrite else jobs:
-        j.errors += [
-            f"{j.path}: output: {c} exists and was not written by dragonctl "
-            "(edit --overwrite replaces it)"
-            for c in j.clobbers
-        ]
+        j.errors += clobber_problems(j, "edit --overwrite replaces it")
     _refuse_shared_outputs(jobs)
     # a spec refused here produces nothing: who reads its output is checked against the file now
     producers = {resolved(j.output): k for k, j in enumerate(jobs) if j.output and not j.errors}
@@ -116,6 +112,14 @@ def check_jobs(
                 ]
     run_order(jobs)  # refuses cycles now, before anything runs
     return jobs
+
+
+def clobber_problems(job: Job, hint: str) -> list[str]:
+    """A line per file the job's output would replace that dragonctl did not write."""
+    return [
+        f"{job.path}: output: {c} exists and was not written by dragonctl ({hint})"
+        for c in job.clobbers
+    ]
 
 
 def _load_job(

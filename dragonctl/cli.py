@@ -406,7 +406,6 @@ def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
             _err(f"warning: {rep.path}: {w}")
 
     stop = _StopOnInterrupt()
-    reports = reported
     try:
         with stop:
             if bar:
@@ -421,7 +420,7 @@ def _run_batch(paths: list[Path], opts, as_json: bool) -> None:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         _err("aborted")  # the edit in progress and the rest were not run
-        stop.requested = True
+        reports, stop.requested = reported, True
     _finish(reports, as_json, stop.requested)
 
 

@@ -327,15 +327,14 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def _fields_at(loc: tuple) -> list[str]:
     """The field names a spec allows at `loc` (the mapping an unknown field was found in)."""
-    model: type[BaseModel] | None = Spec
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        f = model.model_fields.get(part) if model is not None else None
-        model = _model_in(f.annotation) if f is not None else None
-        if model is None:
+    model: type[BaseModel] = Spec
+    for part in (p for p in loc if not isinstance(p, int)):
+        f = model.model_fields.get(part)
+        inner = _model_in(f.annotation) if f is not None else None
+        if inner is None:
             return []
-    return list(model.model_fields) if model is not None else []
+        model = inner
+    return list(model.model_fields)
 
 
 def _reason(err: dict, loc: tuple) -> str:

@@ -202,11 +202,25 @@ def appearance(job: dict) -> dict[str, torch.Tensor]:
     and its object's mask)."""
     ref_image = np.asarray(Image.open(job["reference"]).convert("RGB"))
     ref_mask = np.asarray(Image.open(job["reference_mask"]).convert("RGB"))
-    return _edited({**job, "images": 2}, lambda model, image, mask: model.run_appearance(
-        image, mask, ref_image, ref_mask, job["prompt"], job["prompt"], job["w_edit"],
-        job["w_content"], job["seed"], job["guidance_scale"], job["energy_scale"],
-        job["max_resolution"], job["sde_strength"], 0.0,
-    ))
+    return _edited(
+        {**job, "images": 2},
+        lambda model, image, mask: model.run_appearance(
+            image,
+            mask,
+            ref_image,
+            ref_mask,
+            job["prompt"],
+            job["prompt"],
+            job["w_edit"],
+            job["w_content"],
+            job["seed"],
+            job["guidance_scale"],
+            job["energy_scale"],
+            job["max_resolution"],
+            job["sde_strength"],
+            0.0,
+        ),
+    )
 
 
 STAGES.update(move=move, drag=drag, appearance=appearance)
